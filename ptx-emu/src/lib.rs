@@ -1,0 +1,1 @@
+//! Placeholder: the PTX emulator is being written.

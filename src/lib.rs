@@ -1,0 +1,1 @@
+//! Kwai Summary Attention (KSA) for candle.
