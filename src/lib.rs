@@ -1,1 +1,40 @@
 //! Kwai Summary Attention (KSA) for candle.
+//!
+//! KSA cuts the text into chunks of `C` tokens and appends `S` learnable
+//! summary tokens after each complete chunk. A text token sees raw text only
+//! within a window of `W` chunks (and its own chunk, causally) and older
+//! history only through summaries, so attention cost and the KV cache grow
+//! like `W*C + S*n/C` instead of `n`.
+//!
+//! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
+//!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
+//! * [`attention`]: KSA attention on candle tensors.
+//! * [`reference`]: the dense f64 oracle every fast path is tested against.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use ksa::{KsaConfig, Layout};
+//! # fn main() -> ksa::Result<()> {
+//! let layout = Layout::new(KsaConfig::new(8, 1, 2)?, 100)?; // C = 8, S = 1, W = 2
+//! let (b, hq, hkv, d) = (1, 4, 2, 32);
+//! let q = Tensor::randn(0f32, 1.0, (b, hq, layout.len(), d), &Device::Cpu)?;
+//! let k = Tensor::randn(0f32, 1.0, (b, hkv, layout.len(), d), &Device::Cpu)?;
+//! let v = Tensor::randn(0f32, 1.0, (b, hkv, layout.len(), d), &Device::Cpu)?;
+//! let out = ksa::attention(&q, &k, &v, &layout)?;
+//! assert_eq!(out.dims(), &[b, hq, layout.len(), d]);
+//! # Ok(()) }
+//! ```
+
+mod attention;
+mod check;
+pub mod config;
+mod error;
+pub mod layout;
+pub mod mask;
+pub mod reference;
+
+pub use attention::{attention, attention_with, AttentionOptions};
+pub use config::{KsaConfig, SummaryPositions, TextPositions};
+pub use error::{Error, Result};
+pub use layout::{Layout, SlotKind};
+pub use mask::{KeyRanges, PairCounts};

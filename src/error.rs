@@ -1,0 +1,106 @@
+//! The crate's one error type.
+
+/// Everything that can go wrong in `ksa`. Messages say what was expected and
+/// what came in; user input never panics.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A KSA configuration value is impossible (`C = 0`, `S = 0`, ...).
+    #[error("invalid KSA config: {0}")]
+    InvalidConfig(String),
+
+    /// A layout would not fit the index types the kernels use.
+    #[error("layout too large: {0}")]
+    LayoutTooLarge(String),
+
+    /// A tensor has the wrong number of dimensions.
+    #[error("`{name}` must have rank {expected} ({layout}), got shape {got:?}")]
+    Rank {
+        name: &'static str,
+        expected: usize,
+        layout: &'static str,
+        got: Vec<usize>,
+    },
+
+    /// Two tensors disagree on a dimension they must share.
+    #[error("{what}: `{a}` has {a_val}, `{b}` has {b_val}")]
+    DimMismatch {
+        what: &'static str,
+        a: &'static str,
+        a_val: usize,
+        b: &'static str,
+        b_val: usize,
+    },
+
+    /// Query heads are not a multiple of key/value heads (GQA needs `hq % hkv == 0`).
+    #[error("{q_heads} query heads are not a multiple of {kv_heads} key/value heads")]
+    HeadsNotDivisible { q_heads: usize, kv_heads: usize },
+
+    /// The sequence length of a tensor does not equal the layout's expanded length.
+    #[error(
+        "`{name}` has {got} slots, but the layout of {text_tokens} text tokens has {expected}"
+    )]
+    LayoutLength {
+        name: &'static str,
+        expected: usize,
+        got: usize,
+        text_tokens: usize,
+    },
+
+    /// A tensor's dtype is not supported by an operation.
+    #[error("{op} does not support dtype {got:?} (supported: {supported})")]
+    UnsupportedDType {
+        op: &'static str,
+        got: candle_core::DType,
+        supported: &'static str,
+    },
+
+    /// Tensors that must share a dtype do not.
+    #[error("dtype mismatch: `{a}` is {a_dtype:?}, `{b}` is {b_dtype:?}")]
+    DTypeMismatch {
+        a: &'static str,
+        a_dtype: candle_core::DType,
+        b: &'static str,
+        b_dtype: candle_core::DType,
+    },
+
+    /// Tensors that must live on one device do not.
+    #[error("device mismatch: `{a}` is on {a_device}, `{b}` is on {b_device}")]
+    DeviceMismatch {
+        a: &'static str,
+        a_device: String,
+        b: &'static str,
+        b_device: String,
+    },
+
+    /// The operation has no implementation for this device in this build.
+    #[error("{op} is not available on {device}: {reason}")]
+    UnsupportedDevice {
+        op: &'static str,
+        device: String,
+        reason: &'static str,
+    },
+
+    /// An input must be contiguous in memory (row-major) and is not.
+    #[error("`{name}` must be contiguous (call `.contiguous()` first); got strides {strides:?} for shape {shape:?}")]
+    NonContiguous {
+        name: &'static str,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+    },
+
+    /// A size-limited helper was asked for more than it allows.
+    #[error("{what} of {got} exceeds the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        got: usize,
+        limit: usize,
+    },
+
+    /// An error from candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,170 @@
+//! Who may attend to whom (spec section 2), as a predicate, as closed-form
+//! key ranges for fast paths, as a dense tensor for small sizes, and as exact
+//! pair counts for honest FLOP figures.
+//!
+//! For a text token of chunk `c`, with `w0 = max(0, c - W)`: the summaries of
+//! chunks `[0, w0)`, the text of chunks `[w0, c)`, and its own chunk's text
+//! causally. For summary `j` of chunk `c`: the `C` text tokens of chunk `c`
+//! and summaries `0..=j` of chunk `c`.
+
+use crate::layout::{Layout, SlotKind};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::ops::Range;
+
+/// The keys one query may attend to, as two dense ranges in *gathered*
+/// coordinates: summaries in chunk-major order (`s = chunk*S + j`, the order
+/// of [`Layout::summary_slots`]) and text tokens in text order. Gathering K/V
+/// this way turns the interleaved KSA mask into a prefix of the summary list
+/// plus one causal run of text, which is what every fast path iterates over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyRanges {
+    /// Allowed summaries, as indices into the chunk-major summary list.
+    pub summaries: Range<usize>,
+    /// Allowed text tokens, as text indices.
+    pub text: Range<usize>,
+}
+
+impl KeyRanges {
+    /// Number of allowed keys.
+    pub fn len(&self) -> usize {
+        self.summaries.len() + self.text.len()
+    }
+    /// Whether no key is allowed (never true for a query inside a layout).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Exact number of allowed (query, key) pairs, split by query kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PairCounts {
+    /// Pairs whose query is a text slot.
+    pub text_queries: u64,
+    /// Pairs whose query is a summary slot.
+    pub summary_queries: u64,
+}
+
+impl PairCounts {
+    /// All allowed pairs: the `N x N` dense mask's sum.
+    pub fn total(&self) -> u64 {
+        self.text_queries + self.summary_queries
+    }
+}
+
+/// The largest `N` for which [`Layout::dense_mask`] builds an `N x N` tensor.
+pub const DENSE_MASK_MAX_LEN: usize = 16_384;
+
+impl Layout {
+    /// First chunk whose raw text a text token of chunk `chunk` still sees:
+    /// `max(0, chunk - W)`. Older chunks are visible through summaries only.
+    pub fn window_start(&self, chunk: usize) -> usize {
+        chunk.saturating_sub(self.config().window())
+    }
+
+    /// Whether the query in `query_slot` may attend to the key in `key_slot`.
+    /// Slots outside the layout attend to nothing and are seen by nothing.
+    pub fn can_attend(&self, query_slot: usize, key_slot: usize) -> bool {
+        let (Some(q), Some(k)) = (self.slot_kind(query_slot), self.slot_kind(key_slot)) else {
+            return false;
+        };
+        let c = self.config().chunk_size();
+        match q {
+            SlotKind::Text { token } => {
+                let chunk = token / c;
+                let w0 = self.window_start(chunk);
+                match k {
+                    SlotKind::Summary { chunk: kc, .. } => kc < w0,
+                    SlotKind::Text { token: kt } => kt / c >= w0 && kt <= token,
+                }
+            }
+            SlotKind::Summary { chunk, index } => match k {
+                SlotKind::Text { token: kt } => kt / c == chunk,
+                SlotKind::Summary {
+                    chunk: kc,
+                    index: kj,
+                } => kc == chunk && kj <= index,
+            },
+        }
+    }
+
+    /// The keys of `query_slot` in closed form, or `None` if the slot is
+    /// outside the layout. See [`KeyRanges`] for the coordinates.
+    pub fn key_ranges(&self, query_slot: usize) -> Option<KeyRanges> {
+        let (c, s) = (self.config().chunk_size(), self.config().summaries());
+        Some(match self.slot_kind(query_slot)? {
+            SlotKind::Text { token } => {
+                let w0 = self.window_start(token / c);
+                KeyRanges {
+                    summaries: 0..w0 * s,
+                    text: w0 * c..token + 1,
+                }
+            }
+            SlotKind::Summary { chunk, index } => KeyRanges {
+                summaries: chunk * s..chunk * s + index + 1,
+                text: chunk * c..chunk * c + c,
+            },
+        })
+    }
+
+    /// The allowed key slots of `query_slot`, ascending (empty outside the layout).
+    pub fn allowed_keys(&self, query_slot: usize) -> Vec<usize> {
+        let Some(r) = self.key_ranges(query_slot) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<usize> = r
+            .summaries
+            .map(|i| {
+                self.summary_slot_by_index(i)
+                    .expect("summary index in layout")
+            })
+            .chain(
+                r.text
+                    .map(|t| self.text_slot(t).expect("text index in layout")),
+            )
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// The mask as a dense `u8` tensor `[N, N]` (1 = allowed), for tests and
+    /// for comparing with other frameworks. Refuses `N > DENSE_MASK_MAX_LEN`.
+    pub fn dense_mask(&self, device: &Device) -> Result<Tensor> {
+        let n = self.len();
+        if n > DENSE_MASK_MAX_LEN {
+            return Err(Error::TooLarge {
+                what: "dense mask length",
+                got: n,
+                limit: DENSE_MASK_MAX_LEN,
+            });
+        }
+        let mut mask = vec![0u8; n * n];
+        for q in 0..n {
+            for k in self.allowed_keys(q) {
+                mask[q * n + k] = 1;
+            }
+        }
+        Ok(Tensor::from_vec(mask, (n, n), device)?)
+    }
+
+    /// Exact number of allowed (query, key) pairs; attention FLOPs are
+    /// `4 * head_dim * pairs` per head.
+    pub fn pair_counts(&self) -> PairCounts {
+        let mut counts = PairCounts::default();
+        for slot in 0..self.len() {
+            let keys = self.key_ranges(slot).expect("slot < N").len() as u64;
+            match self.slot_kind(slot).expect("slot < N") {
+                SlotKind::Text { .. } => counts.text_queries += keys,
+                SlotKind::Summary { .. } => counts.summary_queries += keys,
+            }
+        }
+        counts
+    }
+
+    /// Pairs of plain causal attention over the `n` text tokens alone,
+    /// `n(n+1)/2`: the full-attention baseline of every comparison.
+    pub fn causal_text_pairs(&self) -> u64 {
+        let n = self.text_len() as u64;
+        n * (n + 1) / 2
+    }
+}
