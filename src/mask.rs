@@ -107,6 +107,35 @@ impl Layout {
         })
     }
 
+    /// Calls `f` with the allowed key slots of `query_slot` as maximal runs of
+    /// consecutive slots: one run per chunk touched (old summaries first,
+    /// then window and own-chunk text). Nothing for a slot outside the layout.
+    /// This is the mask in slot coordinates, for code that reads K/V in slot
+    /// order without gathering.
+    pub fn for_each_key_run(&self, query_slot: usize, mut f: impl FnMut(Range<usize>)) {
+        let Some(r) = self.key_ranges(query_slot) else {
+            return;
+        };
+        let (c, s, b) = (
+            self.config().chunk_size(),
+            self.config().summaries(),
+            self.config().block_size(),
+        );
+        // Split a gathered range into per-chunk pieces, each contiguous in slots.
+        let mut runs = |range: Range<usize>, per_chunk: usize, offset: usize| {
+            let mut i = range.start;
+            while i < range.end {
+                let chunk = i / per_chunk;
+                let end = range.end.min((chunk + 1) * per_chunk);
+                let first = chunk * b + offset + (i - chunk * per_chunk);
+                f(first..first + (end - i));
+                i = end;
+            }
+        };
+        runs(r.summaries, s, c);
+        runs(r.text, c, 0);
+    }
+
     /// The allowed key slots of `query_slot`, ascending (empty outside the layout).
     pub fn allowed_keys(&self, query_slot: usize) -> Vec<usize> {
         let Some(r) = self.key_ranges(query_slot) else {

@@ -165,3 +165,25 @@ fn empty_layout() {
     assert_eq!(l.pair_counts().total(), 0);
     assert_eq!(l.dense_mask(&Device::Cpu).unwrap().dims(), &[0, 0]);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn key_runs_cover_exactly_the_allowed_keys((c, s, w, n) in config()) {
+        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        for q in 0..l.len() {
+            let mut keys = Vec::new();
+            let mut runs = 0;
+            l.for_each_key_run(q, |r| {
+                runs += 1;
+                assert!(!r.is_empty());
+                keys.extend(r);
+            });
+            keys.sort_unstable();
+            prop_assert_eq!(keys, l.allowed_keys(q));
+            // One run per chunk touched, at most.
+            prop_assert!(runs <= 2 * l.chunks().max(1));
+        }
+    }
+}
