@@ -42,8 +42,7 @@ impl SummaryAttentionConfig {
     /// projections are used only with independent parameters and a nonzero
     /// `mix_coeff`; `summary_layer_freq` bypass layers never use them.
     pub fn from_model(config: &Qwen3KsaConfig, layer: usize) -> Self {
-        let bypass = config.layer_kinds.get(layer)
-            == Some(&crate::model_config::LayerKind::Bypass);
+        let bypass = config.layer_kinds.get(layer) == Some(&crate::model_config::LayerKind::Bypass);
         Self {
             hidden_size: config.hidden_size,
             num_attention_heads: config.num_attention_heads,
@@ -86,7 +85,12 @@ pub(crate) fn load_tensor(vb: &VarBuilder, name: &str, shape: &[usize]) -> Resul
 }
 
 /// A bias-free `Linear` whose `[out, in]` weight is `vb.prefix + name.weight`.
-pub(crate) fn load_linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+pub(crate) fn load_linear(
+    vb: &VarBuilder,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Linear> {
     Ok(Linear::new(
         load_tensor(&vb.pp(name), "weight", &[out_dim, in_dim])?,
         None,
@@ -140,7 +144,12 @@ impl Rotary {
     }
 
     /// `cos, sin` of shape `[len, head_dim / 2]` for `positions`.
-    fn cos_sin(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let angles: Vec<f32> = positions
             .iter()

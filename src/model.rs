@@ -228,7 +228,8 @@ impl Qwen3Ksa {
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             let ksa = c.layer_kinds[layer] == LayerKind::Summary;
-            let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}.weight"), shape));
+            let mut add =
+                |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}.weight"), shape));
             add("input_layernorm", vec![h]);
             if ksa && c.summary_independent_attention_layernorm {
                 add("input_layernorm_summary", vec![h]);
@@ -337,7 +338,10 @@ fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
         .ok_or_else(|| bad("no `weight_map` object"))?;
     let files = map
         .values()
-        .map(|f| f.as_str().ok_or_else(|| bad("a `weight_map` value is not a string")))
+        .map(|f| {
+            f.as_str()
+                .ok_or_else(|| bad("a `weight_map` value is not a string"))
+        })
         .collect::<Result<BTreeSet<_>>>()?;
     files
         .into_iter()

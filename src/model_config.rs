@@ -293,7 +293,9 @@ impl Qwen3KsaConfig {
         let value: Value = serde_json::from_str(json)
             .map_err(|e| Error::ModelConfig(format!("config.json is not valid JSON: {e}")))?;
         let Value::Object(m) = value else {
-            return Err(Error::ModelConfig("config.json is not a JSON object".into()));
+            return Err(Error::ModelConfig(
+                "config.json is not a JSON object".into(),
+            ));
         };
         let f = Fields(&m);
         f.reject_unsupported()?;
@@ -319,7 +321,9 @@ impl Qwen3KsaConfig {
                 None | Some(Value::Null) => DEFAULT_TRUNCATE_PREDICT_NUMS,
                 // The reference truncates only when the value is positive.
                 Some(v) => v.as_i64().map(|t| t.max(0) as usize).ok_or_else(|| {
-                    Error::ModelConfig(format!("`truncate_predict_nums` must be an integer, got {v}"))
+                    Error::ModelConfig(format!(
+                        "`truncate_predict_nums` must be an integer, got {v}"
+                    ))
                 })?,
             },
             summary_chunk_size: f.usize("summary_chunk_size")?,
@@ -403,9 +407,11 @@ impl Qwen3KsaConfig {
     /// The KSA config shared by all layers (`C`, `S`, position schemes), with
     /// window 0; each layer applies its own `W` with [`crate::Layout::with_window`].
     pub fn ksa_config(&self) -> Result<KsaConfig> {
-        Ok(KsaConfig::new(self.summary_chunk_size, self.summary_token_num, 0)?
-            .with_text_positions(self.text_positions)
-            .with_summary_positions(self.summary_positions))
+        Ok(
+            KsaConfig::new(self.summary_chunk_size, self.summary_token_num, 0)?
+                .with_text_positions(self.text_positions)
+                .with_summary_positions(self.summary_positions),
+        )
     }
 
     /// Whether the checkpoint holds `q/k/v_proj_summary`: only with
@@ -443,9 +449,7 @@ impl Fields<'_> {
         v.as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| {
-                Error::ModelConfig(format!(
-                    "`{name}` must be a non-negative integer, got {v}"
-                ))
+                Error::ModelConfig(format!("`{name}` must be a non-negative integer, got {v}"))
             })
     }
 

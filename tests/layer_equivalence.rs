@@ -8,7 +8,9 @@ mod model_common;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use ksa::model_config::LayerKind;
-use ksa::{KsaConfig, Layout, Qwen3Ksa, Qwen3KsaConfig, SlotKind, SummaryAttention, SummaryAttentionConfig};
+use ksa::{
+    KsaConfig, Layout, Qwen3Ksa, Qwen3KsaConfig, SlotKind, SummaryAttention, SummaryAttentionConfig,
+};
 use model_common::*;
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
@@ -58,7 +60,10 @@ fn rope(x: &Tensor, positions: &[u32], theta: f64) -> Tensor {
 
 /// Per-slot blend `mix*own + (1-mix)*text` on summary slots (dim 1), text elsewhere.
 fn blend(text: &Tensor, own: &Tensor, is_summary: &[bool], mix: f64) -> Tensor {
-    let m: Vec<f64> = is_summary.iter().map(|&s| if s { mix } else { 0.0 }).collect();
+    let m: Vec<f64> = is_summary
+        .iter()
+        .map(|&s| if s { mix } else { 0.0 })
+        .collect();
     let mut shape = vec![1; text.rank()];
     shape[1] = m.len();
     let m = Tensor::from_vec(m, shape, &Device::Cpu).unwrap();
@@ -75,8 +80,7 @@ struct Dims {
 /// The attention layer composed by hand in f64: `w` holds `{prefix}q_proj.weight`, ...
 fn hand_attention(
     x: &Tensor,
-    w: &HashMap<String, Tensor>,
-    prefix: &str,
+    (w, prefix): (&HashMap<String, Tensor>, &str),
     dims: &Dims,
     positions: &[u32],
     is_summary: &[bool],
@@ -101,7 +105,11 @@ fn hand_attention(
     let q = rope(&t(q), positions, 10000.0);
     let k = rope(&t(k), positions, 10000.0);
     let out = attend(&q, &k, &t(v));
-    let out = out.transpose(1, 2).unwrap().reshape((b, l, dims.hq * dims.d)).unwrap();
+    let out = out
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, l, dims.hq * dims.d))
+        .unwrap();
     proj(&out, g("o_proj"))
 }
 
@@ -125,9 +133,20 @@ fn attention_weights(dims: &Dims, summary: bool, seed: u64) -> HashMap<String, T
 
 #[test]
 fn summary_attention_equals_hand_composition() {
-    let dims = Dims { hidden: 24, hq: 4, hkv: 2, d: 8 };
+    let dims = Dims {
+        hidden: 24,
+        hq: 4,
+        hkv: 2,
+        d: 8,
+    };
     let n = 14; // C = 3, S = 2: 4 complete chunks and a tail of 2
-    for (window, mix) in [(1, Some(0.3)), (0, Some(0.7)), (5, Some(0.5)), (1, None), (0, None)] {
+    for (window, mix) in [
+        (1, Some(0.3)),
+        (0, Some(0.7)),
+        (5, Some(0.5)),
+        (1, None),
+        (0, None),
+    ] {
         let config = SummaryAttentionConfig {
             hidden_size: dims.hidden,
             num_attention_heads: dims.hq,
@@ -152,13 +171,21 @@ fn summary_attention_equals_hand_composition() {
             .collect();
         let lay_w = layout.with_window(window);
         let hand = hand_attention(
-            &x, &weights, "", &dims, &layout.position_ids(), &is_summary, mix,
+            &x,
+            (&weights, ""),
+            &dims,
+            &layout.position_ids(),
+            &is_summary,
+            mix,
             |q, k, v| ksa::reference::attention(q, k, v, &lay_w).unwrap(),
         );
         let diff = max_abs_diff(&ours, &hand);
         let scale = max_abs(&hand);
         // f32 layer (f32 cos/sin) against f64 throughout.
-        assert!(diff <= 1e-5 * scale, "W={window} mix={mix:?}: diff {diff}, scale {scale}");
+        assert!(
+            diff <= 1e-5 * scale,
+            "W={window} mix={mix:?}: diff {diff}, scale {scale}"
+        );
     }
 }
 
@@ -173,7 +200,10 @@ fn mlp(x: &Tensor, w: &HashMap<String, Tensor>, p: &str) -> Tensor {
     let g = proj(x, &w[&format!("{p}mlp.gate_proj.weight")]);
     let silu = (&g * candle_nn::ops::sigmoid(&g).unwrap()).unwrap();
     let u = proj(x, &w[&format!("{p}mlp.up_proj.weight")]);
-    proj(&(silu * u).unwrap(), &w[&format!("{p}mlp.down_proj.weight")])
+    proj(
+        &(silu * u).unwrap(),
+        &w[&format!("{p}mlp.down_proj.weight")],
+    )
 }
 
 #[test]
@@ -188,7 +218,12 @@ fn decoder_layers_equal_hand_composition() {
         }),
     );
     let (model, w) = model_from(&c, 5);
-    let dims = Dims { hidden: 32, hq: 4, hkv: 2, d: 8 };
+    let dims = Dims {
+        hidden: 32,
+        hq: 4,
+        hkv: 2,
+        d: 8,
+    };
     let (h, layout) = model.embed(&token_ids(2, 19, 50, 4)).unwrap();
     let is_summary: Vec<bool> = (0..layout.len())
         .map(|s| !layout.slot_kind(s).unwrap().is_text())
@@ -204,11 +239,22 @@ fn decoder_layers_equal_hand_composition() {
     );
     let lay_w = layout.with_window(1);
     let attn = hand_attention(
-        &normed, &w, &format!("{p}self_attn."), &dims, &layout.position_ids(), &is_summary,
-        Some(0.25), |q, k, v| ksa::reference::attention(q, k, v, &lay_w).unwrap(),
+        &normed,
+        (&w, &format!("{p}self_attn.")),
+        &dims,
+        &layout.position_ids(),
+        &is_summary,
+        Some(0.25),
+        |q, k, v| ksa::reference::attention(q, k, v, &lay_w).unwrap(),
     );
     let h1 = (f64t(&h) + attn).unwrap();
-    let hand = (&h1 + mlp(&norm(&h1, &w[&format!("{p}post_attention_layernorm.weight")]), &w, p)).unwrap();
+    let hand = (&h1
+        + mlp(
+            &norm(&h1, &w[&format!("{p}post_attention_layernorm.weight")]),
+            &w,
+            p,
+        ))
+    .unwrap();
     let ours = model.layers()[0].forward(&h, &layout).unwrap();
     let d0 = max_abs_diff(&ours, &hand);
     assert!(d0 <= 1e-5 * max_abs(&hand), "KSA layer: {d0}");
@@ -217,19 +263,36 @@ fn decoder_layers_equal_hand_composition() {
     assert_eq!(model.layers()[1].kind(), LayerKind::Bypass);
     let p = "model.layers.1.";
     let text = layout.take_text(&ours, 1).unwrap();
-    let text_pos: Vec<u32> = layout.text_slots().iter().map(|&s| layout.position_id(s as usize).unwrap()).collect();
+    let text_pos: Vec<u32> = layout
+        .text_slots()
+        .iter()
+        .map(|&s| layout.position_id(s as usize).unwrap())
+        .collect();
     let attn = hand_attention(
-        &norm(&text, &w[&format!("{p}input_layernorm.weight")]), &w, &format!("{p}self_attn."),
-        &dims, &text_pos, &vec![false; text_pos.len()], None,
+        &norm(&text, &w[&format!("{p}input_layernorm.weight")]),
+        (&w, &format!("{p}self_attn.")),
+        &dims,
+        &text_pos,
+        &vec![false; text_pos.len()],
+        None,
         |q, k, v| ksa::reference::causal_attention(q, k, v, None).unwrap(),
     );
     let t1 = (f64t(&text) + attn).unwrap();
-    let hand_text = (&t1 + mlp(&norm(&t1, &w[&format!("{p}post_attention_layernorm.weight")]), &w, p)).unwrap();
+    let hand_text = (&t1
+        + mlp(
+            &norm(&t1, &w[&format!("{p}post_attention_layernorm.weight")]),
+            &w,
+            p,
+        ))
+    .unwrap();
     let out = model.layers()[1].forward(&ours, &layout).unwrap();
     let d1 = max_abs_diff(&layout.take_text(&out, 1).unwrap(), &hand_text);
     assert!(d1 <= 1e-5 * max_abs(&hand_text), "bypass layer: {d1}");
     assert_eq!(
-        max_abs_diff(&layout.take_summaries(&out, 1).unwrap(), &layout.take_summaries(&ours, 1).unwrap()),
+        max_abs_diff(
+            &layout.take_summaries(&out, 1).unwrap(),
+            &layout.take_summaries(&ours, 1).unwrap()
+        ),
         0.0
     );
 }
@@ -241,7 +304,10 @@ fn summary_attention_config_follows_the_model_config() {
     let a0 = SummaryAttentionConfig::from_model(&cfg, 0);
     assert!(a0.summary_projections && a0.window == 1 && a0.mix_coeff == 0.25);
     assert!(!SummaryAttentionConfig::from_model(&cfg, 1).summary_projections);
-    for o in [json!({"mix_coeff": 0.0}), json!({"summary_independent_parameters": false})] {
+    for o in [
+        json!({"mix_coeff": 0.0}),
+        json!({"summary_independent_parameters": false}),
+    ] {
         let cfg = Qwen3KsaConfig::from_json_str(&with(&c, o).to_string()).unwrap();
         assert!(!SummaryAttentionConfig::from_model(&cfg, 0).summary_projections);
     }
@@ -250,9 +316,21 @@ fn summary_attention_config_follows_the_model_config() {
 /// Slots whose rows differ between `a` and `b` (`[b, N, ...]`), and those
 /// that are bit-identical.
 fn changed_slots(a: &Tensor, b: &Tensor) -> BTreeSet<usize> {
-    let diff = (a - b).unwrap().abs().unwrap().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .flatten_from(1)
+        .unwrap();
     let per_slot: Vec<f32> = diff.max(1).unwrap().to_vec1().unwrap();
-    per_slot.iter().enumerate().filter(|(_, &d)| d > 0.0).map(|(s, _)| s).collect()
+    per_slot
+        .iter()
+        .enumerate()
+        .filter(|(_, &d)| d > 0.0)
+        .map(|(s, _)| s)
+        .collect()
 }
 
 /// Checks that perturbing summary slot `s` of the embeddings changes exactly
@@ -263,8 +341,18 @@ fn check_reach(model: &Qwen3Ksa, ids: &Tensor) {
     for s in layout.summary_slots() {
         let s = s as usize;
         let bump = Tensor::zeros(h.dims(), DType::F32, &Device::Cpu).unwrap();
-        let row = Tensor::ones((h.dim(0).unwrap(), 1, h.dim(2).unwrap()), DType::F32, &Device::Cpu).unwrap();
-        let bump = bump.slice_assign(&[0..h.dim(0).unwrap(), s..s + 1, 0..h.dim(2).unwrap()], &(row * 0.5).unwrap()).unwrap();
+        let row = Tensor::ones(
+            (h.dim(0).unwrap(), 1, h.dim(2).unwrap()),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bump = bump
+            .slice_assign(
+                &[0..h.dim(0).unwrap(), s..s + 1, 0..h.dim(2).unwrap()],
+                &(row * 0.5).unwrap(),
+            )
+            .unwrap();
         let (mut a, mut b) = (h.clone(), (&h + bump).unwrap());
         let mut reached = BTreeSet::from([s]);
         for (i, layer) in model.layers().iter().enumerate() {
@@ -280,11 +368,17 @@ fn check_reach(model: &Qwen3Ksa, ids: &Tensor) {
                     reached.contains(&q)
                         || reached.iter().any(|&k| match layer.kind() {
                             LayerKind::Summary => lay.can_attend(q, k),
-                            LayerKind::Bypass => matches!((token(q), token(k)), (Some(tq), Some(tk)) if tk <= tq),
+                            LayerKind::Bypass => {
+                                matches!((token(q), token(k)), (Some(tq), Some(tk)) if tk <= tq)
+                            }
                         })
                 })
                 .collect();
-            assert_eq!(changed_slots(&a, &b), reached, "summary slot {s}, after layer {i}");
+            assert_eq!(
+                changed_slots(&a, &b),
+                reached,
+                "summary slot {s}, after layer {i}"
+            );
         }
         let la = model.logits(&a, &layout).unwrap();
         let lb = model.logits(&b, &layout).unwrap();
@@ -295,7 +389,11 @@ fn check_reach(model: &Qwen3Ksa, ids: &Tensor) {
                 SlotKind::Summary { .. } => None,
             })
             .collect();
-        assert_eq!(changed_slots(&la, &lb), text_reached, "summary slot {s}, logits");
+        assert_eq!(
+            changed_slots(&la, &lb),
+            text_reached,
+            "summary slot {s}, logits"
+        );
     }
 }
 
@@ -323,4 +421,56 @@ fn a_summary_reaches_exactly_what_the_mask_allows() {
     );
     let (model, _) = model_from(&deep, 9);
     check_reach(&model, &token_ids(1, 20, 50, 6));
+}
+
+#[test]
+fn gradients_flow_through_the_layer() {
+    // Training needs a backward pass: every parameter, summary projections
+    // included, gets a nonzero gradient through norms, blend, RoPE and attention.
+    let dims = Dims {
+        hidden: 16,
+        hq: 2,
+        hkv: 1,
+        d: 8,
+    };
+    let config = SummaryAttentionConfig {
+        hidden_size: dims.hidden,
+        num_attention_heads: dims.hq,
+        num_key_value_heads: dims.hkv,
+        head_dim: dims.d,
+        rms_norm_eps: EPS,
+        rope_theta: 10000.0,
+        window: 1,
+        mix_coeff: 0.3,
+        summary_projections: true,
+    };
+    let vars: HashMap<String, candle_core::Var> = attention_weights(&dims, true, 4)
+        .into_iter()
+        .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
+        .collect();
+    let tensors = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let layer = SummaryAttention::new(
+        &config,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let layout = Layout::new(KsaConfig::new(3, 2, 0).unwrap(), 10).unwrap();
+    let x = Rng::new(1).tensor(&[1, layout.len(), dims.hidden], 0.0, 1.0);
+    let loss = layer
+        .forward(&x, &layout)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert!(max_abs(g) > 0.0, "zero gradient for {name}");
+    }
 }

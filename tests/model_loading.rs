@@ -74,23 +74,40 @@ fn config_reads_the_reference_fields() {
     assert_eq!(cfg.logits_size(), 50);
     assert!(cfg.uses_summary_projections());
 
-    let c24 = with(&c, json!({"num_hidden_layers": 24, "summary_sliding_chunk_num": "([128]*3+[1024]*1)*6"}));
+    let c24 = with(
+        &c,
+        json!({"num_hidden_layers": 24, "summary_sliding_chunk_num": "([128]*3+[1024]*1)*6"}),
+    );
     let cfg = Qwen3KsaConfig::from_json_str(&c24.to_string()).unwrap();
     assert_eq!(cfg.windows.len(), 24);
     assert_eq!(&cfg.windows[..5], &[128, 128, 128, 1024, 128]);
 
     let as_int = with(&c, json!({"summary_sliding_chunk_num": 7}));
-    assert_eq!(Qwen3KsaConfig::from_json_str(&as_int.to_string()).unwrap().windows, vec![7, 7]);
+    assert_eq!(
+        Qwen3KsaConfig::from_json_str(&as_int.to_string())
+            .unwrap()
+            .windows,
+        vec![7, 7]
+    );
     let as_list = with(&c, json!({"summary_sliding_chunk_num": [3, 0]}));
-    assert_eq!(Qwen3KsaConfig::from_json_str(&as_list.to_string()).unwrap().windows, vec![3, 0]);
+    assert_eq!(
+        Qwen3KsaConfig::from_json_str(&as_list.to_string())
+            .unwrap()
+            .windows,
+        vec![3, 0]
+    );
 
     let freq = with(&c24, json!({"summary_layer_freq": 4}));
-    let kinds = Qwen3KsaConfig::from_json_str(&freq.to_string()).unwrap().layer_kinds;
+    let kinds = Qwen3KsaConfig::from_json_str(&freq.to_string())
+        .unwrap()
+        .layer_kinds;
     assert_eq!(kinds[0], LayerKind::Summary);
     assert_eq!(kinds[1..4], [LayerKind::Bypass; 3]);
     assert_eq!(kinds[4], LayerKind::Summary);
     let freq = with(&c, json!({"summary_layer_freq": [0, 1]}));
-    let kinds = Qwen3KsaConfig::from_json_str(&freq.to_string()).unwrap().layer_kinds;
+    let kinds = Qwen3KsaConfig::from_json_str(&freq.to_string())
+        .unwrap()
+        .layer_kinds;
     assert_eq!(kinds, vec![LayerKind::Bypass, LayerKind::Summary]);
 }
 
@@ -120,13 +137,22 @@ fn config_rejects_missing_or_inconsistent_fields() {
     }
     let e = config_error(with(&c, json!({"summary_sliding_chunk_num": [1, 2, 3]})));
     assert!(e.contains("3 layers"), "{e}");
-    let e = config_error(with(&c, json!({"summary_sliding_chunk_num": "([1]*3+[2]*1)*6"})));
+    let e = config_error(with(
+        &c,
+        json!({"summary_sliding_chunk_num": "([1]*3+[2]*1)*6"}),
+    ));
     assert!(e.contains("24 layers"), "{e}");
-    let e = config_error(with(&c, json!({"summary_sliding_chunk_num": "__import__('os')"})));
+    let e = config_error(with(
+        &c,
+        json!({"summary_sliding_chunk_num": "__import__('os')"}),
+    ));
     assert!(e.contains("position 0"), "{e}");
     let e = config_error(with(&c, json!({"summary_layer_freq": [1, 2]})));
     assert!(e.contains("0 or 1"), "{e}");
-    let e = config_error(with(&c, json!({"summary_token_position_ids_type": "middle"})));
+    let e = config_error(with(
+        &c,
+        json!({"summary_token_position_ids_type": "middle"}),
+    ));
     assert!(e.contains("middle"), "{e}");
     let e = config_error(with(&c, json!({"summary_token_begin": 51})));
     assert!(e.contains("outside the embedding table"), "{e}");
@@ -140,7 +166,10 @@ fn config_rejects_missing_or_inconsistent_fields() {
 
 #[test]
 fn reference_checkpoint_loads_single_file_and_sharded() {
-    let c = with(&tiny_config(), json!({"summary_independent_attention_layernorm": true, "tie_word_embeddings": false}));
+    let c = with(
+        &tiny_config(),
+        json!({"summary_independent_attention_layernorm": true, "tie_word_embeddings": false}),
+    );
     let (dir, weights) = random_checkpoint("load", &c, 1);
     let cfg = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap();
     // The crate's own list of names agrees with the reference names written here.
@@ -161,9 +190,17 @@ fn reference_checkpoint_loads_single_file_and_sharded() {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (i, (name, t)) in weights.iter().enumerate() {
-        let file = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        let file = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
         map.insert(name.clone(), json!(file));
-        if i % 2 == 0 { a.insert(name.clone(), t.clone()); } else { b.insert(name.clone(), t.clone()); }
+        if i % 2 == 0 {
+            a.insert(name.clone(), t.clone());
+        } else {
+            b.insert(name.clone(), t.clone());
+        }
     }
     candle_core::safetensors::save(&a, sharded.join("model-00001-of-00002.safetensors")).unwrap();
     candle_core::safetensors::save(&b, sharded.join("model-00002-of-00002.safetensors")).unwrap();
@@ -173,7 +210,10 @@ fn reference_checkpoint_loads_single_file_and_sharded() {
     )
     .unwrap();
     let sharded_model = Qwen3Ksa::from_folder(&sharded, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(max_abs_diff(&sharded_model.forward(&ids).unwrap(), &logits), 0.0);
+    assert_eq!(
+        max_abs_diff(&sharded_model.forward(&ids).unwrap(), &logits),
+        0.0
+    );
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(sharded);
 }
@@ -189,7 +229,10 @@ fn mix_coeff_zero_loads_without_summary_projections() {
     let dir = temp_dir("mix0");
     write_checkpoint(&dir, &c, &random_weights(&names, 2));
     let model = Qwen3Ksa::from_folder(&dir, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.forward(&token_ids(1, 9, 50, 1)).unwrap().dims(), &[1, 9, 50]);
+    assert_eq!(
+        model.forward(&token_ids(1, 9, 50, 1)).unwrap().dims(),
+        &[1, 9, 50]
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -209,13 +252,23 @@ fn missing_or_misshaped_tensors_are_typed_errors() {
     }
 
     let mut weights = random_weights(&names, 4);
-    weights.insert(victim.to_string(), Tensor::zeros((16, 31), DType::F32, &Device::Cpu).unwrap());
+    weights.insert(
+        victim.to_string(),
+        Tensor::zeros((16, 31), DType::F32, &Device::Cpu).unwrap(),
+    );
     write_checkpoint(&dir, &c, &weights);
     let err = Qwen3Ksa::from_folder(&dir, DType::F32, &Device::Cpu).unwrap_err();
     match &err {
-        Error::TensorShape { name, expected, got } => {
+        Error::TensorShape {
+            name,
+            expected,
+            got,
+        } => {
             assert_eq!(name, victim);
-            assert_eq!((expected.as_slice(), got.as_slice()), (&[16, 32][..], &[16, 31][..]));
+            assert_eq!(
+                (expected.as_slice(), got.as_slice()),
+                (&[16, 32][..], &[16, 31][..])
+            );
         }
         other => panic!("expected TensorShape, got {other:?}"),
     }
@@ -229,7 +282,10 @@ fn missing_or_misshaped_tensors_are_typed_errors() {
         Err(Error::TensorShape { name, .. }) if name == victim
     ));
     weights.remove("model.norm.weight");
-    weights.insert(victim.to_string(), Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap());
+    weights.insert(
+        victim.to_string(),
+        Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     assert!(matches!(
         Qwen3Ksa::new(&cfg, vb),

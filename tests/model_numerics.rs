@@ -13,7 +13,11 @@ use serde_json::json;
 /// Logits of the peer for every position: its base model's final hidden
 /// states times the LM head weight (its `ModelForCausalLM` returns only the
 /// last position, which is checked separately).
-fn peer_logits(dir: &std::path::Path, config: &serde_json::Value, ids: &Tensor) -> (Tensor, Tensor) {
+fn peer_logits(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    ids: &Tensor,
+) -> (Tensor, Tensor) {
     let cfg: qwen3::Config = serde_json::from_value(config.clone()).unwrap();
     let file = dir.join("model.safetensors");
     // SAFETY: the test's own file, not modified while mapped.
@@ -22,7 +26,11 @@ fn peer_logits(dir: &std::path::Path, config: &serde_json::Value, ids: &Tensor) 
     };
     let mut base = qwen3::Model::new(&cfg, vb.clone()).unwrap();
     let hidden = base.forward(ids, 0).unwrap();
-    let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let head = if cfg.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
     let w = vb.get((cfg.vocab_size, cfg.hidden_size), head).unwrap();
     let logits = hidden.broadcast_matmul(&w.t().unwrap()).unwrap();
     let mut lm = qwen3::ModelForCausalLM::new(&cfg, vb).unwrap();
@@ -54,10 +62,16 @@ fn full_window_model_equals_candle_transformers_qwen3() {
         let diff = max_abs_diff(&ours, &theirs);
         // f32 everywhere except our f64 reference attention and norm/rotary
         // kernels that round differently: agreement to ~1e-6 relative.
-        assert!(diff <= 1e-4 * scale.max(1.0), "tied={tied}: max diff {diff} (scale {scale})");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "tied={tied}: max diff {diff} (scale {scale})"
+        );
         let ours_last = ours.narrow(1, 22, 1).unwrap();
         let diff_last = max_abs_diff(&ours_last, &last.narrow(2, 0, 50).unwrap());
-        assert!(diff_last <= 1e-4 * scale.max(1.0), "last position: {diff_last}");
+        assert!(
+            diff_last <= 1e-4 * scale.max(1.0),
+            "last position: {diff_last}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

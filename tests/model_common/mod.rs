@@ -83,9 +83,16 @@ fn is_ksa(c: &Value, i: usize) -> bool {
 
 /// The reference's tensor names and shapes for config `c`.
 pub fn reference_tensors(c: &Value) -> Vec<(String, Vec<usize>)> {
-    let (v, h, i) = (u(c, "vocab_size"), u(c, "hidden_size"), u(c, "intermediate_size"));
+    let (v, h, i) = (
+        u(c, "vocab_size"),
+        u(c, "hidden_size"),
+        u(c, "intermediate_size"),
+    );
     let d = u(c, "head_dim");
-    let (q, kv) = (u(c, "num_attention_heads") * d, u(c, "num_key_value_heads") * d);
+    let (q, kv) = (
+        u(c, "num_attention_heads") * d,
+        u(c, "num_key_value_heads") * d,
+    );
     let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..u(c, "num_hidden_layers") {
         let p = |n: &str| format!("model.layers.{l}.{n}.weight");
@@ -171,12 +178,20 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Writes `config.json` and `model.safetensors` for `config` and `weights`.
 pub fn write_checkpoint(dir: &Path, config: &Value, weights: &HashMap<String, Tensor>) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
     candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
 }
 
 /// A folder holding a random checkpoint for `config`; returns it and the weights.
-pub fn random_checkpoint(tag: &str, config: &Value, seed: u64) -> (PathBuf, HashMap<String, Tensor>) {
+pub fn random_checkpoint(
+    tag: &str,
+    config: &Value,
+    seed: u64,
+) -> (PathBuf, HashMap<String, Tensor>) {
     let dir = temp_dir(tag);
     let weights = random_weights(&reference_tensors(config), seed);
     write_checkpoint(&dir, config, &weights);
@@ -188,7 +203,9 @@ pub fn token_ids(b: usize, n: usize, vocab: usize, seed: u64) -> Tensor {
     let mut s = seed.wrapping_mul(2654435761) + 12345;
     let ids: Vec<u32> = (0..b * n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect();
