@@ -8,7 +8,7 @@
 //! position ids, KSA attention with the layer's window, and `o_proj`.
 
 use crate::layout::Layout;
-use crate::model_config::Qwen3KsaConfig;
+use crate::model_config::{LayerKind, Qwen3KsaConfig};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};

@@ -97,6 +97,9 @@ impl DecoderLayer {
     /// Runs the layer on expanded hidden states `h: [b, N, hidden]` in slot
     /// order of `layout`; returns `[b, N, hidden]`.
     pub fn forward(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {
+        if layout.is_empty() {
+            return Ok(h.clone());
+        }
         match self.kind {
             LayerKind::Summary => {
                 let normed = self.pre_norm(h, layout)?;
@@ -284,8 +287,13 @@ impl Qwen3Ksa {
     /// Embeds text ids `[b, n]` (u8, u32 or i64) and interleaves the summary
     /// embeddings: returns the expanded hidden states `[b, N, hidden]` and their layout.
     pub fn embed(&self, ids: &Tensor) -> Result<(Tensor, Layout)> {
-        let (_, n) = ids.dims2()?;
+        let (b, n) = ids.dims2()?;
         let layout = self.layout(n)?;
+        if n == 0 {
+            let h = self.embed_tokens.hidden_size();
+            let dtype = self.embed_tokens.embeddings().dtype();
+            return Ok((Tensor::zeros((b, 0, h), dtype, ids.device())?, layout));
+        }
         let text = self.embed_tokens.forward(ids)?;
         let hidden = layout.interleave(&text, &self.summary_embeddings()?)?;
         Ok((hidden, layout))
@@ -295,6 +303,11 @@ impl Qwen3Ksa {
     /// logits `[b, n, V']` in text order.
     pub fn logits(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {
         let text = layout.take_text(h, 1)?;
+        if layout.is_empty() {
+            let (b, _, _) = text.dims3()?;
+            let v = self.config.logits_size();
+            return Ok(Tensor::zeros((b, 0, v), text.dtype(), text.device())?);
+        }
         Ok(rms_norm(&self.norm, &text)?.apply(&self.lm_head)?)
     }
 
@@ -348,10 +361,19 @@ fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
         .map(|f| {
             // Shard names are file names inside the folder, never paths.
             if f.contains('/') || f.contains('\\') || f == ".." {
-                Err(bad(&format!("shard name {f:?} is not a plain file name")))
-            } else {
-                Ok(folder.join(f))
+                return Err(bad(&format!("shard name {f:?} is not a plain file name")));
             }
+            let path = folder.join(f);
+            if !path.is_file() {
+                return Err(Error::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in model.safetensors.index.json is missing",
+                    ),
+                });
+            }
+            Ok(path)
         })
         .collect()
 }

@@ -430,8 +430,7 @@ impl Qwen3KsaConfig {
     }
 }
 
-/// Rejects Qwen3 options this model does not implement, instead of silently
-/// computing something else.
+/// Typed access to the fields of a `config.json` object, with errors naming the field.
 struct Fields<'a>(&'a Map<String, Value>);
 
 impl Fields<'_> {
@@ -485,6 +484,8 @@ impl Fields<'_> {
             .ok_or_else(|| Error::ModelConfig(format!("`{name}` must be a string, got {v}")))
     }
 
+    /// Rejects Qwen3 options this model does not implement, instead of
+    /// silently computing something else.
     fn reject_unsupported(&self) -> Result<()> {
         let m = self.0;
         if m.get("attention_bias").and_then(Value::as_bool) == Some(true) {

@@ -293,3 +293,21 @@ fn missing_or_misshaped_tensors_are_typed_errors() {
     ));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn short_inputs_have_no_summaries_and_empty_inputs_work() {
+    let c = tiny_config();
+    let (dir, _) = random_checkpoint("short", &c, 6);
+    let model = Qwen3Ksa::from_folder(&dir, DType::F32, &Device::Cpu).unwrap();
+    for n in [0, 1, 3, 4] {
+        let logits = model.forward(&token_ids(2, n, 50, 1)).unwrap();
+        assert_eq!(logits.dims(), &[2, n, 50]);
+    }
+    // A prefix shorter than a chunk sees no summary: its logits equal those
+    // of the same tokens at the start of a longer input.
+    let ids = token_ids(1, 9, 50, 2);
+    let long = model.forward(&ids).unwrap().narrow(1, 0, 3).unwrap();
+    let short = model.forward(&ids.narrow(1, 0, 3).unwrap()).unwrap();
+    assert!(max_abs_diff(&long, &short) < 1e-5);
+    let _ = std::fs::remove_dir_all(dir);
+}
