@@ -42,7 +42,7 @@ impl SummaryAttentionConfig {
     /// projections are used only with independent parameters and a nonzero
     /// `mix_coeff`; `summary_layer_freq` bypass layers never use them.
     pub fn from_model(config: &Qwen3KsaConfig, layer: usize) -> Self {
-        let bypass = config.layer_kinds.get(layer) == Some(&crate::model_config::LayerKind::Bypass);
+        let bypass = config.layer_kinds.get(layer) == Some(&LayerKind::Bypass);
         Self {
             hidden_size: config.hidden_size,
             num_attention_heads: config.num_attention_heads,
