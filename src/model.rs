@@ -308,7 +308,14 @@ impl Qwen3Ksa {
             let v = self.config.logits_size();
             return Ok(Tensor::zeros((b, 0, v), text.dtype(), text.device())?);
         }
-        Ok(rms_norm(&self.norm, &text)?.apply(&self.lm_head)?)
+        self.head(&text)
+    }
+
+    /// Final norm and LM head on text hidden states `[b, m, hidden]` (any
+    /// selection of text slots, e.g. only the last one when `n x vocab`
+    /// logits would not fit): logits `[b, m, V']`.
+    pub fn head(&self, text_hidden: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(&self.norm, text_hidden)?.apply(&self.lm_head)?)
     }
 
     /// Logits `[b, n, V']` for text ids `[b, n]`.
