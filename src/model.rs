@@ -102,9 +102,9 @@ impl DecoderLayer {
         }
         match self.kind {
             LayerKind::Summary => {
-                let normed = self.pre_norm(h, layout)?;
+                let normed = self.attention_input(h, &layout.summary_slots())?;
                 let h = (h + self.self_attn.forward(&normed, layout)?)?;
-                self.mlp_residual(&h)
+                self.feed_forward(&h)
             }
             LayerKind::Bypass => {
                 let text = layout.take_text(h, 1)?;
@@ -115,24 +115,31 @@ impl DecoderLayer {
                     .collect();
                 let normed = rms_norm(&self.input_layernorm, &text)?;
                 let text = (&text + self.self_attn.forward_causal(&normed, &positions)?)?;
-                let text = self.mlp_residual(&text)?;
+                let text = self.feed_forward(&text)?;
                 replace_slots(h, &text, &layout.text_slots())
             }
         }
     }
 
-    fn pre_norm(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {
+    /// The pre-attention RMSNorm of `h: [b, L, hidden]`: `input_layernorm`,
+    /// or `input_layernorm_summary` on the slots listed (ascending) in
+    /// `summary_slots` when the config has one. Works on any run of slots,
+    /// so a decode step can reuse it.
+    pub fn attention_input(&self, h: &Tensor, summary_slots: &[u32]) -> Result<Tensor> {
         let normed = rms_norm(&self.input_layernorm, h)?;
         match &self.input_layernorm_summary {
-            Some(norm) if layout.summary_len() > 0 => {
-                let summaries = rms_norm(norm, &layout.take_summaries(h, 1)?)?;
-                replace_slots(&normed, &summaries, &layout.summary_slots())
+            Some(norm) if !summary_slots.is_empty() => {
+                let idx = Tensor::from_slice(summary_slots, summary_slots.len(), h.device())?;
+                let summaries = rms_norm(norm, &h.index_select(&idx, 1)?)?;
+                replace_slots(&normed, &summaries, summary_slots)
             }
             _ => Ok(normed),
         }
     }
 
-    fn mlp_residual(&self, h: &Tensor) -> Result<Tensor> {
+    /// The second half of the layer on `h: [b, L, hidden]` (after the
+    /// attention residual): `h + mlp(post_attention_layernorm(h))`, per slot.
+    pub fn feed_forward(&self, h: &Tensor) -> Result<Tensor> {
         let normed = rms_norm(&self.post_attention_layernorm, h)?;
         Ok((h + self.mlp.forward(&normed)?)?)
     }
