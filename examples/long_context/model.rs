@@ -170,8 +170,16 @@ fn peak_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `bytes` in the largest binary unit that keeps the number at least 1.
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    let mut value = bytes as f64;
+    for unit in ["B", "KiB", "MiB"] {
+        if value < 1024.0 {
+            return format!("{value:.1} {unit}");
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.2} GiB")
 }
 
 /// Runs the model mode: builds or loads the model, runs one forward pass
@@ -270,12 +278,12 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         let (ksa, full) = (keys as u64 * per_slot, args.len as u64 * per_slot);
         total_ksa += ksa;
         total_full += full;
+        let (kind, window) = match layer.kind() {
+            LayerKind::Summary => ("ksa", window.to_string()),
+            LayerKind::Bypass => ("bypass", "-".to_string()),
+        };
         println!(
-            "{i:>5}  {:<6}  {window:<7}  {time:>9.2?}  {:>12}  {:>12}  {:>5.2}x",
-            match layer.kind() {
-                LayerKind::Summary => "ksa",
-                LayerKind::Bypass => "bypass",
-            },
+            "{i:>5}  {kind:<6}  {window:<7}  {time:>9.2?}  {:>12}  {:>12}  {:>5.2}x",
             mib(ksa),
             mib(full),
             full as f64 / ksa.max(1) as f64
