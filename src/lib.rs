@@ -9,7 +9,7 @@
 //! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
 //!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
 //! * [`attention`]: KSA attention on candle tensors.
-//! * [`reference`]: the dense f64 oracle every fast path is tested against.
+//! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
 //! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
 //!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
 //!

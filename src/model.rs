@@ -151,6 +151,30 @@ impl DecoderLayer {
 /// (`V'` = [`Qwen3KsaConfig::logits_size`]). The steps are public too
 /// ([`Qwen3Ksa::embed`], [`Qwen3Ksa::layers`], [`Qwen3Ksa::logits`]) for
 /// per-layer progress, inspection, and a decode cache.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use ksa::{Qwen3Ksa, Qwen3KsaConfig};
+/// # fn main() -> ksa::Result<()> {
+/// let config = Qwen3KsaConfig::from_json_str(r#"{
+///     "vocab_size": 65, "hidden_size": 32, "intermediate_size": 64,
+///     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+///     "head_dim": 8, "rope_theta": 10000.0, "tie_word_embeddings": true,
+///     "truncate_predict_nums": 64, "summary_token_begin": 64,
+///     "summary_chunk_size": 4, "summary_token_num": 1,
+///     "summary_sliding_chunk_num": "([1]*1+[1000]*1)*1",
+///     "summary_chunk_position_ids_type": "origin",
+///     "summary_token_position_ids_type": "last_chunk_slice_right",
+///     "summary_independent_parameters": false,
+///     "summary_independent_attention_layernorm": false, "mix_coeff": 0.0
+/// }"#)?;
+/// // Real weights: `Qwen3Ksa::from_folder("KSA-4B-base", DType::BF16, &Device::Cpu)`.
+/// let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let model = Qwen3Ksa::new(&config, vb)?;
+/// let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10]], &Device::Cpu)?;
+/// assert_eq!(model.forward(&ids)?.dims(), &[1, 10, 64]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Qwen3Ksa {
     config: Qwen3KsaConfig,
