@@ -324,7 +324,9 @@ impl SummaryAttention {
         if let (Some(sp), false) = (&self.summary, summary_slots.is_empty()) {
             let ns = summary_slots.len();
             let idx = Tensor::from_slice(summary_slots, ns, x.device())?;
-            let xs = x.index_select(&idx, 1)?;
+            // index_select needs a contiguous source; a run cut from a longer
+            // sequence with `narrow` is not.
+            let xs = x.contiguous()?.index_select(&idx, 1)?;
             let qs = rms_norm(&self.q_norm, &heads(sp.q.forward(&xs)?, hq, ns)?)?;
             let ks = rms_norm(&self.k_norm, &heads(sp.k.forward(&xs)?, hkv, ns)?)?;
             let vs = heads(sp.v.forward(&xs)?, hkv, ns)?;

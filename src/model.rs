@@ -100,6 +100,8 @@ impl DecoderLayer {
         if layout.is_empty() {
             return Ok(h.clone());
         }
+        // Slot gathers (index_select) need a contiguous source.
+        let h = &h.contiguous()?;
         match self.kind {
             LayerKind::Summary => {
                 let normed = self.attention_input(h, &layout.summary_slots())?;
@@ -130,7 +132,7 @@ impl DecoderLayer {
         match &self.input_layernorm_summary {
             Some(norm) if !summary_slots.is_empty() => {
                 let idx = Tensor::from_slice(summary_slots, summary_slots.len(), h.device())?;
-                let summaries = rms_norm(norm, &h.index_select(&idx, 1)?)?;
+                let summaries = rms_norm(norm, &h.contiguous()?.index_select(&idx, 1)?)?;
                 replace_slots(&normed, &summaries, summary_slots)
             }
             _ => Ok(normed),

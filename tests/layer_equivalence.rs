@@ -474,3 +474,59 @@ fn gradients_flow_through_the_layer() {
         assert!(max_abs(g) > 0.0, "zero gradient for {name}");
     }
 }
+
+#[test]
+fn projecting_a_run_of_slots_matches_the_full_sequence() {
+    // What a decode cache relies on: q/k/v of a run of slots (here the last
+    // chunk's text and summaries plus the tail) equal the same rows of the
+    // whole sequence's projections.
+    let dims = Dims {
+        hidden: 24,
+        hq: 4,
+        hkv: 2,
+        d: 8,
+    };
+    let config = SummaryAttentionConfig {
+        hidden_size: dims.hidden,
+        num_attention_heads: dims.hq,
+        num_key_value_heads: dims.hkv,
+        head_dim: dims.d,
+        rms_norm_eps: EPS,
+        rope_theta: 10000.0,
+        window: 1,
+        mix_coeff: 0.4,
+        summary_projections: true,
+    };
+    let weights = attention_weights(&dims, true, 12);
+    let layer = SummaryAttention::new(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let layout = Layout::new(KsaConfig::new(3, 2, 1).unwrap(), 13).unwrap();
+    let x = Rng::new(8).tensor(&[2, layout.len(), dims.hidden], 0.0, 1.0);
+    let positions = layout.position_ids();
+    let full = layer
+        .project(&x, &positions, &layout.summary_slots())
+        .unwrap();
+    let start = layout.text_slot(9).unwrap(); // chunk 3's first text slot
+    let len = layout.len() - start;
+    let run_summaries: Vec<u32> = layout
+        .summary_slots()
+        .into_iter()
+        .filter(|&s| s as usize >= start)
+        .map(|s| s - start as u32)
+        .collect();
+    assert_eq!(run_summaries.len(), 2);
+    let part = layer
+        .project(
+            &x.narrow(1, start, len).unwrap(),
+            &positions[start..],
+            &run_summaries,
+        )
+        .unwrap();
+    for (f, p) in [(&full.0, &part.0), (&full.1, &part.1), (&full.2, &part.2)] {
+        let diff = max_abs_diff(&f.narrow(2, start, len).unwrap(), p);
+        assert!(diff <= 1e-6 * max_abs(p), "diff {diff}");
+    }
+}
