@@ -97,6 +97,39 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A pattern string (such as `summary_sliding_chunk_num`'s
+    /// `([128]*3+[1024]*1)*6`) is not in the accepted grammar.
+    #[error("invalid pattern {pattern:?} at position {position}: {message}")]
+    Pattern {
+        pattern: String,
+        /// Byte offset into `pattern` where parsing failed.
+        position: usize,
+        message: String,
+    },
+
+    /// A model config (`config.json`) field is missing, mistyped or impossible.
+    #[error("model config: {0}")]
+    ModelConfig(String),
+
+    /// A checkpoint lacks a tensor the model needs.
+    #[error("checkpoint has no tensor `{name}`")]
+    MissingTensor { name: String },
+
+    /// A checkpoint tensor has another shape than the config implies.
+    #[error("checkpoint tensor `{name}` has shape {got:?}, the config implies {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    /// A file of a model folder could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -9,7 +9,9 @@
 //! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
 //!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
 //! * [`attention`]: KSA attention on candle tensors.
-//! * [`reference`]: the dense f64 oracle every fast path is tested against.
+//! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
+//! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
+//!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -29,12 +31,18 @@ mod attention;
 mod check;
 pub mod config;
 mod error;
+pub mod layer;
 pub mod layout;
 pub mod mask;
+pub mod model;
+pub mod model_config;
 pub mod reference;
 
 pub use attention::{attention, attention_with, AttentionOptions};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
+pub use layer::{SummaryAttention, SummaryAttentionConfig};
 pub use layout::{Layout, SlotKind};
 pub use mask::{KeyRanges, PairCounts};
+pub use model::Qwen3Ksa;
+pub use model_config::Qwen3KsaConfig;
