@@ -26,6 +26,7 @@
 //! ```
 
 mod attention;
+mod backward;
 mod check;
 pub mod config;
 mod error;
