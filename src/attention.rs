@@ -3,7 +3,8 @@
 
 use crate::check::check_qkv;
 use crate::layout::Layout;
-use crate::{cpu, Error, Result};
+use crate::op::{self, Mask};
+use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 
 /// Options of [`attention_with`] and [`causal_attention_with`].
@@ -21,8 +22,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<
 }
 
 /// [`attention`] with options. Runs where the tensors live (CPU tensors: the
-/// block-sparse [`cpu`] path, computed in f32); a device this build has no
-/// implementation for is an error, never a silent fallback.
+/// block-sparse [`crate::cpu`] path, computed in f32) and is differentiable
+/// with candle's autograd; a device this build has no implementation for is
+/// an error, never a silent fallback.
 pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -40,7 +42,7 @@ pub fn attention_with(
         });
     }
     match q.device() {
-        Device::Cpu => Ok(cpu::attention_with_lse(q, k, v, layout, options)?.0),
+        Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
         device => Err(unsupported("ksa::attention", device)),
     }
 }
@@ -61,7 +63,7 @@ pub fn causal_attention_with(
 ) -> Result<Tensor> {
     check_qkv(q, k, v, "ksa::causal_attention")?;
     match q.device() {
-        Device::Cpu => Ok(cpu::causal_attention_with_lse(q, k, v, options)?.0),
+        Device::Cpu => op::apply(q, k, v, Mask::Causal, options.scale),
         device => Err(unsupported("ksa::causal_attention", device)),
     }
 }

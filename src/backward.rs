@@ -8,29 +8,11 @@
 //! gradients are summed without copies or atomics) and the dQ rows of its
 //! query heads.
 
-use crate::layout::Layout;
+use crate::check::QkvDims;
+use crate::op::Mask;
 use rayon::prelude::*;
 
-/// Sizes of one backward problem; all buffers are contiguous `[b, h, len, d]`
-/// (`lse`: `[b, hq, len]`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
-    pub batch: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub len: usize,
-    pub head_dim: usize,
-}
-
-/// Which keys each query row may see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mask {
-    /// The KSA mask of a layout (slot order).
-    Ksa(Layout),
-    /// Plain causal attention: row `i` sees `0..=i`.
-    Causal,
-}
-
+/// Buffers are contiguous `[b, h, len, d]` (`lse`: `[b, hq, len]`).
 /// Gradients `(dq, dk, dv)` of `out = softmax(scale * q k^T + mask) v` given
 /// `dout`, the forward's `out` and its per-row log-sum-exp `lse`.
 #[allow(clippy::too_many_arguments)]
@@ -41,11 +23,11 @@ pub(crate) fn attention_backward(
     out: &[f32],
     dout: &[f32],
     lse: &[f32],
-    dims: Dims,
+    dims: QkvDims,
     scale: f32,
     mask: Mask,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Dims {
+    let QkvDims {
         batch,
         q_heads: hq,
         kv_heads: hkv,
@@ -134,7 +116,7 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reference, KsaConfig};
+    use crate::{reference, KsaConfig, Layout};
     use candle_core::{DType, Device, Tensor, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -189,8 +171,8 @@ mod tests {
         out
     }
 
-    fn check(mask: Mask, dims: Dims) {
-        let Dims {
+    fn check(mask: Mask, dims: QkvDims) {
+        let QkvDims {
             batch: b,
             q_heads: hq,
             kv_heads: hkv,
@@ -247,7 +229,7 @@ mod tests {
     fn equals_reference_autograd() {
         for (c, s, w, n) in [(3, 2, 1, 17), (4, 1, 0, 13), (2, 3, 9, 9), (5, 1, 2, 4)] {
             let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
-            let dims = Dims {
+            let dims = QkvDims {
                 batch: 2,
                 q_heads: 4,
                 kv_heads: 2,
@@ -258,7 +240,7 @@ mod tests {
         }
         check(
             Mask::Causal,
-            Dims {
+            QkvDims {
                 batch: 1,
                 q_heads: 3,
                 kv_heads: 1,

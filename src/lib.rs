@@ -35,6 +35,7 @@ pub mod cpu;
 mod error;
 pub mod layout;
 pub mod mask;
+mod op;
 pub mod reference;
 pub mod schedule;
 

@@ -200,6 +200,28 @@ fn run_typed<T: Element>(
     schedule: &Schedule,
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
+    let (out, lse) = with_slice::<T, _>(q, |q| {
+        with_slice::<T, _>(k, |k| {
+            with_slice::<T, _>(v, |v| Ok(forward_vecs(q, k, v, dims, schedule, scale)))
+        })
+    })?;
+    let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
+    let device = q.device();
+    Ok((
+        Tensor::from_vec(out, (b, hq, n, d), device)?,
+        Tensor::from_vec(lse, (b, hq, n), device)?,
+    ))
+}
+
+/// The forward on contiguous `[b, h, N, d]` slices: `(out, lse)` as vectors.
+pub(crate) fn forward_vecs<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: QkvDims,
+    schedule: &Schedule,
+    scale: f32,
+) -> (Vec<T>, Vec<f32>) {
     let QkvDims {
         batch: b,
         q_heads: hq,
@@ -209,19 +231,8 @@ fn run_typed<T: Element>(
     } = dims;
     let mut out = vec![T::from_f32(0.0); b * hq * n * d];
     let mut lse = vec![0f32; b * hq * n];
-    with_slice::<T, _>(q, |q| {
-        with_slice::<T, _>(k, |k| {
-            with_slice::<T, _>(v, |v| {
-                forward(q, k, v, dims, schedule, scale, &mut out, &mut lse);
-                Ok(())
-            })
-        })
-    })?;
-    let device = q.device();
-    Ok((
-        Tensor::from_vec(out, (b, hq, n, d), device)?,
-        Tensor::from_vec(lse, (b, hq, n), device)?,
-    ))
+    forward(q, k, v, dims, schedule, scale, &mut out, &mut lse);
+    (out, lse)
 }
 
 /// Gathered row `g` of a head's keys (or values): text rows in text order,
