@@ -1,11 +1,13 @@
-//! The public entry point: KSA attention on candle tensors, routed by device.
+//! The public entry points: KSA attention and full causal attention on
+//! candle tensors, routed by device.
 
 use crate::check::check_qkv;
 use crate::layout::Layout;
-use crate::{reference, Error, Result};
+use crate::op::{self, Mask};
+use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 
-/// Options of [`attention_with`].
+/// Options of [`attention_with`] and [`causal_attention_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionOptions {
     /// Softmax scale; `None` means `1/sqrt(head_dim)`.
@@ -19,8 +21,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<
     attention_with(q, k, v, layout, &AttentionOptions::default())
 }
 
-/// [`attention`] with options. Runs where the tensors live; a device this
-/// build has no implementation for is an error, never a silent fallback.
+/// [`attention`] with options. Runs where the tensors live (CPU tensors: the
+/// block-sparse [`crate::cpu`] path, computed in f32) and is differentiable
+/// with candle's autograd; a device this build has no implementation for is
+/// an error, never a silent fallback.
 pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -38,20 +42,47 @@ pub fn attention_with(
         });
     }
     match q.device() {
-        Device::Cpu => reference::attention_with_scale(q, k, v, layout, options.scale),
-        Device::Cuda(_) => Err(Error::UnsupportedDevice {
-            op: "ksa::attention",
+        Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
+        device => Err(unsupported("ksa::attention", device)),
+    }
+}
+
+/// Plain causal attention over all positions (the full-attention baseline,
+/// and what bypass layers use): same shapes and dtypes as [`attention`],
+/// without a layout. Scale `1/sqrt(d)`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    causal_attention_with(q, k, v, &AttentionOptions::default())
+}
+
+/// [`causal_attention`] with options, routed by device like [`attention_with`].
+pub fn causal_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<Tensor> {
+    check_qkv(q, k, v, "ksa::causal_attention")?;
+    match q.device() {
+        Device::Cpu => op::apply(q, k, v, Mask::Causal, options.scale),
+        device => Err(unsupported("ksa::causal_attention", device)),
+    }
+}
+
+fn unsupported(op: &'static str, device: &Device) -> Error {
+    match device {
+        Device::Metal(_) => Error::UnsupportedDevice {
+            op,
+            device: "Metal".into(),
+            reason: "ksa has no Metal implementation",
+        },
+        _ => Error::UnsupportedDevice {
+            op,
             device: "CUDA".into(),
             reason: if cfg!(feature = "cuda") {
                 "the CUDA kernel is not part of this build yet"
             } else {
                 "ksa was built without the `cuda` feature"
             },
-        }),
-        Device::Metal(_) => Err(Error::UnsupportedDevice {
-            op: "ksa::attention",
-            device: "Metal".into(),
-            reason: "ksa has no Metal implementation",
-        }),
+        },
     }
 }

@@ -8,7 +8,9 @@
 //!
 //! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
 //!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
-//! * [`attention`]: KSA attention on candle tensors.
+//! * [`attention`]: KSA attention on candle tensors, differentiable; on CPU
+//!   tensors the block-sparse [`cpu`] path. [`causal_attention`]: the tiled
+//!   full causal baseline. [`schedule`]: the tile schedule every fast path shares.
 //! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
 //! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
 //!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
@@ -28,17 +30,23 @@
 //! ```
 
 mod attention;
+mod backward;
 mod check;
 pub mod config;
+pub mod cpu;
 mod error;
 pub mod layer;
 pub mod layout;
 pub mod mask;
 pub mod model;
 pub mod model_config;
+mod op;
 pub mod reference;
+pub mod schedule;
 
-pub use attention::{attention, attention_with, AttentionOptions};
+pub use attention::{
+    attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
+};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
 pub use layer::{SummaryAttention, SummaryAttentionConfig};

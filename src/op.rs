@@ -1,0 +1,177 @@
+//! The candle op behind [`crate::attention`] and [`crate::causal_attention`]:
+//! the forward runs the device's fast path, and the backward makes the op
+//! differentiable with candle's autograd (`loss.backward()`).
+//!
+//! The forward's per-row log-sum-exp is kept inside the op (which the graph
+//! holds) so the backward recomputes probabilities instead of storing them,
+//! as FlashAttention does.
+
+use crate::backward::attention_backward;
+use crate::check::QkvDims;
+use crate::cpu::{self, Element};
+use crate::layout::Layout;
+use crate::schedule::{Schedule, TileSizes};
+use crate::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout as StridedLayout, Shape, Tensor};
+use half::{bf16, f16};
+use std::sync::{Arc, Mutex};
+
+/// Which keys each query row may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mask {
+    /// The KSA mask of a layout (slot order).
+    Ksa(Layout),
+    /// Plain causal attention: row `i` sees `0..=i`.
+    Causal,
+}
+
+/// Attention of contiguous-made `q, k, v` (already validated) under `mask`,
+/// recorded in candle's graph when any input tracks gradients.
+pub(crate) fn apply(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    scale: Option<f64>,
+) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    let op = AttentionOp {
+        mask,
+        scale: scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32,
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?)
+}
+
+struct AttentionOp {
+    mask: Mask,
+    scale: f32,
+    /// Per-row log-sum-exp `[b, hq, N]` of the last forward, for the backward.
+    lse: Mutex<Option<Vec<f32>>>,
+}
+
+fn dims(q: &StridedLayout, k: &StridedLayout) -> candle_core::Result<QkvDims> {
+    let (batch, q_heads, len, head_dim) = q.shape().dims4()?;
+    Ok(QkvDims {
+        batch,
+        q_heads,
+        kv_heads: k.shape().dim(1)?,
+        len,
+        head_dim,
+    })
+}
+
+fn contiguous<'a, T: Element>(
+    s: &'a CpuStorage,
+    l: &StridedLayout,
+) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("ksa attention op expects contiguous inputs".into())
+    })?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+impl AttentionOp {
+    fn schedule(&self, len: usize) -> Result<Schedule> {
+        match self.mask {
+            Mask::Ksa(layout) => Schedule::ksa(&layout, TileSizes::default()),
+            Mask::Causal => Schedule::causal(len, TileSizes::default()),
+        }
+    }
+
+    fn cpu_typed<T: Element>(
+        &self,
+        dims: QkvDims,
+        (q, k, v): (&[T], &[T], &[T]),
+    ) -> candle_core::Result<Vec<T>> {
+        let schedule = self.schedule(dims.len).map_err(candle_core::Error::wrap)?;
+        let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale);
+        *self.lse.lock().expect("lse lock") = Some(lse);
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ksa-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &StridedLayout,
+        s2: &CpuStorage,
+        l2: &StridedLayout,
+        s3: &CpuStorage,
+        l3: &StridedLayout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = dims(l1, l2)?;
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {{
+                let inputs = (
+                    contiguous::<$t>(s1, l1)?,
+                    contiguous::<$t>(s2, l2)?,
+                    contiguous::<$t>(s3, l3)?,
+                );
+                CpuStorage::$variant(self.cpu_typed::<$t>(dims, inputs)?)
+            }};
+        }
+        let out = match s1.dtype() {
+            DType::F32 => run!(f32, F32),
+            DType::F16 => run!(f16, F16),
+            DType::BF16 => run!(bf16, BF16),
+            DType::F64 => run!(f64, F64),
+            dtype => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    dtype,
+                    "ksa-attention",
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !q.device().is_cpu() {
+            return Err(candle_core::Error::BackwardNotSupported {
+                op: "ksa-attention on this device",
+            });
+        }
+        let lse = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
+            candle_core::Error::Msg("ksa-attention backward ran without its forward".into())
+        })?;
+        let f32s = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (b, hq, n, d) = q.dims4()?;
+        let dims = QkvDims {
+            batch: b,
+            q_heads: hq,
+            kv_heads: k.dim(1)?,
+            len: n,
+            head_dim: d,
+        };
+        let (dq, dk, dv) = attention_backward(
+            &f32s(q)?,
+            &f32s(k)?,
+            &f32s(v)?,
+            &f32s(out)?,
+            &f32s(dout)?,
+            &lse,
+            dims,
+            self.scale,
+            self.mask,
+        );
+        let back = |g: Vec<f32>, like: &Tensor| {
+            Tensor::from_vec(g, like.shape(), like.device())?.to_dtype(like.dtype())
+        };
+        Ok((Some(back(dq, q)?), Some(back(dk, k)?), Some(back(dv, v)?)))
+    }
+}
