@@ -16,6 +16,7 @@
 //! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
 //! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
+mod matmul;
 mod simd;
 mod tile;
 
@@ -335,6 +336,7 @@ fn forward<T: Element>(
                 batch: bi,
                 first_head: kvh * group,
                 group,
+                fast: matmul::fast_path(d),
                 out: ptr,
             };
             tasks.par_iter().for_each_init(
