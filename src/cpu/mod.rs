@@ -28,6 +28,7 @@ use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// KSA attention on CPU tensors with each row's log-sum-exp: `(out, lse)`,
 /// `out: [b, hq, N, d]` in the input dtype, `lse: [b, hq, N]` f32, the
@@ -72,6 +73,22 @@ impl CpuKernel {
         layout: &Layout,
         options: &AttentionOptions,
     ) -> Result<(Tensor, Tensor)> {
+        self.attention_with_progress(q, k, v, layout, options, &|_, _| {})
+    }
+
+    /// [`CpuKernel::attention`] that reports progress: `progress(done, total)`
+    /// is called (from worker threads) after each unit of work, with `done`
+    /// counting up to `total`. For progress bars over long contexts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_progress(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &Layout,
+        options: &AttentionOptions,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<(Tensor, Tensor)> {
         let dims = check_qkv(q, k, v, "ksa::cpu::attention")?;
         if dims.len != layout.len() {
             return Err(Error::LayoutLength {
@@ -81,7 +98,8 @@ impl CpuKernel {
                 text_tokens: layout.text_len(),
             });
         }
-        self.run(q, k, v, dims, &Schedule::ksa(layout, self.tiles)?, options)
+        let schedule = Schedule::ksa(layout, self.tiles)?;
+        self.run(q, k, v, dims, &schedule, options, Some(progress))
     }
 
     /// Causal attention with log-sum-exp; see [`causal_attention_with_lse`].
@@ -94,9 +112,10 @@ impl CpuKernel {
     ) -> Result<(Tensor, Tensor)> {
         let dims = check_qkv(q, k, v, "ksa::cpu::causal_attention")?;
         let schedule = Schedule::causal(dims.len, self.tiles)?;
-        self.run(q, k, v, dims, &schedule, options)
+        self.run(q, k, v, dims, &schedule, options, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         q: &Tensor,
@@ -105,6 +124,7 @@ impl CpuKernel {
         dims: QkvDims,
         schedule: &Schedule,
         options: &AttentionOptions,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<(Tensor, Tensor)> {
         if !q.device().is_cpu() {
             return Err(Error::UnsupportedDevice {
@@ -116,10 +136,10 @@ impl CpuKernel {
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (out, lse) = match q.dtype() {
-            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale)?,
-            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale)?,
-            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale)?,
-            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale)?,
+            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, progress)?,
             got => {
                 return Err(Error::UnsupportedDType {
                     op: "ksa::cpu",
@@ -200,6 +220,7 @@ fn run_typed<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Result<(Tensor, Tensor)> {
     let QkvDims {
         batch: b,
@@ -213,7 +234,7 @@ fn run_typed<T: Element>(
     with_slice::<T, _>(q, |q| {
         with_slice::<T, _>(k, |k| {
             with_slice::<T, _>(v, |v| {
-                forward(q, k, v, dims, schedule, scale, &mut out, &mut lse);
+                forward(q, k, v, dims, schedule, scale, progress, &mut out, &mut lse);
                 Ok(())
             })
         })
@@ -290,6 +311,7 @@ fn forward<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     out: &mut [T],
     lse: &mut [f32],
 ) {
@@ -319,6 +341,7 @@ fn forward<T: Element>(
         lse: lse.as_mut_ptr(),
     };
     let group = hq / hkv;
+    let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
     for bi in 0..batch {
         for kvh in 0..hkv {
             let head = (bi * hkv + kvh) * n * d;
@@ -341,9 +364,14 @@ fn forward<T: Element>(
             };
             tasks.par_iter().for_each_init(
                 || tile::Scratch::new(&ctx),
-                |scratch, task| match *task {
-                    Task::Text(t) => tile::text_tile(&ctx, scratch, t),
-                    Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                |scratch, task| {
+                    match *task {
+                        Task::Text(t) => tile::text_tile(&ctx, scratch, t),
+                        Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                    }
+                    if let Some(report) = progress {
+                        report(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                    }
                 },
             );
         }
