@@ -61,14 +61,27 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+/// CPU seconds used by all threads of the process so far.
+fn cpu_time() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Best wall time of `reps` runs, and the CPU time (all threads) of that run:
+/// on a shared machine CPU time is the steadier of the two.
+fn best_of(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
     (0..reps)
         .map(|_| {
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_time());
             f();
-            t.elapsed().as_secs_f64()
+            (t.elapsed().as_secs_f64(), cpu_time() - c)
         })
-        .fold(f64::INFINITY, f64::min)
+        .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a })
 }
 
 fn randn(shape: (usize, usize, usize, usize)) -> candle_core::Result<Tensor> {
@@ -81,7 +94,7 @@ fn matmul_gflops() -> candle_core::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     a.matmul(&b)?; // warm-up
-    let t = best_of(3, || {
+    let (t, _) = best_of(3, || {
         a.matmul(&b).expect("matmul");
     });
     Ok(2.0 * (n as f64).powi(3) / t / 1e9)
@@ -89,11 +102,15 @@ fn matmul_gflops() -> candle_core::Result<f64> {
 
 struct Row {
     n: usize,
+    /// Wall seconds.
     ksa: f64,
     full: f64,
+    /// CPU seconds (all threads) of the same runs.
+    ksa_cpu: f64,
+    full_cpu: f64,
     ratio: f64,
-    ksa_flops: f64,
-    full_flops: f64,
+    ksa_gflop: f64,
+    full_gflop: f64,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -107,9 +124,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("machine f32 matmul (candle, 2048^3): {matmul:.1} GFLOP/s\n");
     println!(
-        "| n | KSA (s) | full causal (s) | speedup | allowed-pair ratio | KSA GFLOP/s | full GFLOP/s |"
+        "| n | KSA (s) | full causal (s) | speedup | allowed-pair ratio | KSA GFLOP/s | full GFLOP/s \
+         | KSA cpu-s | full cpu-s | cpu-time speedup | KSA GFLOP/cpu-s | full GFLOP/cpu-s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &n in &args.sizes {
         let layout = Layout::new(KsaConfig::new(8, 1, args.window)?, n)?;
@@ -123,31 +141,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let take = |x: &Tensor| layout.take_text(x, 2).and_then(|x| Ok(x.contiguous()?));
         let (qt, kt, vt) = (take(&q)?, take(&k)?, take(&v)?);
         let reps = if n >= 32 << 10 { 1 } else { args.reps };
-        let ksa_t = best_of(reps, || {
+        let (ksa, ksa_cpu) = best_of(reps, || {
             ksa::attention(&q, &k, &v, &layout).expect("ksa");
         });
-        let full_t = best_of(reps, || {
+        let (full, full_cpu) = best_of(reps, || {
             ksa::causal_attention(&qt, &kt, &vt).expect("causal");
         });
         let (pairs, full_pairs) = (layout.pair_counts().total(), layout.causal_text_pairs());
-        let flops = |p: u64, t: f64| 4.0 * HEAD_DIM as f64 * p as f64 * Q_HEADS as f64 / t / 1e9;
+        let gflop = |p: u64| 4.0 * HEAD_DIM as f64 * p as f64 * Q_HEADS as f64 / 1e9;
         let row = Row {
             n,
-            ksa: ksa_t,
-            full: full_t,
+            ksa,
+            full,
+            ksa_cpu,
+            full_cpu,
             ratio: full_pairs as f64 / pairs as f64,
-            ksa_flops: flops(pairs, ksa_t),
-            full_flops: flops(full_pairs, full_t),
+            ksa_gflop: gflop(pairs),
+            full_gflop: gflop(full_pairs),
         };
         println!(
-            "| {} | {:.4} | {:.4} | {:.2}x | {:.2}x | {:.1} | {:.1} |",
+            "| {} | {:.4} | {:.4} | {:.2}x | {:.2}x | {:.1} | {:.1} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1} |",
             row.n,
             row.ksa,
             row.full,
             row.full / row.ksa,
             row.ratio,
-            row.ksa_flops,
-            row.full_flops
+            row.ksa_gflop / row.ksa,
+            row.full_gflop / row.full,
+            row.ksa_cpu,
+            row.full_cpu,
+            row.full_cpu / row.ksa_cpu,
+            row.ksa_gflop / row.ksa_cpu,
+            row.full_gflop / row.full_cpu,
         );
         rows.push(row);
     }

@@ -323,8 +323,7 @@ fn forward<T: Element>(
         head_dim: d,
     } = dims;
     if n == 0 || d == 0 || hq == 0 {
-        // Nothing to attend; a zero head dim leaves lse as the log of the
-        // number of keys, which no caller can use: keep the zeros.
+        // Empty outputs; with d = 0 there are no scores, and lse stays 0.
         return;
     }
     let slots = gathered_slots(schedule);
