@@ -282,7 +282,7 @@ impl SummaryAttention {
     /// `summary_layer_freq` bypass layer. Returns `[b, n, hidden]`.
     pub fn forward_causal(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
         let (q, k, v) = self.project(x, positions, &[])?;
-        self.output(&causal_attention(&q, &k, &v)?)
+        self.output(&crate::causal_attention(&q, &k, &v)?)
     }
 
     /// Queries, keys and values of a run of slots `x: [b, L, hidden]`:
@@ -367,10 +367,4 @@ impl SummaryAttention {
         )?;
         Ok(dims)
     }
-}
-
-/// Plain causal attention of bypass layers: the one call site of the
-/// full-attention path, so a faster implementation is a one-line switch.
-fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    crate::reference::causal_attention(q, k, v, None)
 }

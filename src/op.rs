@@ -87,7 +87,7 @@ impl AttentionOp {
         (q, k, v): (&[T], &[T], &[T]),
     ) -> candle_core::Result<Vec<T>> {
         let schedule = self.schedule(dims.len).map_err(candle_core::Error::wrap)?;
-        let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale);
+        let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale, None);
         *self.lse.lock().expect("lse lock") = Some(lse);
         Ok(out)
     }

@@ -16,6 +16,7 @@
 //! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
 //! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
+mod matmul;
 mod simd;
 mod tile;
 
@@ -27,6 +28,7 @@ use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// KSA attention on CPU tensors with each row's log-sum-exp: `(out, lse)`,
 /// `out: [b, hq, N, d]` in the input dtype, `lse: [b, hq, N]` f32, the
@@ -71,6 +73,22 @@ impl CpuKernel {
         layout: &Layout,
         options: &AttentionOptions,
     ) -> Result<(Tensor, Tensor)> {
+        self.attention_with_progress(q, k, v, layout, options, &|_, _| {})
+    }
+
+    /// [`CpuKernel::attention`] that reports progress: `progress(done, total)`
+    /// is called (from worker threads) after each unit of work, with `done`
+    /// counting up to `total`. For progress bars over long contexts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_progress(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &Layout,
+        options: &AttentionOptions,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<(Tensor, Tensor)> {
         let dims = check_qkv(q, k, v, "ksa::cpu::attention")?;
         if dims.len != layout.len() {
             return Err(Error::LayoutLength {
@@ -80,7 +98,8 @@ impl CpuKernel {
                 text_tokens: layout.text_len(),
             });
         }
-        self.run(q, k, v, dims, &Schedule::ksa(layout, self.tiles)?, options)
+        let schedule = Schedule::ksa(layout, self.tiles)?;
+        self.run(q, k, v, dims, &schedule, options, Some(progress))
     }
 
     /// Causal attention with log-sum-exp; see [`causal_attention_with_lse`].
@@ -93,9 +112,10 @@ impl CpuKernel {
     ) -> Result<(Tensor, Tensor)> {
         let dims = check_qkv(q, k, v, "ksa::cpu::causal_attention")?;
         let schedule = Schedule::causal(dims.len, self.tiles)?;
-        self.run(q, k, v, dims, &schedule, options)
+        self.run(q, k, v, dims, &schedule, options, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         q: &Tensor,
@@ -104,6 +124,7 @@ impl CpuKernel {
         dims: QkvDims,
         schedule: &Schedule,
         options: &AttentionOptions,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<(Tensor, Tensor)> {
         if !q.device().is_cpu() {
             return Err(Error::UnsupportedDevice {
@@ -115,10 +136,10 @@ impl CpuKernel {
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (out, lse) = match q.dtype() {
-            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale)?,
-            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale)?,
-            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale)?,
-            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale)?,
+            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, progress)?,
             got => {
                 return Err(Error::UnsupportedDType {
                     op: "ksa::cpu",
@@ -199,10 +220,13 @@ fn run_typed<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Result<(Tensor, Tensor)> {
     let (out, lse) = with_slice::<T, _>(q, |q| {
         with_slice::<T, _>(k, |k| {
-            with_slice::<T, _>(v, |v| Ok(forward_vecs(q, k, v, dims, schedule, scale)))
+            with_slice::<T, _>(v, |v| {
+                Ok(forward_vecs(q, k, v, dims, schedule, scale, progress))
+            })
         })
     })?;
     let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
@@ -221,6 +245,7 @@ pub(crate) fn forward_vecs<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> (Vec<T>, Vec<f32>) {
     let QkvDims {
         batch: b,
@@ -231,7 +256,7 @@ pub(crate) fn forward_vecs<T: Element>(
     } = dims;
     let mut out = vec![T::from_f32(0.0); b * hq * n * d];
     let mut lse = vec![0f32; b * hq * n];
-    forward(q, k, v, dims, schedule, scale, &mut out, &mut lse);
+    forward(q, k, v, dims, schedule, scale, progress, &mut out, &mut lse);
     (out, lse)
 }
 
@@ -300,6 +325,7 @@ fn forward<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     out: &mut [T],
     lse: &mut [f32],
 ) {
@@ -311,8 +337,7 @@ fn forward<T: Element>(
         head_dim: d,
     } = dims;
     if n == 0 || d == 0 || hq == 0 {
-        // Nothing to attend; a zero head dim leaves lse as the log of the
-        // number of keys, which no caller can use: keep the zeros.
+        // Empty outputs; with d = 0 there are no scores, and lse stays 0.
         return;
     }
     let slots = gathered_slots(schedule);
@@ -329,6 +354,7 @@ fn forward<T: Element>(
         lse: lse.as_mut_ptr(),
     };
     let group = hq / hkv;
+    let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
     for bi in 0..batch {
         for kvh in 0..hkv {
             let head = (bi * hkv + kvh) * n * d;
@@ -346,13 +372,19 @@ fn forward<T: Element>(
                 batch: bi,
                 first_head: kvh * group,
                 group,
+                fast: matmul::fast_path(d),
                 out: ptr,
             };
             tasks.par_iter().for_each_init(
                 || tile::Scratch::new(&ctx),
-                |scratch, task| match *task {
-                    Task::Text(t) => tile::text_tile(&ctx, scratch, t),
-                    Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                |scratch, task| {
+                    match *task {
+                        Task::Text(t) => tile::text_tile(&ctx, scratch, t),
+                        Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                    }
+                    if let Some(report) = progress {
+                        report(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                    }
                 },
             );
         }

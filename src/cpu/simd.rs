@@ -10,6 +10,7 @@
 /// On return the row holds `2^(s - m_new)` inside its bounds and 0 outside
 /// (the weights the P*V product needs), `m` and `l` are the running max and
 /// sum, and the row of `o` (`d` wide) is rescaled to the new max.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn softmax_update(
     s: &mut [f32],
     stride: usize,

@@ -1,9 +1,8 @@
 //! The per-task kernels: one text query tile against its key tiles, and a
 //! group of chunks' summary queries.
 
-use super::{simd, Element, Out};
+use super::{matmul, simd, Element, Out};
 use crate::schedule::{KeySpace, KeyTile, Schedule};
-use gemm::{gemm, Parallelism};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
 
@@ -24,6 +23,8 @@ pub(crate) struct Context<'a, T> {
     /// The query heads `first_head..first_head + group` share this K/V head.
     pub first_head: usize,
     pub group: usize,
+    /// Whether the tile products run on the AVX2 microkernel.
+    pub fast: bool,
     pub out: Out<T>,
 }
 
@@ -83,6 +84,8 @@ pub(crate) struct Scratch {
     l: Vec<f32>,
     bounds: Vec<(usize, usize)>,
     tiles: Vec<KeyTile>,
+    /// The transposed key tile of the microkernel.
+    pack: Vec<f32>,
     /// Gathered key rows and scores of one summary query.
     key_rows: Vec<usize>,
     scores: Vec<f32>,
@@ -95,11 +98,12 @@ impl Scratch {
         Self {
             q: vec![0.0; rows * ctx.d],
             o: vec![0.0; rows * ctx.d],
-            s: vec![0.0; rows * sizes.key],
+            s: vec![0.0; rows * matmul::score_stride(sizes.key)],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
             bounds: vec![(0, 0); rows],
             tiles: Vec::new(),
+            pack: Vec::new(),
             key_rows: Vec::new(),
             scores: Vec::new(),
         }
@@ -113,7 +117,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     let tokens = schedule.query_tile(tile);
     let bq = tokens.len();
     let rows = ctx.group * bq;
-    let stride = schedule.tile_sizes().key;
+    let stride = matmul::score_stride(schedule.tile_sizes().key);
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
             let r = hh * bq + i;
@@ -132,32 +136,17 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         let keys = kt.len();
         let base = ctx.key_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
-        // SAFETY: S (rows x keys, row stride `stride >= keys`) and Q (rows x d)
-        // are inside their buffers; K^T reads `k` (keys x d, row-major) with
-        // swapped strides.
-        unsafe {
-            gemm(
-                rows,
-                keys,
-                d,
-                sc.s.as_mut_ptr(),
-                1,
-                stride as isize,
-                false,
-                sc.q.as_ptr(),
-                1,
-                d as isize,
-                k.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        matmul::scores(
+            ctx.fast,
+            rows,
+            keys,
+            d,
+            &sc.q,
+            k,
+            &mut sc.s,
+            stride,
+            &mut sc.pack,
+        );
         for (i, token) in tokens.clone().enumerate() {
             let bound = if kt.full {
                 (0, keys)
@@ -185,30 +174,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             &mut sc.o[..rows * d],
             d,
         );
-        // SAFETY: O (rows x d) += P (rows x keys, stride `stride`) * V (keys x d).
-        unsafe {
-            gemm(
-                rows,
-                d,
-                keys,
-                sc.o.as_mut_ptr(),
-                1,
-                d as isize,
-                true,
-                sc.s.as_ptr(),
-                1,
-                stride as isize,
-                v.as_ptr(),
-                1,
-                d as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        matmul::accumulate(ctx.fast, rows, keys, d, &sc.s, stride, v, &mut sc.o);
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
