@@ -5,8 +5,9 @@
 //! chunk-major), so that every query's keys are two dense ranges. Text queries
 //! are processed in tiles of consecutive tokens, all query heads of a GQA
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
-//! [`Schedule`] lists; scores and the value product are GEMMs (the `gemm`
-//! crate's microkernels), the softmax is online (streaming) in f32, and only
+//! [`Schedule`] lists; scores and the value product are register-blocked
+//! GEMM microkernels (AVX2/FMA, `matmul.rs`; the `gemm` crate elsewhere),
+//! the softmax is online (streaming) in f32, and only
 //! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
