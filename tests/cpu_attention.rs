@@ -356,3 +356,33 @@ fn bad_inputs_are_typed_errors() {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+#[test]
+fn progress_counts_up_to_its_total() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let layout = Layout::new(KsaConfig::new(4, 1, 2).unwrap(), 700).unwrap();
+    let (q, k, v) = qkv(2, 4, 2, layout.len(), 16, DType::F32, 9);
+    let (calls, last, total) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let (out, _) = CpuKernel::default()
+        .attention_with_progress(
+            &q,
+            &k,
+            &v,
+            &layout,
+            &AttentionOptions::default(),
+            &|d, t| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                last.fetch_max(d, Ordering::Relaxed);
+                total.store(t, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+    let (calls, last, total) = (calls.into_inner(), last.into_inner(), total.into_inner());
+    assert!(total > 0 && calls == total && last == total);
+    let want = ksa::attention(&q, &k, &v, &layout).unwrap();
+    assert_eq!(max_rel_err(&out, &want), 0.0);
+}
