@@ -386,3 +386,19 @@ fn progress_counts_up_to_its_total() {
     let want = ksa::attention(&q, &k, &v, &layout).unwrap();
     assert_eq!(max_rel_err(&out, &want), 0.0);
 }
+
+/// Long enough (2 * n * d * 4 bytes above 4 MiB) that heads run one at a
+/// time, the path long contexts take.
+#[test]
+fn long_sequences_match_the_reference() {
+    let n = 4104;
+    let (q, k, v) = qkv(1, 2, 2, n, 128, DType::F32, 13);
+    let want = reference::causal_attention(&q, &k, &v, None).unwrap();
+    let got = ksa::causal_attention(&q, &k, &v).unwrap();
+    assert!(max_rel_err(&got, &want) <= 2e-4);
+    let layout = Layout::new(KsaConfig::new(8, 1, 16).unwrap(), 3648).unwrap();
+    assert_eq!(layout.len(), n);
+    let want = reference::attention(&q, &k, &v, &layout).unwrap();
+    let got = ksa::attention(&q, &k, &v, &layout).unwrap();
+    assert!(max_rel_err(&got, &want) <= 2e-4);
+}
