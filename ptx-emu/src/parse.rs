@@ -529,7 +529,10 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                     }
                     p.expect_p(';')?;
                     body.push(Stmt::Reg { ty, names });
-                } else if matches!(w.as_str(), ".shared" | ".local" | ".global" | ".const") {
+                } else if matches!(
+                    w.as_str(),
+                    ".shared" | ".local" | ".global" | ".const" | ".extern"
+                ) {
                     body.push(Stmt::Var(parse_var(p)?));
                 } else if matches!(w.as_str(), ".pragma" | ".loc" | ".maxnreg") {
                     p.skip_statement();
