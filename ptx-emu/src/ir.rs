@@ -312,10 +312,6 @@ impl Instr {
                 | Op::WarpSync { .. }
         )
     }
-    /// Instructions after which straight-line batching must stop.
-    pub(crate) fn ends_block(&self) -> bool {
-        matches!(self.op, Op::Bra { .. } | Op::Exit | Op::Bar { .. }) || self.is_collective()
-    }
 }
 
 /// A kernel parameter's place in the parameter buffer.

@@ -1,5 +1,7 @@
 //! Instruction families against values worked out by hand from the PTX ISA.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{alu, fb, run_words};

@@ -1,6 +1,8 @@
 //! Small CUDA kernels from `tests/kernels/*.cu`, compiled by nvcc at test time, run under
 //! the emulator and compared with CPU computations. Skipped (with a message) without nvcc.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{compile, Rng};
@@ -304,6 +306,7 @@ fn shared_memory_transpose_and_missing_barrier() {
 }
 
 /// CPU reference attention in f64 from the bf16-rounded inputs.
+#[allow(clippy::too_many_arguments)]
 fn attention_ref(
     q: &[f32],
     k: &[f32],

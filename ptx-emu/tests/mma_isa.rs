@@ -8,6 +8,8 @@
 //!   in f16; https://blog.csdn.net/m0_61864577/article/details/141065245) reproduced to
 //!   the printed digits through `ldmatrix` + `mma`.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{kernel_src, Rng};

@@ -1,6 +1,8 @@
 //! Sanitizer checks on hand-written PTX: bounds, alignment, shared-memory races,
 //! uninitialized shared reads, asynchronous `cp.async` semantics.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{dev_with, kernel_src, run_words};

@@ -2,6 +2,8 @@
 //! divergence and reconvergence, `shfl.sync` modes with out-of-range lanes, clamps and
 //! the `|p` output, `vote`, barriers, and the errors for divergent collectives/deadlock.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::run_words;
