@@ -1754,52 +1754,48 @@ fn mma_m16n8k16(
     b: &[Src; 2],
     c: &[Src; 4],
 ) {
+    // Both conversions are exact: bf16 is the top half of an f32.
     let cv = |x: u64| -> f32 {
         if bf16 {
-            bf::to(x & 0xFFFF) as f32
+            f32::from_bits(((x & 0xFFFF) as u32) << 16)
         } else {
-            hf::to(x & 0xFFFF) as f32
+            half::f16::from_bits(x as u16).to_f32()
         }
     };
     let mut am = [[0f32; 16]; 16];
     let mut bm = [[0f32; 8]; 16];
-    let mut cm = [[0f32; 8]; 16];
+    let mut dm = [[0f32; 8]; 16];
     for l in 0..32 {
         let (g, t) = (l / 4, l % 4);
         for (r, src) in a.iter().enumerate() {
             let v = cta.rd(w, *src, l);
-            for h in 0..2 {
-                let i = 2 * r + h;
-                let row = if i < 2 || (4..6).contains(&i) {
-                    g
-                } else {
-                    g + 8
-                };
-                let col = t * 2 + (i & 1) + if i >= 4 { 8 } else { 0 };
-                am[row][col] = cv(v >> (16 * h));
-            }
+            // Register r holds a_{2r} (low half) and a_{2r+1} (high half).
+            let row = if r % 2 == 0 { g } else { g + 8 };
+            let col = t * 2 + if r >= 2 { 8 } else { 0 };
+            am[row][col] = cv(v);
+            am[row][col + 1] = cv(v >> 16);
         }
         for (r, src) in b.iter().enumerate() {
             let v = cta.rd(w, *src, l);
-            for h in 0..2 {
-                let i = 2 * r + h;
-                let row = t * 2 + (i & 1) + if i >= 2 { 8 } else { 0 };
-                bm[row][g] = cv(v >> (16 * h));
-            }
+            let row = t * 2 + if r == 1 { 8 } else { 0 };
+            bm[row][g] = cv(v);
+            bm[row + 1][g] = cv(v >> 16);
         }
         for (i, src) in c.iter().enumerate() {
             let row = if i < 2 { g } else { g + 8 };
-            cm[row][t * 2 + (i & 1)] = f32_of(cta.rd(w, *src, l));
+            dm[row][t * 2 + (i & 1)] = f32_of(cta.rd(w, *src, l));
         }
     }
-    let mut dm = [[0f32; 8]; 16];
+    // D = C + A.B: for each element, products added in order of k, each sum rounded to
+    // f32 (mul and add are separate: no fused rounding). The j loop vectorizes.
     for i in 0..16 {
-        for j in 0..8 {
-            let mut acc = cm[i][j];
-            for (k, arow) in am[i].iter().enumerate() {
-                acc += arow * bm[k][j];
+        let acc = &mut dm[i];
+        for k in 0..16 {
+            let x = am[i][k];
+            let brow = &bm[k];
+            for j in 0..8 {
+                acc[j] += x * brow[j];
             }
-            dm[i][j] = acc;
         }
     }
     for l in 0..32 {
