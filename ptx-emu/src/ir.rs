@@ -1784,7 +1784,7 @@ impl Dec<'_> {
                         },
                         2,
                     ),
-                    "mul" | "mul24" if !has("hi") => (by_width!(w, i_mul_lo), 2),
+                    "mul" if !has("hi") => (by_width!(w, i_mul_lo), 2),
                     "mad" if wide => (
                         if signed {
                             by_width!(w, i_mad_wide_s)
@@ -1801,7 +1801,7 @@ impl Dec<'_> {
                         },
                         3,
                     ),
-                    "mad" | "mad24" if !has("hi") => (by_width!(w, i_mad_lo), 3),
+                    "mad" if !has("hi") => (by_width!(w, i_mad_lo), 3),
                     "div" => (
                         if signed {
                             by_width!(w, i_div_s)

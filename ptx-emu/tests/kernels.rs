@@ -62,6 +62,7 @@ fn vector_add() {
         .unwrap_err();
     assert_eq!(e.fault(), Some(Fault::GlobalOutOfBounds), "{e}");
     let msg = e.to_string();
+    eprintln!("{msg}");
     assert!(
         msg.contains("vector_add")
             && msg.contains("ld.global")
