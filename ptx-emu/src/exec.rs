@@ -310,6 +310,8 @@ struct Cta<'a> {
     executed: u64,
     /// First read of never-written shared memory, reported at the next barrier.
     uninit: Option<Error>,
+    /// Operand buffer of batched ALU instructions.
+    lanes: Option<Box<ops::Lanes>>,
 }
 
 #[inline(always)]
@@ -374,6 +376,12 @@ impl<'a> Cta<'a> {
             rep: LaunchReport::default(),
             executed: 0,
             uninit: None,
+            lanes: Some(Box::new(ops::Lanes {
+                a: [0; 32],
+                b: [0; 32],
+                c: [0; 32],
+                d: [0; 32],
+            })),
         }
     }
 
@@ -999,11 +1007,31 @@ impl<'a> Cta<'a> {
     ) -> Result<Flow, Error> {
         match &ins.op {
             Op::Alu { f, d, a, b, c } => {
-                let d = *d as usize * 32;
-                for l in lanes(exec) {
-                    let r = f(self.rd(w, *a, l), self.rd(w, *b, l), self.rd(w, *c, l));
-                    w.regs[d + l] = r;
+                let mut x = self.lanes.take().expect("lane buffer");
+                {
+                    let xr = &mut *x;
+                    for (dst, s) in [(&mut xr.a, a), (&mut xr.b, b), (&mut xr.c, c)] {
+                        match *s {
+                            Src::Reg(r) => dst.copy_from_slice(&w.regs[r as usize * 32..][..32]),
+                            Src::Imm(v) => *dst = [v; 32],
+                            Src::Sp(_) => {
+                                for l in lanes(exec) {
+                                    dst[l] = self.rd(w, *s, l);
+                                }
+                            }
+                        }
+                    }
                 }
+                f(&mut x);
+                let d = *d as usize * 32;
+                if exec == u32::MAX {
+                    w.regs[d..d + 32].copy_from_slice(&x.d);
+                } else {
+                    for l in lanes(exec) {
+                        w.regs[d + l] = x.d[l];
+                    }
+                }
+                self.lanes = Some(x);
             }
             Op::Setp {
                 f,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::Error;
-use crate::ops::{self, f32_fn, f64_fn, h_fn, m, s, Cmp, F3};
+use crate::ops::{self, batch, f32_fn, f64_fn, h_fn, m, s, Cmp, F3};
 use crate::parse::{EntryAst, Imm, InstrAst, ModuleAst, OperandAst, Stmt, VarDecl};
 
 /// Register index (a per-thread `u64` slot).
@@ -628,11 +628,11 @@ fn ty_bits(t: &str) -> Option<u32> {
 macro_rules! by_width {
     ($w:expr, $f:ident $(, $extra:tt)*) => {
         match $w {
-            1 => $f::<1 $(, $extra)*> as F3,
-            8 => $f::<8 $(, $extra)*> as F3,
-            16 => $f::<16 $(, $extra)*> as F3,
-            32 => $f::<32 $(, $extra)*> as F3,
-            _ => $f::<64 $(, $extra)*> as F3,
+            1 => batch!($f::<1 $(, $extra)*>),
+            8 => batch!($f::<8 $(, $extra)*>),
+            16 => batch!($f::<16 $(, $extra)*>),
+            32 => batch!($f::<32 $(, $extra)*>),
+            _ => batch!($f::<64 $(, $extra)*>),
         }
     };
 }
@@ -1006,26 +1006,32 @@ impl Dec<'_> {
                 let to = has("to");
                 let sp = self.space(mods);
                 let f: F3 = match (to, sp) {
-                    (_, Space::Global) => i_mov::<64>,
-                    (false, Space::Shared) => {
-                        |a, _, _| crate::memory::SHARED_WINDOW + (a & 0xFFFF_FFFF)
+                    (_, Space::Global) => batch!(i_mov::<64>),
+                    (false, Space::Shared) => batch!(|a: u64, _: u64, _: u64| {
+                        crate::memory::SHARED_WINDOW + (a & 0xFFFF_FFFF)
+                    }),
+                    (true, Space::Shared) => {
+                        batch!(|a: u64, _: u64, _: u64| a.wrapping_sub(crate::memory::SHARED_WINDOW))
                     }
-                    (true, Space::Shared) => |a, _, _| a.wrapping_sub(crate::memory::SHARED_WINDOW),
-                    (false, Space::Local) => {
-                        |a, _, _| crate::memory::LOCAL_WINDOW + (a & 0xFFFF_FFFF)
+                    (false, Space::Local) => batch!(|a: u64, _: u64, _: u64| {
+                        crate::memory::LOCAL_WINDOW + (a & 0xFFFF_FFFF)
+                    }),
+                    (true, Space::Local) => {
+                        batch!(|a: u64, _: u64, _: u64| a.wrapping_sub(crate::memory::LOCAL_WINDOW))
                     }
-                    (true, Space::Local) => |a, _, _| a.wrapping_sub(crate::memory::LOCAL_WINDOW),
                     _ => return self.err("unsupported cvta state space"),
                 };
                 let f = if ty == Some("u32") {
                     match (to, sp) {
                         (true, Space::Shared) => {
-                            (|a, _, _| (a.wrapping_sub(crate::memory::SHARED_WINDOW)) & 0xFFFF_FFFF)
-                                as F3
+                            batch!(|a: u64, _: u64, _: u64| (a
+                                .wrapping_sub(crate::memory::SHARED_WINDOW))
+                                & 0xFFFF_FFFF)
                         }
                         (true, Space::Local) => {
-                            (|a, _, _| (a.wrapping_sub(crate::memory::LOCAL_WINDOW)) & 0xFFFF_FFFF)
-                                as F3
+                            batch!(|a: u64, _: u64, _: u64| (a
+                                .wrapping_sub(crate::memory::LOCAL_WINDOW))
+                                & 0xFFFF_FFFF)
                         }
                         _ => return self.err("32-bit generic addresses are not supported"),
                     }
@@ -1749,21 +1755,21 @@ impl Dec<'_> {
                 let wide = has("wide");
                 let r: (F3, usize) = match base {
                     "add" if satm => (
-                        (|a, b, _| {
+                        batch!(|a: u64, b: u64, _: u64| {
                             m::<32>(
                                 (s::<32>(a) + s::<32>(b)).clamp(i32::MIN as i64, i32::MAX as i64)
                                     as u64,
                             )
-                        }) as F3,
+                        }),
                         2,
                     ),
                     "sub" if satm => (
-                        (|a, b, _| {
+                        batch!(|a: u64, b: u64, _: u64| {
                             m::<32>(
                                 (s::<32>(a) - s::<32>(b)).clamp(i32::MIN as i64, i32::MAX as i64)
                                     as u64,
                             )
-                        }) as F3,
+                        }),
                         2,
                     ),
                     "add" => (by_width!(w, i_add), 2),
@@ -1861,13 +1867,13 @@ impl Dec<'_> {
                         },
                         3,
                     ),
-                    "prmt" if mods.len() == 1 => (ops::prmt as F3, 3),
+                    "prmt" if mods.len() == 1 => (batch!(ops::prmt), 3),
                     "bfe" => (
                         match (w, signed) {
-                            (32, false) => ops::bfe::<32, false> as F3,
-                            (32, true) => ops::bfe::<32, true> as F3,
-                            (64, false) => ops::bfe::<64, false> as F3,
-                            _ => ops::bfe::<64, true> as F3,
+                            (32, false) => batch!(ops::bfe::<32, false>),
+                            (32, true) => batch!(ops::bfe::<32, true>),
+                            (64, false) => batch!(ops::bfe::<64, false>),
+                            _ => batch!(ops::bfe::<64, true>),
                         },
                         3,
                     ),

@@ -5,8 +5,33 @@
 
 use half::{bf16, f16};
 
-/// A three-source ALU function on raw register bits.
-pub(crate) type F3 = fn(u64, u64, u64) -> u64;
+/// Operands and results of one ALU instruction for the 32 lanes of a warp.
+pub(crate) struct Lanes {
+    pub a: [u64; 32],
+    pub b: [u64; 32],
+    pub c: [u64; 32],
+    pub d: [u64; 32],
+}
+
+/// A three-source ALU operation applied to all 32 lanes at once (one indirect call per
+/// warp instruction; the scalar operation is inlined into the lane loop). Inactive lanes
+/// compute garbage that is never written back: every operation is pure and panic-free.
+pub(crate) type F3 = fn(&mut Lanes);
+
+/// Lifts a scalar `fn(u64, u64, u64) -> u64` expression (a path or a non-capturing
+/// closure) to an [`F3`].
+macro_rules! batch {
+    ($f:expr) => {{
+        fn lanes_(x: &mut $crate::ops::Lanes) {
+            let f = $f;
+            for l in 0..32 {
+                x.d[l] = f(x.a[l], x.b[l], x.c[l]);
+            }
+        }
+        lanes_ as $crate::ops::F3
+    }};
+}
+pub(crate) use batch;
 /// A comparison on raw register bits.
 pub(crate) type Cmp = fn(u64, u64) -> bool;
 
@@ -164,10 +189,10 @@ macro_rules! f32_fn {
             $crate::ops::bits32($crate::ops::sat(flush($body)))
         }
         let f: $crate::ops::F3 = match ($ftz, $sat) {
-            (false, false) => f_plain_,
-            (true, false) => f_ftz_,
-            (false, true) => f_sat_,
-            (true, true) => f_ftz_sat_,
+            (false, false) => $crate::ops::batch!(f_plain_),
+            (true, false) => $crate::ops::batch!(f_ftz_),
+            (false, true) => $crate::ops::batch!(f_sat_),
+            (true, true) => $crate::ops::batch!(f_ftz_sat_),
         };
         f
     }};
@@ -183,7 +208,7 @@ macro_rules! f64_fn {
             let r: f64 = $body;
             r.to_bits()
         }
-        f as $crate::ops::F3
+        $crate::ops::batch!(f)
     }};
 }
 pub(crate) use f64_fn;
@@ -206,7 +231,11 @@ macro_rules! h_fn {
             h_one_(a & 0xFFFF, b & 0xFFFF, c & 0xFFFF)
                 | (h_one_(a >> 16 & 0xFFFF, b >> 16 & 0xFFFF, c >> 16 & 0xFFFF) << 16)
         }
-        let f: $crate::ops::F3 = if $packed { h_two_ } else { h_one_ };
+        let f: $crate::ops::F3 = if $packed {
+            $crate::ops::batch!(h_two_)
+        } else {
+            $crate::ops::batch!(h_one_)
+        };
         f
     }};
 }
