@@ -61,14 +61,32 @@ fn main() {
             ..Default::default()
         };
         let grid = (n_q.div_ceil(64) as u32, heads as u32, 1);
+        let cpu0 = cpu_seconds();
         let rep = dev
             .launch_with(k, grid, (128, 1, 1), 0, &params, &opts)
             .unwrap();
+        let cpu = match (cpu0, cpu_seconds()) {
+            (Some(a), Some(b)) => format!(
+                "cpu {:.2} s, {:.1} M thread-instr per cpu-second",
+                b - a,
+                rep.thread_instructions as f64 / (b - a).max(0.01) / 1e6
+            ),
+            _ => "cpu n/a".into(),
+        };
         println!(
-            "heads {heads} n_q {n_q} n_k {n_k} (threads {}), sanitize {sanitize}: {:.3} s, {:.1} M thread-instr/s\n  {rep}",
+            "heads {heads} n_q {n_q} n_k {n_k} (threads {}), sanitize {sanitize}: wall {:.3} s, {:.1} M thread-instr/s; {cpu}\n  {rep}",
             grid.0 * grid.1 * 128,
             rep.wall.as_secs_f64(),
             rep.thread_instructions_per_sec() / 1e6
         );
     }
+}
+
+/// User + system CPU time of this process (Linux `/proc/self/stat`, 100 ticks/s).
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

@@ -1782,6 +1782,14 @@ fn mma_m16n8k16(
     b: &[Src; 2],
     c: &[Src; 4],
 ) {
+    // Operand rows: one value per lane.
+    let row = |s: Src| -> [u64; 32] {
+        match s {
+            Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
+            s => std::array::from_fn(|l| cta.rd(w, s, l)),
+        }
+    };
+    let (ar, br, cr) = (a.map(row), b.map(row), c.map(row));
     // Both conversions are exact: bf16 is the top half of an f32.
     let cv = |x: u64| -> f32 {
         if bf16 {
@@ -1795,23 +1803,23 @@ fn mma_m16n8k16(
     let mut dm = [[0f32; 8]; 16];
     for l in 0..32 {
         let (g, t) = (l / 4, l % 4);
-        for (r, src) in a.iter().enumerate() {
-            let v = cta.rd(w, *src, l);
+        for (r, regs) in ar.iter().enumerate() {
+            let v = regs[l];
             // Register r holds a_{2r} (low half) and a_{2r+1} (high half).
             let row = if r % 2 == 0 { g } else { g + 8 };
             let col = t * 2 + if r >= 2 { 8 } else { 0 };
             am[row][col] = cv(v);
             am[row][col + 1] = cv(v >> 16);
         }
-        for (r, src) in b.iter().enumerate() {
-            let v = cta.rd(w, *src, l);
+        for (r, regs) in br.iter().enumerate() {
+            let v = regs[l];
             let row = t * 2 + if r == 1 { 8 } else { 0 };
             bm[row][g] = cv(v);
             bm[row + 1][g] = cv(v >> 16);
         }
-        for (i, src) in c.iter().enumerate() {
+        for (i, regs) in cr.iter().enumerate() {
             let row = if i < 2 { g } else { g + 8 };
-            dm[row][t * 2 + (i & 1)] = f32_of(cta.rd(w, *src, l));
+            dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
         }
     }
     // D = C + A.B: for each element, products added in order of k, each sum rounded to
