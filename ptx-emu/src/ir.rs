@@ -1608,12 +1608,55 @@ impl Dec<'_> {
             .ok_or(())
             .or_else(|_| self.err(format!("unsupported instruction `{}`", self.ins.opcode)))?;
         let has = |m: &str| mods.contains(&m);
-        for r in ["rz", "rm", "rp"] {
-            if has(r) {
-                return self.err(format!(
-                    "rounding mode .{r} is not supported for arithmetic"
-                ));
+        let dir = if has("rz") {
+            ops::RZ
+        } else if has("rm") {
+            ops::RM
+        } else if has("rp") {
+            ops::RP
+        } else {
+            0
+        };
+        if dir != 0 {
+            if t != "f32" || satm || !matches!(base, "add" | "sub" | "mul" | "fma" | "mad") {
+                return self.err("directed rounding is supported for f32 add/sub/mul/fma only");
             }
+            macro_rules! pick {
+                ($f:ident) => {
+                    match (dir, ftz) {
+                        (ops::RZ, false) => batch!(ops::$f::<{ ops::RZ }, false>),
+                        (ops::RZ, true) => batch!(ops::$f::<{ ops::RZ }, true>),
+                        (ops::RM, false) => batch!(ops::$f::<{ ops::RM }, false>),
+                        (ops::RM, true) => batch!(ops::$f::<{ ops::RM }, true>),
+                        (_, false) => batch!(ops::$f::<{ ops::RP }, false>),
+                        _ => batch!(ops::$f::<{ ops::RP }, true>),
+                    }
+                };
+            }
+            let (f, n) = match base {
+                "add" => (pick!(fadd_dir), 2),
+                "sub" => (pick!(fsub_dir), 2),
+                "mul" => (pick!(fmul_dir), 2),
+                _ => (pick!(ffma_dir), 3),
+            };
+            self.nops(n + 1)?;
+            let src = |i: usize| -> Result<Src, Error> {
+                if i <= n {
+                    self.src(&ops[i], true)
+                } else {
+                    Ok(Src::Imm(0))
+                }
+            };
+            return Ok((
+                Op::Alu {
+                    f,
+                    d: self.dst(&ops[0])?,
+                    a: src(1)?,
+                    b: src(2)?,
+                    c: src(3)?,
+                },
+                Class::Float,
+            ));
         }
         let f32l = t == "f32";
         let (f, class, n): (F3, Class, usize) = match t {

@@ -381,3 +381,94 @@ pub(crate) fn bfe<const W: u32, const SIGNED: bool>(a: u64, b: u64, c: u64) -> u
     }
     m::<W>(r)
 }
+
+/// Error-free sum: `a + b == s + err` exactly (Knuth's TwoSum).
+#[inline(always)]
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let s = a + b;
+    let bb = s - a;
+    (s, (a - (s - bb)) + (b - bb))
+}
+
+#[inline(always)]
+fn next_up(x: f32) -> f32 {
+    if x.is_nan() || x == f32::INFINITY {
+        x
+    } else if x == 0.0 {
+        f32::from_bits(1)
+    } else if x > 0.0 {
+        f32::from_bits(x.to_bits() + 1)
+    } else {
+        f32::from_bits(x.to_bits() - 1)
+    }
+}
+
+#[inline(always)]
+fn next_down(x: f32) -> f32 {
+    -next_up(-x)
+}
+
+/// Directed rounding modes of f32 arithmetic (`.rz`, `.rm`, `.rp`).
+pub(crate) const RZ: u8 = 1;
+pub(crate) const RM: u8 = 2;
+pub(crate) const RP: u8 = 3;
+
+/// Rounds the exact value `s + err` (|err| ≤ half an f64 ulp of `s`) to f32 in mode `M`.
+#[inline(always)]
+fn round_dir<const M: u8>(s: f64, err: f64) -> f32 {
+    let r = s as f32;
+    if s.is_nan() || s.is_infinite() {
+        return r;
+    }
+    let rf = r as f64;
+    // Sign of (exact - r).
+    let above = if rf < s {
+        1
+    } else if rf > s {
+        -1
+    } else if err > 0.0 {
+        1
+    } else if err < 0.0 {
+        -1
+    } else {
+        0
+    };
+    match M {
+        RP if above > 0 => next_up(r),
+        RM if above < 0 => next_down(r),
+        RZ if above < 0 && s > 0.0 => next_down(r),
+        RZ if above > 0 && s < 0.0 => next_up(r),
+        _ => r,
+    }
+}
+
+#[inline(always)]
+fn in32<const FTZ: bool>(x: u64) -> f64 {
+    let v = f32_of(x);
+    (if FTZ { flush(v) } else { v }) as f64
+}
+
+#[inline(always)]
+fn out32<const FTZ: bool>(r: f32) -> u64 {
+    bits32(if FTZ { flush(r) } else { r })
+}
+
+/// `add.{rz,rm,rp}{.ftz}.f32`.
+pub(crate) fn fadd_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a), in32::<FTZ>(b));
+    out32::<FTZ>(round_dir::<M>(s, e))
+}
+/// `sub.{rz,rm,rp}{.ftz}.f32`.
+pub(crate) fn fsub_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a), -in32::<FTZ>(b));
+    out32::<FTZ>(round_dir::<M>(s, e))
+}
+/// `mul.{rz,rm,rp}{.ftz}.f32` (the f64 product of two f32 values is exact).
+pub(crate) fn fmul_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    out32::<FTZ>(round_dir::<M>(in32::<FTZ>(a) * in32::<FTZ>(b), 0.0))
+}
+/// `fma.{rz,rm,rp}{.ftz}.f32`: exact product, error-free sum, one directed rounding.
+pub(crate) fn ffma_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, c: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a) * in32::<FTZ>(b), in32::<FTZ>(c));
+    out32::<FTZ>(round_dir::<M>(s, e))
+}
