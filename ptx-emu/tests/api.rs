@@ -89,7 +89,7 @@ fn unsupported_instructions_are_errors_with_their_line() {
         }
         e => panic!("{e}"),
     }
-    let src = kernel_src("", "\tadd.rz.f32 %f1, %f2, %f3;");
+    let src = kernel_src("", "\tadd.rz.f64 %fd1, %fd2, %fd3;");
     assert!(matches!(
         Module::parse(&src),
         Err(Error::Unsupported { .. })
