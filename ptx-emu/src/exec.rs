@@ -908,7 +908,13 @@ impl<'a> Cta<'a> {
 
     fn run_warp(&mut self, w: &mut Warp) -> Result<(), Error> {
         let k = self.k;
+        // Time slice: a warp that spins on a flag another warp sets must let it run.
+        let mut budget = 1u32 << 16;
         loop {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return Ok(());
+            }
             let mut run = 0u32;
             let mut minpc = u32::MAX;
             for l in lanes(w.exists) {

@@ -1233,7 +1233,12 @@ impl Dec<'_> {
                 if has("bulk") || has("mbarrier") {
                     return self.err("cp.async.bulk / mbarrier forms are not supported");
                 }
-                if ops.len() < 3 || ops.len() > 4 {
+                // `.L2::cache_hint` adds a trailing cache-policy operand (a hint: ignored).
+                let nops = ops.len() - usize::from(has("L2::cache_hint"));
+                if has("ignore-src") || mods.iter().any(|m| m.starts_with("ignore")) {
+                    return self.err("cp.async with an ignore-src predicate is not supported");
+                }
+                if !(3..=4).contains(&nops) {
                     return self.err("cp.async needs dst, src, cp-size[, src-size]");
                 }
                 let size = match &ops[2] {
@@ -1243,7 +1248,7 @@ impl Dec<'_> {
                 if has("cg") && size != 16 {
                     return self.err("cp.async.cg requires cp-size 16");
                 }
-                let src_size = if ops.len() == 4 {
+                let src_size = if nops == 4 {
                     Some(self.src(&ops[3], false)?)
                 } else {
                     None
