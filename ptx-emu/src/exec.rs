@@ -20,6 +20,7 @@ use crate::ir::{
 use crate::memory::{load_atomic, store_atomic, DevPtr, Device, LOCAL_WINDOW, SHARED_WINDOW};
 use crate::ops::{self, bf, f32_of, flush, hf};
 use crate::report::LaunchReport;
+use crate::sanitizer::{Shadow, Violation};
 
 /// A kernel argument. Its size must match the kernel's `.param` declaration
 /// (pointers and 64-bit integers: 8 bytes; 32-bit scalars: 4; [`Param::Bytes`]: any).
@@ -285,18 +286,6 @@ struct Warp {
     asyncq: Vec<LaneAsync>,
 }
 
-/// Shadow state of shared memory for the sanitizer (one entry per byte).
-#[derive(Default)]
-struct Shadow {
-    /// Barrier epoch of the last write + 1 (0: never written).
-    w_epoch: Vec<u32>,
-    w_warp: Vec<u8>,
-    r_epoch: Vec<u32>,
-    r_mask: Vec<u32>,
-    /// In-flight `cp.async` copies targeting the byte.
-    pending: Vec<u8>,
-}
-
 struct Cta<'a> {
     c: &'a Config<'a>,
     k: &'a Kernel,
@@ -358,13 +347,7 @@ impl<'a> Cta<'a> {
                 }
             })
             .collect();
-        let sh = c.opts.sanitize.then(|| Shadow {
-            w_epoch: vec![0; c.shared_total],
-            w_warp: vec![0; c.shared_total],
-            r_epoch: vec![0; c.shared_total],
-            r_mask: vec![0; c.shared_total],
-            pending: vec![0; c.shared_total],
-        });
+        let sh = c.opts.sanitize.then(|| Shadow::new(c.shared_total));
         Cta {
             c,
             k,
@@ -406,10 +389,7 @@ impl<'a> Cta<'a> {
         }
         self.shared.fill(0);
         if let Some(s) = &mut self.sh {
-            s.w_epoch.fill(0);
-            s.r_epoch.fill(0);
-            s.r_mask.fill(0);
-            s.pending.fill(0);
+            s.reset();
         }
         self.epoch = 1;
     }
@@ -533,6 +513,10 @@ impl<'a> Cta<'a> {
         Ok(off as usize)
     }
 
+    fn violation(&self, v: Violation, pc: usize, w: u32, lane: usize) -> Error {
+        self.fault(v.fault, pc, w, lane, Some(v.byte as u64), v.detail)
+    }
+
     fn san_read(
         &mut self,
         off: usize,
@@ -543,53 +527,27 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         let epoch = self.epoch;
         let Some(s) = &mut self.sh else { return Ok(()) };
-        for i in off..off + len {
-            if s.pending[i] != 0 {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
+        match s.read(off, len, w, epoch) {
+            Err(v) => Err(self.violation(v, pc, w, lane)),
+            // Reported at the next barrier or at the end of the CTA, unless another warp
+            // writes the byte before that: then it is the race that explains it.
+            Ok(Some(byte)) if self.uninit.is_none() => {
+                let e = self.fault(
+                    Fault::UninitializedSharedRead,
                     pc,
                     w,
                     lane,
-                    Some(i as u64),
-                    "read of a shared byte whose cp.async has not been completed by cp.async.wait_group/wait_all".into(),
-                ));
+                    Some(byte as u64),
+                    "read of shared memory that was never written".into(),
+                );
+                self.uninit = Some(e);
+                Ok(())
             }
-            if s.w_epoch[i] == 0 {
-                // Reported at the next barrier or at the end of the CTA, unless another
-                // warp writes the byte before that: then it is the race that explains it.
-                if self.uninit.is_none() {
-                    let e = self.fault(
-                        Fault::UninitializedSharedRead,
-                        pc,
-                        w,
-                        lane,
-                        Some(i as u64),
-                        "read of shared memory that was never written".into(),
-                    );
-                    self.uninit = Some(e);
-                    return self.san_read(off, len, pc, w, lane);
-                }
-            }
-            if s.w_epoch[i] == epoch && s.w_warp[i] as u32 != w {
-                let other = s.w_warp[i];
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("read-after-write race: warp {other} wrote this byte with no barrier in between"),
-                ));
-            }
-            if s.r_epoch[i] != epoch {
-                s.r_epoch[i] = epoch;
-                s.r_mask[i] = 0;
-            }
-            s.r_mask[i] |= 1 << w;
+            Ok(_) => Ok(()),
         }
-        Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn san_write(
         &mut self,
         off: usize,
@@ -601,43 +559,8 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         let epoch = self.epoch;
         let Some(s) = &mut self.sh else { return Ok(()) };
-        for i in off..off + len {
-            if !async_done && s.pending[i] != 0 {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    "write to a shared byte whose cp.async has not completed".into(),
-                ));
-            }
-            if s.w_epoch[i] == epoch && s.w_warp[i] as u32 != w {
-                let other = s.w_warp[i];
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("write-after-write race: warp {other} wrote this byte with no barrier in between"),
-                ));
-            }
-            if s.r_epoch[i] == epoch && s.r_mask[i] & !(1u32 << w) != 0 {
-                let other = (s.r_mask[i] & !(1u32 << w)).trailing_zeros();
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("write-after-read race: warp {other} read this byte with no barrier in between"),
-                ));
-            }
-            s.w_epoch[i] = epoch;
-            s.w_warp[i] = w as u8;
-        }
-        Ok(())
+        s.write(off, len, w, epoch, async_done)
+            .map_err(|v| self.violation(v, pc, w, lane))
     }
 
     // ---- memory ---------------------------------------------------------------------
@@ -1356,18 +1279,8 @@ impl<'a> Cta<'a> {
             self.rep.global_bytes_read += n as u64;
         }
         if let Some(s) = &mut self.sh {
-            if let Some(i) = (doff..doff + size).find(|i| s.pending[*i] != 0) {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
-                    pc,
-                    w.id,
-                    l,
-                    Some(i as u64),
-                    "cp.async to a shared byte that another in-flight cp.async also targets".into(),
-                ));
-            }
-            for i in doff..doff + size {
-                s.pending[i] = 1;
+            if let Err(v) = s.start_async(doff, size) {
+                return Err(self.violation(v, pc, w.id, l));
             }
         }
         w.asyncq[l].uncommitted.push(Pending {
@@ -1384,9 +1297,7 @@ impl<'a> Cta<'a> {
             for p in g {
                 let (off, len) = (p.dst as usize, p.len as usize);
                 if let Some(s) = &mut self.sh {
-                    for i in off..off + len {
-                        s.pending[i] = 0;
-                    }
+                    s.finish_async(off, len);
                 }
                 self.san_write(off, len, pc, w.id, l, true)?;
                 self.shared[off..off + len].copy_from_slice(&p.data[..len]);
@@ -1446,27 +1357,10 @@ impl<'a> Cta<'a> {
             }
             Loc::Shared(o) => {
                 let off = self.shared_check(o, size, pc, w.id, l)?;
+                let e = self.epoch;
                 if let Some(s) = &mut self.sh {
-                    let e = self.epoch;
-                    for i in off..off + size {
-                        if s.pending[i] != 0 || s.w_epoch[i] == 0 {
-                            let f = if s.pending[i] != 0 {
-                                Fault::AsyncCopyPending
-                            } else {
-                                Fault::UninitializedSharedRead
-                            };
-                            return Err(self.fault(
-                                f,
-                                pc,
-                                w.id,
-                                l,
-                                Some(i as u64),
-                                "atomic on shared memory that is in flight or was never written"
-                                    .into(),
-                            ));
-                        }
-                        s.w_epoch[i] = e;
-                        s.w_warp[i] = w.id as u8;
+                    if let Err(v) = s.atomic(off, size, w.id, e) {
+                        return Err(self.violation(v, pc, w.id, l));
                     }
                 }
                 let mut old = 0u64;

@@ -25,7 +25,8 @@
 //!
 //! Modules: `parse` (text to syntax tree), `ir` (decoding into
 //! executable instructions), `ops` (scalar semantics), [`memory`] (the device arena),
-//! `exec` (scheduler, instruction semantics and sanitizer), [`report`] (counters).
+//! `exec` (scheduler and instruction semantics), `sanitizer` (shadow state of shared
+//! memory), [`report`] (counters).
 
 #![warn(missing_docs)]
 
@@ -36,6 +37,7 @@ pub mod memory;
 mod ops;
 pub(crate) mod parse;
 pub mod report;
+mod sanitizer;
 
 pub use error::{Error, ExecError, Fault};
 pub use exec::{LaunchOptions, Param, MAX_SHARED_BYTES};
