@@ -14,13 +14,13 @@ use std::time::Instant;
 
 use crate::error::{Error, ExecError, Fault};
 use crate::ir::{
-    AtomOp, AtomTy, BoolOp, CvtSpec, Instr, Kernel, NumTy, Op, Rnd, ShflMode, Space, Special, Src,
-    VoteMode,
+    AtomOp, AtomTy, BoolOp, Instr, Kernel, Op, ShflMode, Space, Special, Src, VoteMode,
 };
 use crate::memory::{load_atomic, store_atomic, DevPtr, Device, LOCAL_WINDOW, SHARED_WINDOW};
-use crate::ops::{self, bf, f32_of, flush, hf};
+use crate::ops::{self, atom_op, cvt, ops_mask};
 use crate::report::LaunchReport;
 use crate::sanitizer::{Shadow, Violation};
+use crate::tensor;
 
 /// A kernel argument. Its size must match the kernel's `.param` declaration
 /// (pointers and 64-bit integers: 8 bytes; 32-bit scalars: 4; [`Param::Bytes`]: any).
@@ -1209,7 +1209,7 @@ impl<'a> Cta<'a> {
 
     /// Records the wavefronts of one warp-wide shared access.
     fn banks(&mut self, accs: &[(usize, u64)], bytes: usize) {
-        let (wf, ideal) = wavefronts(accs, bytes);
+        let (wf, ideal) = crate::report::wavefronts(accs, bytes);
         self.rep.shared_wavefronts += wf;
         self.rep.bank_conflicts += wf - ideal;
     }
@@ -1560,7 +1560,16 @@ impl<'a> Cta<'a> {
             }
             Op::Mma { bf16, d, a, b, c } => {
                 self.rep.mma += 1;
-                mma_m16n8k16(self, w, *bf16, d, a, b, c);
+                let row = |s: Src| -> [u64; 32] {
+                    match s {
+                        Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
+                        s => std::array::from_fn(|l| self.rd(w, s, l)),
+                    }
+                };
+                let out = tensor::mma_m16n8k16(*bf16, &a.map(row), &b.map(row), &c.map(row));
+                for (r, vals) in d.iter().zip(out.iter()) {
+                    w.regs[*r as usize * 32..][..32].copy_from_slice(vals);
+                }
             }
             Op::Ldmatrix {
                 num,
@@ -1577,13 +1586,9 @@ impl<'a> Cta<'a> {
         Ok(())
     }
 
-    /// `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16` per the PTX ISA
-    /// ("Warp-level matrix load instruction: ldmatrix"): for matrix `i`, threads
-    /// `8i..8i+7` supply the addresses of its rows 0..7 (16 contiguous bytes = 8 b16
-    /// elements each). Without `.trans`, lane `l` receives in register `d[i]` row `l/4`,
-    /// elements `2*(l%4)` (low half) and `2*(l%4)+1` (high half); with `.trans` it
-    /// receives elements `[2*(l%4)][l/4]` and `[2*(l%4)+1][l/4]` (row, col), i.e. the
-    /// transposed matrix in the same fragment layout.
+    /// `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16`: for matrix `i`, threads
+    /// `8i..8i+7` supply the addresses of its rows 0..7 (16 contiguous, 16-byte aligned
+    /// bytes = 8 b16 elements each); see [`tensor::ldmatrix_fragments`] for the result.
     #[allow(clippy::too_many_arguments)]
     fn ldmatrix(
         &mut self,
@@ -1634,385 +1639,10 @@ impl<'a> Cta<'a> {
             self.rep.shared_bytes_read += 128;
             self.banks(&accs, 16);
         }
-        for l in 0..32 {
-            let (g, t) = (l / 4, l % 4);
-            for (i, d) in ds.iter().enumerate().take(num) {
-                let (lo, hi) = if trans {
-                    (m[i][2 * t][g], m[i][2 * t + 1][g])
-                } else {
-                    (m[i][g][2 * t], m[i][g][2 * t + 1])
-                };
-                w.regs[*d as usize * 32 + l] = lo as u64 | (hi as u64) << 16;
-            }
+        let frags = tensor::ldmatrix_fragments(&m, num, trans);
+        for (d, vals) in ds.iter().zip(frags.iter()).take(num) {
+            w.regs[*d as usize * 32..][..32].copy_from_slice(vals);
         }
         Ok(())
-    }
-}
-
-#[inline(always)]
-fn ops_mask(bits: u32) -> u64 {
-    if bits >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    }
-}
-
-/// Warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`, with the
-/// fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating
-/// point type"), groupID = lane/4, threadID_in_group = lane%4:
-/// - A (16x16, 4 x .b32 = a0..a7, a_{2r} in the low half of register r):
-///   row = groupID for a0,a1,a4,a5 and groupID+8 for a2,a3,a6,a7;
-///   col = threadID_in_group*2 + (i&1) for a0..a3, +8 for a4..a7.
-/// - B (16x8, 2 x .b32 = b0..b3): row (k) = threadID_in_group*2 + (i&1) for b0,b1, +8 for
-///   b2,b3; col (n) = groupID.
-/// - C/D (16x8 f32, c0..c3): row = groupID for c0,c1 and groupID+8 for c2,c3;
-///   col = threadID_in_group*2 + (i&1).
-///
-/// Arithmetic: every product of two f16/bf16 values is exact in f32; the products are
-/// added to C in f32 with round-to-nearest, sequentially in order of k (the GPU's
-/// internal accumulation order and precision are unspecified, so results can differ
-/// from hardware in the last bits).
-fn mma_m16n8k16(
-    cta: &Cta,
-    w: &mut Warp,
-    bf16: bool,
-    d: &[crate::ir::Reg; 4],
-    a: &[Src; 4],
-    b: &[Src; 2],
-    c: &[Src; 4],
-) {
-    // Operand rows: one value per lane.
-    let row = |s: Src| -> [u64; 32] {
-        match s {
-            Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
-            s => std::array::from_fn(|l| cta.rd(w, s, l)),
-        }
-    };
-    let (ar, br, cr) = (a.map(row), b.map(row), c.map(row));
-    // Both conversions are exact: bf16 is the top half of an f32.
-    let cv = |x: u64| -> f32 {
-        if bf16 {
-            f32::from_bits(((x & 0xFFFF) as u32) << 16)
-        } else {
-            half::f16::from_bits(x as u16).to_f32()
-        }
-    };
-    let mut am = [[0f32; 16]; 16];
-    let mut bm = [[0f32; 8]; 16];
-    let mut dm = [[0f32; 8]; 16];
-    for l in 0..32 {
-        let (g, t) = (l / 4, l % 4);
-        for (r, regs) in ar.iter().enumerate() {
-            let v = regs[l];
-            // Register r holds a_{2r} (low half) and a_{2r+1} (high half).
-            let row = if r % 2 == 0 { g } else { g + 8 };
-            let col = t * 2 + if r >= 2 { 8 } else { 0 };
-            am[row][col] = cv(v);
-            am[row][col + 1] = cv(v >> 16);
-        }
-        for (r, regs) in br.iter().enumerate() {
-            let v = regs[l];
-            let row = t * 2 + if r == 1 { 8 } else { 0 };
-            bm[row][g] = cv(v);
-            bm[row + 1][g] = cv(v >> 16);
-        }
-        for (i, regs) in cr.iter().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
-        }
-    }
-    // D = C + A.B: for each element, products added in order of k, each sum rounded to
-    // f32 (mul and add are separate: no fused rounding). The j loop vectorizes.
-    for i in 0..16 {
-        let acc = &mut dm[i];
-        for k in 0..16 {
-            let x = am[i][k];
-            let brow = &bm[k];
-            for j in 0..8 {
-                acc[j] += x * brow[j];
-            }
-        }
-    }
-    for l in 0..32 {
-        let (g, t) = (l / 4, l % 4);
-        for (i, r) in d.iter().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            w.regs[*r as usize * 32 + l] = dm[row][t * 2 + (i & 1)].to_bits() as u64;
-        }
-    }
-}
-
-/// Wavefronts of a warp-wide shared access of `bytes` per lane: accesses of up to 4 bytes
-/// are served per warp, 8-byte ones per half-warp and 16-byte ones per quarter-warp;
-/// within a phase each of the 32 four-byte banks serves one distinct word per wavefront
-/// (lanes reading the same word are broadcast). Returns (wavefronts, conflict-free minimum).
-pub(crate) fn wavefronts(accs: &[(usize, u64)], bytes: usize) -> (u64, u64) {
-    let per_phase = match bytes {
-        16 => 8,
-        8 => 16,
-        _ => 32,
-    };
-    let (mut wf, mut ideal) = (0u64, 0u64);
-    for ph in 0..32 / per_phase {
-        let mut words: [[u64; 8]; 32] = [[0; 8]; 32];
-        let mut cnt = [0u8; 32];
-        let mut any = false;
-        for &(l, off) in accs {
-            if l / per_phase != ph {
-                continue;
-            }
-            any = true;
-            let first = off / 4;
-            let last = (off + bytes.max(1) as u64 - 1) / 4;
-            for word in first..=last {
-                let bank = (word % 32) as usize;
-                let n = cnt[bank] as usize;
-                if !words[bank][..n.min(8)].contains(&word) {
-                    if n < 8 {
-                        words[bank][n] = word;
-                    }
-                    cnt[bank] = cnt[bank].saturating_add(1);
-                }
-            }
-        }
-        if any {
-            ideal += 1;
-            wf += *cnt.iter().max().unwrap() as u64;
-        }
-    }
-    (wf, ideal)
-}
-
-fn atom_op(op: AtomOp, ty: AtomTy, old: u64, a: u64, b: u64) -> u64 {
-    match ty {
-        AtomTy::F32 => {
-            let (o, x) = (f32_of(old), f32_of(a));
-            (match op {
-                AtomOp::Add => o + x,
-                AtomOp::Min => ops::fmin(o, x),
-                AtomOp::Max => ops::fmax(o, x),
-                AtomOp::Exch => x,
-                AtomOp::Cas => {
-                    if old as u32 == a as u32 {
-                        f32_of(b)
-                    } else {
-                        o
-                    }
-                }
-                _ => o,
-            })
-            .to_bits() as u64
-        }
-        AtomTy::F64 => {
-            let (o, x) = (f64::from_bits(old), f64::from_bits(a));
-            (match op {
-                AtomOp::Add => o + x,
-                AtomOp::Exch => x,
-                AtomOp::Min => o.min(x),
-                AtomOp::Max => o.max(x),
-                AtomOp::Cas => {
-                    if old == a {
-                        f64::from_bits(b)
-                    } else {
-                        o
-                    }
-                }
-                _ => o,
-            })
-            .to_bits()
-        }
-        _ => {
-            let w64 = matches!(ty, AtomTy::U64 | AtomTy::S64);
-            let m = if w64 { u64::MAX } else { 0xFFFF_FFFF };
-            let signed = matches!(ty, AtomTy::S32 | AtomTy::S64);
-            let sx = |v: u64| {
-                if w64 {
-                    v as i64
-                } else {
-                    v as u32 as i32 as i64
-                }
-            };
-            let (o, x) = (old & m, a & m);
-            (match op {
-                AtomOp::Add => o.wrapping_add(x),
-                AtomOp::Min => {
-                    if signed {
-                        sx(o).min(sx(x)) as u64
-                    } else {
-                        o.min(x)
-                    }
-                }
-                AtomOp::Max => {
-                    if signed {
-                        sx(o).max(sx(x)) as u64
-                    } else {
-                        o.max(x)
-                    }
-                }
-                AtomOp::Exch => x,
-                AtomOp::Cas => {
-                    if o == x {
-                        b
-                    } else {
-                        o
-                    }
-                }
-                AtomOp::And => o & x,
-                AtomOp::Or => o | x,
-                AtomOp::Xor => o ^ x,
-                AtomOp::Inc => {
-                    if o >= x {
-                        0
-                    } else {
-                        o + 1
-                    }
-                }
-                AtomOp::Dec => {
-                    if o == 0 || o > x {
-                        x
-                    } else {
-                        o - 1
-                    }
-                }
-            }) & m
-        }
-    }
-}
-
-fn round(x: f64, r: Rnd) -> f64 {
-    match r {
-        Rnd::Near => x.round_ties_even(),
-        Rnd::Zero => x.trunc(),
-        Rnd::Down => x.floor(),
-        Rnd::Up => x.ceil(),
-    }
-}
-
-/// `cvt` of one value.
-pub(crate) fn cvt(s: &CvtSpec, a: u64) -> u64 {
-    let int_to = |v: i128| -> u64 {
-        match s.dst {
-            NumTy::U(w) => {
-                let max = if w == 64 {
-                    u64::MAX as i128
-                } else {
-                    (1i128 << w) - 1
-                };
-                if s.sat {
-                    v.clamp(0, max) as u64
-                } else {
-                    (v as u64) & ops_mask(w)
-                }
-            }
-            NumTy::S(w) => {
-                let (lo, hi) = (-(1i128 << (w - 1)), (1i128 << (w - 1)) - 1);
-                if s.sat {
-                    (v.clamp(lo, hi) as u64) & ops_mask(w)
-                } else {
-                    (v as u64) & ops_mask(w)
-                }
-            }
-            NumTy::F16 => hf::from(v as f64),
-            NumTy::Bf16 => bf::from(v as f64),
-            NumTy::F32 => (v as f32).to_bits() as u64,
-            NumTy::F64 => (v as f64).to_bits(),
-        }
-    };
-    let float_to = |x: f64, from_f32: Option<f32>| -> u64 {
-        match s.dst {
-            NumTy::U(_) | NumTy::S(_) => {
-                // Float to integer: round per mode, NaN -> 0, saturate to the range.
-                if x.is_nan() {
-                    return 0;
-                }
-                let r = round(x, s.rnd);
-                let (lo, hi) = match s.dst {
-                    NumTy::U(w) => (
-                        0f64,
-                        if w == 64 {
-                            u64::MAX as f64
-                        } else {
-                            ((1u128 << w) - 1) as f64
-                        },
-                    ),
-                    NumTy::S(w) => (-(2f64.powi(w as i32 - 1)), 2f64.powi(w as i32 - 1) - 1.0),
-                    _ => unreachable!(),
-                };
-                let v = if r <= lo {
-                    lo as i128
-                } else if r >= hi {
-                    hi as i128
-                } else {
-                    r as i128
-                };
-                let w = match s.dst {
-                    NumTy::U(w) | NumTy::S(w) => w,
-                    _ => 64,
-                };
-                (v as u64) & ops_mask(w)
-            }
-            NumTy::F16 | NumTy::Bf16 => {
-                let mut y = if s.int_round { round(x, s.rnd) } else { x };
-                if s.sat {
-                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
-                }
-                let bf16 = s.dst == NumTy::Bf16;
-                match from_f32 {
-                    Some(f) if !s.int_round && !s.sat => {
-                        if bf16 {
-                            ops::f32_to_bf16(f) as u64
-                        } else {
-                            ops::f32_to_f16(f) as u64
-                        }
-                    }
-                    _ => {
-                        if bf16 {
-                            bf::from(y)
-                        } else {
-                            hf::from(y)
-                        }
-                    }
-                }
-            }
-            NumTy::F32 => {
-                let mut y = if s.int_round {
-                    round(x, s.rnd) as f32
-                } else {
-                    x as f32
-                };
-                if s.ftz {
-                    y = flush(y);
-                }
-                if s.sat {
-                    y = ops::sat(y);
-                }
-                y.to_bits() as u64
-            }
-            NumTy::F64 => {
-                let mut y = if s.int_round { round(x, s.rnd) } else { x };
-                if s.sat {
-                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
-                }
-                y.to_bits()
-            }
-        }
-    };
-    match s.src {
-        NumTy::U(w) => int_to((a & ops_mask(w)) as i128),
-        NumTy::S(w) => {
-            let sh = 64 - w;
-            int_to((((a << sh) as i64) >> sh) as i128)
-        }
-        NumTy::F16 => float_to(hf::to(a & 0xFFFF), None),
-        NumTy::Bf16 => float_to(bf::to(a & 0xFFFF), None),
-        NumTy::F32 => {
-            let mut x = f32_of(a);
-            if s.ftz {
-                x = flush(x);
-            }
-            float_to(x as f64, Some(x))
-        }
-        NumTy::F64 => float_to(f64::from_bits(a), None),
     }
 }

@@ -38,6 +38,7 @@ mod ops;
 pub(crate) mod parse;
 pub mod report;
 mod sanitizer;
+mod tensor;
 
 pub use error::{Error, ExecError, Fault};
 pub use exec::{LaunchOptions, Param, MAX_SHARED_BYTES};

@@ -105,3 +105,44 @@ impl std::fmt::Display for LaunchReport {
         )
     }
 }
+
+/// Wavefronts of a warp-wide shared access of `bytes` per lane: accesses of up to 4 bytes
+/// are served per warp, 8-byte ones per half-warp and 16-byte ones per quarter-warp;
+/// within a phase each of the 32 four-byte banks serves one distinct word per wavefront
+/// (lanes reading the same word are broadcast). Returns (wavefronts, conflict-free minimum).
+pub(crate) fn wavefronts(accs: &[(usize, u64)], bytes: usize) -> (u64, u64) {
+    let per_phase = match bytes {
+        16 => 8,
+        8 => 16,
+        _ => 32,
+    };
+    let (mut wf, mut ideal) = (0u64, 0u64);
+    for ph in 0..32 / per_phase {
+        let mut words: [[u64; 8]; 32] = [[0; 8]; 32];
+        let mut cnt = [0u8; 32];
+        let mut any = false;
+        for &(l, off) in accs {
+            if l / per_phase != ph {
+                continue;
+            }
+            any = true;
+            let first = off / 4;
+            let last = (off + bytes.max(1) as u64 - 1) / 4;
+            for word in first..=last {
+                let bank = (word % 32) as usize;
+                let n = cnt[bank] as usize;
+                if !words[bank][..n.min(8)].contains(&word) {
+                    if n < 8 {
+                        words[bank][n] = word;
+                    }
+                    cnt[bank] = cnt[bank].saturating_add(1);
+                }
+            }
+        }
+        if any {
+            ideal += 1;
+            wf += *cnt.iter().max().unwrap() as u64;
+        }
+    }
+    (wf, ideal)
+}
