@@ -1183,26 +1183,18 @@ impl<'a> Cta<'a> {
                     self.atom(w, pc, l, *space, *op, *ty, *d, *addr, *a, *b)?;
                 }
             }
-            Op::Shfl { .. }
-            | Op::Vote { .. }
-            | Op::Mma { .. }
-            | Op::Ldmatrix { .. }
-            | Op::WarpSync { .. }
-            | Op::Activemask { .. } => {
-                if let Op::Activemask { d } = &ins.op {
-                    let active = w.exists
-                        & !(0..32).fold(
-                            0u32,
-                            |m, l| if w.st[l] == St::Exit { m | 1 << l } else { m },
-                        );
-                    let _ = active;
-                    for l in lanes(exec) {
-                        w.regs[*d as usize * 32 + l] = mask as u64;
-                    }
-                } else {
-                    unreachable!("collectives are dispatched separately")
+            Op::Activemask { d } => {
+                // The lanes executing this instruction together.
+                for l in lanes(exec) {
+                    w.regs[*d as usize * 32 + l] = mask as u64;
                 }
             }
+            Op::Shfl { .. }
+            | Op::Vote { .. }
+            | Op::Redux { .. }
+            | Op::Mma { .. }
+            | Op::Ldmatrix { .. }
+            | Op::WarpSync { .. } => unreachable!("collectives are dispatched separately"),
         }
         Ok(Flow::Next)
     }
@@ -1411,9 +1403,10 @@ impl<'a> Cta<'a> {
         let full = matches!(ins.op, Op::Mma { .. } | Op::Ldmatrix { .. });
         let member_of = |cta: &Self, w: &Warp, l: usize| -> u32 {
             match &ins.op {
-                Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::WarpSync { mask } => {
-                    cta.rd(w, *mask, l) as u32
-                }
+                Op::Shfl { mask, .. }
+                | Op::Vote { mask, .. }
+                | Op::Redux { mask, .. }
+                | Op::WarpSync { mask } => cta.rd(w, *mask, l) as u32,
                 _ => u32::MAX,
             }
         };
@@ -1556,6 +1549,24 @@ impl<'a> Cta<'a> {
                 };
                 for l in lanes(group) {
                     w.regs[*d as usize * 32 + l] = r;
+                }
+            }
+            Op::Redux {
+                op, signed, d, a, ..
+            } => {
+                let vals: Vec<u32> = lanes(group).map(|l| self.rd(w, *a, l) as u32).collect();
+                let r = vals.iter().skip(1).fold(vals[0], |x, &y| match op {
+                    AtomOp::Add => x.wrapping_add(y),
+                    AtomOp::Min if *signed => (x as i32).min(y as i32) as u32,
+                    AtomOp::Max if *signed => (x as i32).max(y as i32) as u32,
+                    AtomOp::Min => x.min(y),
+                    AtomOp::Max => x.max(y),
+                    AtomOp::And => x & y,
+                    AtomOp::Or => x | y,
+                    _ => x ^ y,
+                });
+                for l in lanes(group) {
+                    w.regs[*d as usize * 32 + l] = r as u64;
                 }
             }
             Op::Mma { bf16, d, a, b, c } => {

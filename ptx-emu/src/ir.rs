@@ -250,6 +250,13 @@ pub(crate) enum Op {
     Activemask {
         d: Reg,
     },
+    Redux {
+        op: AtomOp,
+        signed: bool,
+        d: Reg,
+        a: Src,
+        mask: Src,
+    },
     Mma {
         bf16: bool,
         d: [Reg; 4],
@@ -307,6 +314,7 @@ impl Instr {
             self.op,
             Op::Shfl { .. }
                 | Op::Vote { .. }
+                | Op::Redux { .. }
                 | Op::Mma { .. }
                 | Op::Ldmatrix { .. }
                 | Op::WarpSync { .. }
@@ -1162,6 +1170,38 @@ impl Dec<'_> {
                         d: self.dst(&ops[0])?,
                         a,
                         neg,
+                        mask: self.src(&ops[2], false)?,
+                    },
+                    Class::Warp,
+                ))
+            }
+            "redux" => {
+                if !has("sync") {
+                    return self.err("only redux.sync is supported");
+                }
+                self.nops(3)?;
+                let op = [
+                    ("add", AtomOp::Add),
+                    ("min", AtomOp::Min),
+                    ("max", AtomOp::Max),
+                    ("and", AtomOp::And),
+                    ("or", AtomOp::Or),
+                    ("xor", AtomOp::Xor),
+                ]
+                .iter()
+                .find(|(n, _)| has(n))
+                .map(|x| x.1)
+                .ok_or(())
+                .or_else(|_| self.err("unknown redux operation"))?;
+                if !matches!(ty, Some("u32") | Some("s32") | Some("b32")) {
+                    return self.err("redux.sync supports .u32/.s32/.b32 only");
+                }
+                Ok((
+                    Op::Redux {
+                        op,
+                        signed: ty == Some("s32"),
+                        d: self.dst(&ops[0])?,
+                        a: self.src(&ops[1], false)?,
                         mask: self.src(&ops[2], false)?,
                     },
                     Class::Warp,

@@ -306,3 +306,27 @@ fn a_warp_spinning_on_another_warps_flag_makes_progress() {
     .unwrap();
     assert_eq!(&dev.read_u32(pout, 64).unwrap()[..32], &[7; 32]);
 }
+
+#[test]
+fn redux_sync() {
+    let body = "
+        sub.s32 %r1, %r0, 10;              // -10 .. 21
+        redux.sync.add.s32 %r2, %r1, -1;
+        redux.sync.min.s32 %r3, %r1, -1;
+        redux.sync.max.u32 %r4, %r1, -1;   // unsigned: -1 is the largest
+        redux.sync.or.b32 %r5, %r0, 0xffffffff;
+        redux.sync.xor.b32 %r6, %r0, -1;
+        mul.wide.u32 %rd10, %r0, 32; add.s64 %rd11, %rd2, %rd10;
+        st.global.v4.u32 [%rd11], {%r2, %r3, %r4, %r5};
+        st.global.u32 [%rd11+16], %r6;";
+    let o = run_words("", body, 32, &[], 32 * 8).unwrap().0;
+    let vals: Vec<i32> = (0..32).map(|l| l - 10).collect();
+    for l in 0..32 {
+        let g = &o[l * 8..][..5];
+        assert_eq!(g[0] as i32, vals.iter().sum::<i32>());
+        assert_eq!(g[1] as i32, -10);
+        assert_eq!(g[2], u32::MAX);
+        assert_eq!(g[3], 31);
+        assert_eq!(g[4], (0..32u32).fold(0, |a, b| a ^ b));
+    }
+}
