@@ -39,6 +39,7 @@ pub(crate) mod parse;
 pub mod report;
 mod sanitizer;
 mod tensor;
+pub mod toolchain;
 
 pub use error::{Error, ExecError, Fault};
 pub use exec::{LaunchOptions, Param, MAX_SHARED_BYTES};

@@ -2,28 +2,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// nvcc from PATH, else `$CUDA_HOME/bin`, else the cache of `scripts/cuda-toolchain.sh`.
+/// nvcc (see [`ptx_emu::toolchain::find_nvcc`]).
 pub fn nvcc() -> Option<PathBuf> {
-    let works = |p: &Path| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    let mut cands = vec![PathBuf::from("nvcc")];
-    if let Ok(h) = std::env::var("CUDA_HOME") {
-        cands.push(Path::new(&h).join("bin/nvcc"));
-    }
-    if let Ok(d) = std::env::var("KSA_CUDA_DIR") {
-        cands.push(Path::new(&d).join("nvidia/cu13/bin/nvcc"));
-    }
-    if let Ok(h) = std::env::var("HOME") {
-        cands.push(Path::new(&h).join(".cache/ksa-cuda/nvidia/cu13/bin/nvcc"));
-    }
-    cands.into_iter().find(|p| works(p))
+    ptx_emu::toolchain::find_nvcc()
 }
 
 /// Compiles `tests/kernels/<name>.cu` with `nvcc --ptx -O3 -arch=compute_80` and returns
@@ -48,19 +30,10 @@ fn compile_uncached(name: &str) -> Option<String> {
         .join("tests/kernels")
         .join(format!("{name}.cu"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.ptx"));
-    let o = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-arch=compute_80", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("running nvcc");
-    assert!(
-        o.status.success(),
-        "nvcc failed on {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Some(std::fs::read_to_string(&out).unwrap())
+    match ptx_emu::toolchain::compile_ptx(&nvcc, &src, &out, "compute_80", &[]) {
+        Ok(ptx) => Some(ptx),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// A deterministic pseudo-random generator (xorshift) for test data.
