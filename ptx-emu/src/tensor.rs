@@ -3,6 +3,19 @@
 //! Fragments for mma.m16n8k16 with floating point type" and "Warp-level matrix load
 //! instruction: ldmatrix" (checked in `tests/mma_isa.rs` against tables built from those
 //! formulas and against a published numeric example).
+//!
+//! From the ISA (PTX ISA 8.x/9.0, "Matrix Fragments for mma.m16n8k16 with floating point
+//! type"): `groupID = %laneid >> 2`, `threadID_in_group = %laneid % 4`; for A,
+//! "row = groupID for ai where 0 <= i < 2 || 4 <= i < 6, groupID + 8 otherwise;
+//! col = (threadID_in_group * 2) + (i & 0x1) for ai where i < 4, + 8 for i >= 4"; for B,
+//! "row = (threadID_in_group * 2) + (i & 0x1) for bi where i < 2, + 8 for i >= 2;
+//! col = groupID"; for C/D, "row = groupID for ci where i < 2, groupID + 8 for i >= 2;
+//! col = (threadID_in_group * 2) + (i & 0x1)". For `ldmatrix`: "Each address corresponds
+//! to the start of a matrix row. Addresses addr0–addr7 correspond to the rows of the first
+//! matrix, addresses addr8–addr15 correspond to the rows of the second matrix, and so on",
+//! "a group of four consecutive threads loads 16 bytes", "thread 0 receiving the first
+//! fragment", and with `.x2`/`.x4` the further matrices go to the subsequent destination
+//! registers.
 
 use crate::ops::f32_of;
 
