@@ -64,7 +64,8 @@ pub struct LaunchOptions {
     pub sanitize: bool,
     /// Host threads running CTAs; 0 means the available parallelism.
     pub host_threads: usize,
-    /// Optional cap on thread-instructions per CTA (guards against endless loops).
+    /// Cap on thread-instructions per CTA (guards against endless loops; default
+    /// [`DEFAULT_INSTRUCTION_LIMIT`], `None` for no limit).
     pub max_thread_instructions_per_cta: Option<u64>,
 }
 
@@ -73,10 +74,14 @@ impl Default for LaunchOptions {
         LaunchOptions {
             sanitize: true,
             host_threads: 0,
-            max_thread_instructions_per_cta: None,
+            max_thread_instructions_per_cta: Some(DEFAULT_INSTRUCTION_LIMIT),
         }
     }
 }
+
+/// Default per-CTA thread-instruction budget: 2·10⁹, about 20–40 s of emulation and ~100x
+/// what an attention CTA over 16K keys executes.
+pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 2_000_000_000;
 
 /// Largest shared memory per CTA (sm_80: 163 KiB of opt-in dynamic shared memory + static;
 /// the emulator allows up to 227 KiB, the sm_90 limit).

@@ -42,7 +42,7 @@ mod tensor;
 pub mod toolchain;
 
 pub use error::{Error, ExecError, Fault};
-pub use exec::{LaunchOptions, Param, MAX_SHARED_BYTES};
+pub use exec::{LaunchOptions, Param, DEFAULT_INSTRUCTION_LIMIT, MAX_SHARED_BYTES};
 pub use ir::{Class, Kernel, ParamInfo, NUM_CLASSES};
 pub use memory::{DevPtr, Device};
 pub use report::LaunchReport;
