@@ -1150,9 +1150,12 @@ impl<'a> Cta<'a> {
                 dst,
                 src,
                 src_size,
+                ignore_src,
             } => {
                 for l in lanes(exec) {
-                    self.cp_async(w, pc, l, *size as usize, *dst_space, *dst, *src, *src_size)?;
+                    let ignore = ignore_src.is_some_and(|p| w.regs[p as usize * 32 + l] & 1 != 0);
+                    let src_size = if ignore { Some(Src::Imm(0)) } else { *src_size };
+                    self.cp_async(w, pc, l, *size as usize, *dst_space, *dst, *src, src_size)?;
                 }
             }
             Op::CpCommit => {

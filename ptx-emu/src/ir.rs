@@ -277,6 +277,8 @@ pub(crate) enum Op {
         dst: Addr,
         src: Addr,
         src_size: Option<Src>,
+        /// `ignore-src` predicate: when true, nothing is read and the bytes are zero-filled.
+        ignore_src: Option<Reg>,
     },
     CpCommit,
     CpWait {
@@ -386,6 +388,7 @@ struct Dec<'a> {
     local: HashMap<String, u64>,
     params: HashMap<String, u64>,
     labels: HashMap<String, u32>,
+    preds: std::collections::HashSet<Reg>,
     ins: &'a InstrAst,
 }
 
@@ -482,6 +485,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
         local,
         params: params.iter().map(|p| (p.name.clone(), p.offset)).collect(),
         labels: HashMap::new(),
+        preds: Default::default(),
         ins: &dummy,
     };
     let mut n = 0u32;
@@ -503,10 +507,13 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
             Stmt::ScopeClose => {
                 dec.scopes.pop();
             }
-            Stmt::Reg { names, .. } => {
+            Stmt::Reg { pred, names } => {
                 for nm in names {
                     let r = dec.nregs;
                     dec.nregs += 1;
+                    if *pred {
+                        dec.preds.insert(r);
+                    }
                     dec.scopes.last_mut().unwrap().insert(nm.clone(), r);
                 }
             }
@@ -1275,9 +1282,6 @@ impl Dec<'_> {
                 }
                 // `.L2::cache_hint` adds a trailing cache-policy operand (a hint: ignored).
                 let nops = ops.len() - usize::from(has("L2::cache_hint"));
-                if has("ignore-src") || mods.iter().any(|m| m.starts_with("ignore")) {
-                    return self.err("cp.async with an ignore-src predicate is not supported");
-                }
                 if !(3..=4).contains(&nops) {
                     return self.err("cp.async needs dst, src, cp-size[, src-size]");
                 }
@@ -1288,11 +1292,15 @@ impl Dec<'_> {
                 if has("cg") && size != 16 {
                     return self.err("cp.async.cg requires cp-size 16");
                 }
-                let src_size = if nops == 4 {
-                    Some(self.src(&ops[3], false)?)
-                } else {
-                    None
-                };
+                // The optional fourth operand is src-size (an integer) or ignore-src (a
+                // predicate register).
+                let (mut src_size, mut ignore_src) = (None, None);
+                if nops == 4 {
+                    match self.src(&ops[3], false)? {
+                        Src::Reg(r) if self.preds.contains(&r) => ignore_src = Some(r),
+                        s => src_size = Some(s),
+                    }
+                }
                 let dst_space = if has("shared") || has("shared::cta") {
                     Space::Shared
                 } else {
@@ -1305,6 +1313,7 @@ impl Dec<'_> {
                         dst: self.addr(&ops[0])?,
                         src: self.addr(&ops[1])?,
                         src_size,
+                        ignore_src,
                     },
                     Class::Memory,
                 ))

@@ -129,8 +129,9 @@ pub(crate) struct InstrAst {
 pub(crate) enum Stmt {
     Label(String),
     Instr(InstrAst),
-    /// `.reg .type name` or `name<count>` declarations.
+    /// `.reg .type name` or `name<count>` declarations (`pred`: of type `.pred`).
     Reg {
+        pred: bool,
         names: Vec<String>,
     },
     /// A `.shared`, `.local` or `.global` variable.
@@ -517,7 +518,8 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                     body.push(Stmt::Label(w));
                 } else if w == ".reg" {
                     p.i += 1;
-                    p.word()?; // the type: every register is a 64-bit slot
+                    // Every register is a 64-bit slot; only predicates are told apart.
+                    let pred = p.word()? == ".pred";
                     let mut names = Vec::new();
                     loop {
                         let n = p.word()?;
@@ -533,7 +535,7 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                         }
                     }
                     p.expect_p(';')?;
-                    body.push(Stmt::Reg { names });
+                    body.push(Stmt::Reg { pred, names });
                 } else if matches!(
                     w.as_str(),
                     ".shared" | ".local" | ".global" | ".const" | ".extern"
