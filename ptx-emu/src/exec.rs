@@ -727,7 +727,7 @@ impl<'a> Cta<'a> {
                 .warps
                 .iter()
                 .all(|w| w.st.iter().all(|s| *s == St::Exit));
-            let released = !done && self.release_barriers();
+            let released = !done && self.release_barriers()?;
             if let Some(e) = self.uninit.take() {
                 if done || released {
                     return Err(e);
@@ -747,7 +747,7 @@ impl<'a> Cta<'a> {
     }
 
     /// Releases every barrier whose expected thread count has arrived.
-    fn release_barriers(&mut self) -> bool {
+    fn release_barriers(&mut self) -> Result<bool, Error> {
         let live: u32 = self
             .warps
             .iter()
@@ -769,6 +769,7 @@ impl<'a> Cta<'a> {
         for (id, exp, arrived) in waiting {
             let need = if exp == 0 { live } else { exp };
             if arrived >= need {
+                self.check_aligned_barrier(id)?;
                 for w in &mut self.warps {
                     for l in 0..32 {
                         if w.st[l] == St::Bar && w.bar[l].0 == id {
@@ -782,7 +783,53 @@ impl<'a> Cta<'a> {
                 released = true;
             }
         }
-        released
+        Ok(released)
+    }
+
+    /// `bar.sync` is `.aligned`: the lanes of a warp waiting on barrier `id` must all
+    /// wait at the same instruction, and no live lane of that warp may be elsewhere.
+    fn check_aligned_barrier(&self, id: u32) -> Result<(), Error> {
+        for w in &self.warps {
+            let waiting: Vec<usize> = (0..32)
+                .filter(|l| w.st[*l] == St::Bar && w.bar[*l].0 == id)
+                .collect();
+            let Some(&l0) = waiting.first() else { continue };
+            let pc = w.pc[l0] as usize;
+            if !matches!(self.k.code[pc].op, Op::Bar { aligned: true, .. }) {
+                continue;
+            }
+            let live = (0..32).filter(|l| w.st[*l] != St::Exit).count();
+            if let Some(&l) = waiting.iter().find(|l| w.pc[**l] as usize != pc) {
+                return Err(self.fault(
+                    Fault::DivergentCollective,
+                    pc,
+                    w.id,
+                    l0,
+                    None,
+                    format!(
+                        "lanes of warp {} wait at different bar.sync instructions (lines {} and {}); bar.sync is .aligned",
+                        w.id,
+                        self.k.code[pc].line,
+                        self.k.code[w.pc[l] as usize].line
+                    ),
+                ));
+            }
+            if waiting.len() != live {
+                return Err(self.fault(
+                    Fault::DivergentCollective,
+                    pc,
+                    w.id,
+                    l0,
+                    None,
+                    format!(
+                        "only {} of the {live} live lanes of warp {} reached bar.sync (.aligned)",
+                        waiting.len(),
+                        w.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn stuck(&self) -> Error {
@@ -1129,7 +1176,7 @@ impl<'a> Cta<'a> {
                 }
                 return Ok(Flow::Done);
             }
-            Op::Bar { id, count } => {
+            Op::Bar { id, count, .. } => {
                 for l in lanes(mask) {
                     if exec & (1 << l) != 0 {
                         let idv = self.rd(w, *id, l) as u32;

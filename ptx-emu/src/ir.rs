@@ -226,6 +226,9 @@ pub(crate) enum Op {
     Bar {
         id: Src,
         count: Option<Src>,
+        /// `bar.sync` / `barrier.sync.aligned`: every thread of a warp must wait at the
+        /// same barrier instruction.
+        aligned: bool,
     },
     WarpSync {
         mask: Src,
@@ -1115,7 +1118,8 @@ impl Dec<'_> {
                 } else {
                     None
                 };
-                Ok((Op::Bar { id, count }, Class::Control))
+                let aligned = base == "bar" || has("aligned");
+                Ok((Op::Bar { id, count, aligned }, Class::Control))
             }
             "membar" | "fence" => Ok((Op::Nop, Class::Control)),
             "shfl" => {

@@ -330,3 +330,22 @@ fn redux_sync() {
         assert_eq!(g[4], (0..32u32).fold(0, |a, b| a ^ b));
     }
 }
+
+#[test]
+fn bar_sync_from_two_instructions_in_one_warp_is_an_error() {
+    // bar.sync is barrier.sync.aligned: all threads of a warp must use the same instruction.
+    let body = "
+        setp.lt.u32 %p1, %r0, 16;
+        @%p1 bra $A;
+        bar.sync 0;
+        bra.uni $J;
+    $A:
+        bar.sync 0;
+    $J:
+        st.global.u32 [%rd5], %r0;";
+    let e = run_words("", body, 64, &[], 64).unwrap_err();
+    assert_eq!(e.fault(), Some(Fault::DivergentCollective), "{e}");
+    // barrier.sync (not .aligned) allows it.
+    let ok = body.replace("bar.sync 0;", "barrier.sync 0;");
+    run_words("", &ok, 64, &[], 64).unwrap();
+}
