@@ -425,9 +425,11 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
                     }
                 }
                 if p.is_p('=') {
-                    return p.err(format!(
-                        "initialized {space} variable {w} is not supported by the emulator"
-                    ));
+                    // Initializers (printf strings, constant tables) are skipped: kernels
+                    // that reference such variables are rejected when decoded.
+                    while !p.is_p(';') && p.peek().is_some() {
+                        p.i += 1;
+                    }
                 }
                 p.expect_p(';')?;
                 return Ok(VarDecl {
