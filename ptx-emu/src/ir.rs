@@ -924,8 +924,6 @@ impl Dec<'_> {
         let ops = &ins.operands;
         let ftz = has("ftz");
         let satm = has("sat");
-        let approx_ok = |_: ()| ();
-        approx_ok(());
         match base {
             "mov" => {
                 self.nops(2)?;
