@@ -1104,7 +1104,7 @@ impl<'a> Cta<'a> {
                         nacc += 1;
                     }
                     for (i, d) in ds.iter().enumerate() {
-                        let loc = Self::resolve(*space, a + (i * size) as u64);
+                        let loc = Self::resolve(*space, a.wrapping_add((i * size) as u64));
                         let mut v = self.load(w, loc, size, pc, l)?;
                         if *sext && size < 8 {
                             let sh = 64 - 8 * size as u32;
@@ -1147,7 +1147,7 @@ impl<'a> Cta<'a> {
                     }
                     for (i, s) in srcs.iter().enumerate() {
                         let v = self.rd(w, *s, l);
-                        let loc = Self::resolve(*space, a + (i * size) as u64);
+                        let loc = Self::resolve(*space, a.wrapping_add((i * size) as u64));
                         self.store(w, loc, size, v, pc, l)?;
                     }
                 }
