@@ -117,32 +117,37 @@ pub(crate) fn wavefronts(accs: &[(usize, u64)], bytes: usize) -> (u64, u64) {
         _ => 32,
     };
     let (mut wf, mut ideal) = (0u64, 0u64);
+    let mut words = [0u64; 160];
     for ph in 0..32 / per_phase {
-        let mut words: [[u64; 8]; 32] = [[0; 8]; 32];
-        let mut cnt = [0u8; 32];
-        let mut any = false;
+        // Distinct 4-byte words touched in this phase, then the busiest bank.
+        let mut n = 0;
         for &(l, off) in accs {
             if l / per_phase != ph {
                 continue;
             }
-            any = true;
-            let first = off / 4;
             let last = (off + bytes.max(1) as u64 - 1) / 4;
-            for word in first..=last {
-                let bank = (word % 32) as usize;
-                let n = cnt[bank] as usize;
-                if !words[bank][..n.min(8)].contains(&word) {
-                    if n < 8 {
-                        words[bank][n] = word;
-                    }
-                    cnt[bank] = cnt[bank].saturating_add(1);
+            for word in off / 4..=last {
+                if n < words.len() {
+                    words[n] = word;
+                    n += 1;
                 }
             }
         }
-        if any {
-            ideal += 1;
-            wf += *cnt.iter().max().unwrap() as u64;
+        if n == 0 {
+            continue;
         }
+        let ws = &mut words[..n];
+        ws.sort_unstable();
+        let mut cnt = [0u8; 32];
+        let mut prev = None;
+        for &w in ws.iter() {
+            if prev != Some(w) {
+                cnt[(w % 32) as usize] += 1;
+                prev = Some(w);
+            }
+        }
+        ideal += 1;
+        wf += *cnt.iter().max().unwrap() as u64;
     }
     (wf, ideal)
 }
