@@ -9,14 +9,16 @@
 //! for every live thread of the CTA. CTAs run independently on a pool of host threads.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, ExecError, Fault};
 use crate::ir::{
     AtomOp, AtomTy, BoolOp, Instr, Kernel, Op, ShflMode, Space, Special, Src, VoteMode,
 };
-use crate::memory::{load_atomic, store_atomic, DevPtr, Device, LOCAL_WINDOW, SHARED_WINDOW};
+use crate::memory::{
+    load_atomic, store_atomic, DevPtr, Device, GLOBALS_WINDOW, LOCAL_WINDOW, SHARED_WINDOW,
+};
 use crate::ops::{self, atom_op, cvt, ops_mask};
 use crate::report::LaunchReport;
 use crate::sanitizer::{Shadow, Violation};
@@ -157,6 +159,11 @@ impl Device {
             nthreads: nthreads as u32,
             dyn_shared: dynamic_shared_bytes,
             shared_total: shared_total as usize,
+            globals: kernel
+                .global_init
+                .iter()
+                .map(|b| AtomicU8::new(*b))
+                .collect(),
         };
         let work = || -> (LaunchReport, Option<(u64, Error)>) {
             let mut cta = Cta::new(&cfg);
@@ -255,6 +262,8 @@ struct Config<'a> {
     nthreads: u32,
     dyn_shared: u32,
     shared_total: usize,
+    /// This launch's copy of the module `.global`/`.const` variables.
+    globals: Vec<AtomicU8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -580,7 +589,7 @@ impl<'a> Cta<'a> {
     ) -> Result<u64, Error> {
         match loc {
             Loc::Global(a) => {
-                let Some((d, off)) = self.c.dev.range(a, size) else {
+                let Some((d, off)) = self.gmem(a, size) else {
                     return Err(self.global_oob(a, size, pc, w.id, lane));
                 };
                 self.rep.global_bytes_read += size as u64;
@@ -649,7 +658,7 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         match loc {
             Loc::Global(a) => {
-                let Some((d, off)) = self.c.dev.range(a, size) else {
+                let Some((d, off)) = self.gmem(a, size) else {
                     return Err(self.global_oob(a, size, pc, w.id, lane));
                 };
                 self.rep.global_bytes_written += size as u64;
@@ -694,6 +703,18 @@ impl<'a> Cta<'a> {
         }
     }
 
+    /// Global memory: the arena, or the launch's block of module variables.
+    #[inline]
+    fn gmem(&self, a: u64, len: usize) -> Option<(&'a [AtomicU8], usize)> {
+        let c: &'a Config<'a> = self.c;
+        if (GLOBALS_WINDOW..GLOBALS_WINDOW + (1 << 32)).contains(&a) {
+            let off = (a - GLOBALS_WINDOW) as usize;
+            (off + len <= c.globals.len()).then_some((&c.globals[..], off))
+        } else {
+            c.dev.range(a, len)
+        }
+    }
+
     fn global_oob(&self, a: u64, size: usize, pc: usize, w: u32, lane: usize) -> Error {
         self.fault(
             Fault::GlobalOutOfBounds,
@@ -703,7 +724,14 @@ impl<'a> Cta<'a> {
             Some(a),
             format!(
                 "{size}-byte global access outside device memory: {}",
-                self.c.dev.describe(a)
+                if (GLOBALS_WINDOW..GLOBALS_WINDOW + (1 << 32)).contains(&a) {
+                    format!(
+                        "module variables are [{GLOBALS_WINDOW:#x}, {:#x})",
+                        GLOBALS_WINDOW + self.c.globals.len() as u64
+                    )
+                } else {
+                    self.c.dev.describe(a)
+                }
             ),
         )
     }
@@ -1317,7 +1345,7 @@ impl<'a> Cta<'a> {
         };
         let mut data = [0u8; 16];
         if n > 0 {
-            let Some((d, off)) = self.c.dev.range(saddr, n) else {
+            let Some((d, off)) = self.gmem(saddr, n) else {
                 return Err(self.global_oob(saddr, n, pc, w.id, l));
             };
             for (i, x) in data.iter_mut().enumerate().take(n) {
@@ -1387,7 +1415,7 @@ impl<'a> Cta<'a> {
         let compute = |old: u64| -> u64 { atom_op(op, ty, old, av, bv) };
         let old = match Self::resolve(space, ad) {
             Loc::Global(g) => {
-                let Some((dm, off)) = self.c.dev.range(g, size) else {
+                let Some((dm, off)) = self.gmem(g, size) else {
                     return Err(self.global_oob(g, size, pc, w.id, l));
                 };
                 let _guard = self

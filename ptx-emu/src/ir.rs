@@ -351,6 +351,8 @@ pub struct Kernel {
     pub(crate) shared_static: u64,
     pub(crate) dyn_shared_offset: u64,
     pub(crate) local_bytes: u64,
+    /// Initial contents of the module `.global`/`.const` variables the kernel uses.
+    pub(crate) global_init: Vec<u8>,
 }
 
 impl Kernel {
@@ -391,6 +393,7 @@ struct Dec<'a> {
     local: HashMap<String, u64>,
     params: HashMap<String, u64>,
     labels: HashMap<String, u32>,
+    globals: HashMap<String, u64>,
     preds: std::collections::HashSet<Reg>,
     ins: &'a InstrAst,
 }
@@ -441,6 +444,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
     let mut shared = HashMap::new();
     let mut local = HashMap::new();
     let mut dyn_syms = Vec::new();
+    let (mut gl, mut globals, mut global_init) = (0u64, HashMap::new(), Vec::<u8>::new());
     let mut dyn_align = 16u64;
     for v in &vars {
         match v.space.as_str() {
@@ -459,13 +463,24 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
                 lo += v.size;
             }
             sp => {
-                if referenced.contains(&v.name) {
+                // Module `.global`/`.const` variables live in a per-launch block of device
+                // memory at `GLOBALS_WINDOW`, initialized from their initializers.
+                if !referenced.contains(&v.name) {
+                    continue;
+                }
+                let Some(init) = &v.init else {
                     return Err(Error::Unsupported {
                         line: v.line,
                         instr: format!("{sp} {}", v.name),
-                        msg: "module-level .global/.const variables are not supported".into(),
+                        msg: "initializers other than numeric literals are not supported".into(),
                     });
-                }
+                };
+                gl = align_up(gl, v.align);
+                globals.insert(v.name.clone(), crate::memory::GLOBALS_WINDOW + gl);
+                global_init.resize((gl + v.size) as usize, 0);
+                let n = init.len().min(v.size as usize);
+                global_init[gl as usize..gl as usize + n].copy_from_slice(&init[..n]);
+                gl += v.size;
             }
         }
     }
@@ -488,6 +503,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
         local,
         params: params.iter().map(|p| (p.name.clone(), p.offset)).collect(),
         labels: HashMap::new(),
+        globals,
         preds: Default::default(),
         ins: &dummy,
     };
@@ -558,6 +574,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
         shared_static: sh,
         dyn_shared_offset,
         local_bytes: lo,
+        global_init,
     })
 }
 
@@ -820,6 +837,8 @@ impl Dec<'_> {
                     Src::Imm(*off)
                 } else if let Some(off) = self.local.get(n) {
                     Src::Imm(*off)
+                } else if let Some(a) = self.globals.get(n) {
+                    Src::Imm(*a)
                 } else if self.params.contains_key(n) {
                     return self.err(format!(
                         "taking the address of parameter {n} is not supported"
@@ -855,6 +874,7 @@ impl Dec<'_> {
                     .get(b)
                     .or_else(|| self.local.get(b))
                     .or_else(|| self.params.get(b))
+                    .or_else(|| self.globals.get(b))
                 {
                     return Ok(Addr {
                         base: None,
@@ -903,7 +923,8 @@ impl Dec<'_> {
     fn space(&self, mods: &[&str]) -> Space {
         for m in mods {
             match *m {
-                "global" => return Space::Global,
+                // `.const` variables live in the module-variable block of global memory.
+                "global" | "const" => return Space::Global,
                 "shared" | "shared::cta" => return Space::Shared,
                 "local" => return Space::Local,
                 "param" => return Space::Param,

@@ -149,6 +149,9 @@ pub(crate) struct VarDecl {
     pub size: u64,
     pub extern_: bool,
     pub line: u32,
+    /// Initial bytes (little-endian elements; shorter than `size` means zero-filled);
+    /// `None` if the initializer holds something other than numbers (e.g. addresses).
+    pub init: Option<Vec<u8>>,
 }
 
 /// A `.param` declaration of an entry.
@@ -424,11 +427,37 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
                         p.expect_p(']')?;
                     }
                 }
-                if p.is_p('=') {
-                    // Initializers (printf strings, constant tables) are skipped: kernels
-                    // that reference such variables are rejected when decoded.
+                let mut init = Some(Vec::new());
+                if p.eat_p('=') {
+                    // A flat list of numeric literals, each stored as one element.
+                    let mut bytes = Vec::new();
                     while !p.is_p(';') && p.peek().is_some() {
-                        p.i += 1;
+                        let neg = p.eat_p('-');
+                        match p.next() {
+                            Some(Tok::Num(n)) => match (parse_imm(&n), init.is_some()) {
+                                (Some(Imm::Int(v)), true) => {
+                                    let v = if neg { v.wrapping_neg() } else { v };
+                                    bytes.extend_from_slice(&v.to_le_bytes()[..elem as usize]);
+                                }
+                                (Some(Imm::F32(b)), true) if elem == 4 => {
+                                    let b = if neg { b ^ 0x8000_0000 } else { b };
+                                    bytes.extend_from_slice(&b.to_le_bytes());
+                                }
+                                (Some(Imm::F64(b)), true) if elem == 8 => {
+                                    let b = if neg { b ^ (1 << 63) } else { b };
+                                    bytes.extend_from_slice(&b.to_le_bytes());
+                                }
+                                _ => init = None,
+                            },
+                            Some(Tok::P('{')) | Some(Tok::P('}')) | Some(Tok::P(',')) => {}
+                            _ => init = None,
+                        }
+                    }
+                    if let Some(i) = &mut init {
+                        *i = bytes;
+                    }
+                    if size == 0 {
+                        size = init.as_ref().map_or(0, |b| b.len() as u64);
                     }
                 }
                 p.expect_p(';')?;
@@ -439,6 +468,7 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
                     size,
                     extern_,
                     line,
+                    init,
                 });
             }
         }

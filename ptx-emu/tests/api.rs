@@ -274,13 +274,54 @@ fn ldmatrix_bank_conflicts_per_8_address_phase() {
 }
 
 #[test]
-fn kernels_using_module_globals_are_rejected_by_name() {
+fn module_global_and_const_variables() {
+    // A constant table and a __device__ counter; each launch starts from the initializers.
     let src = ".version 9.0\n.target sm_80\n.address_size 64\n\
         .const .align 4 .b8 tab[8] = {0, 0, 128, 63, 0, 0, 0, 64};\n\
-        .visible .entry k(.param .u64 k_p)\n{\n.reg .b64 %rd<3>;\n.reg .f32 %f<2>;\n\
-        mov.u64 %rd1, tab; ld.const.f32 %f1, [%rd1]; ret;\n}\n";
-    match Module::parse(src).unwrap_err() {
-        Error::Unsupported { instr, .. } => assert!(instr.contains("tab"), "{instr}"),
+        .global .align 4 .u32 counter = 5;\n\
+        .global .align 8 .u64 ptr_init = generic(counter);\n\
+        .visible .entry k(.param .u64 k_p)\n{\n.reg .b32 %r<4>;\n.reg .b64 %rd<4>;\n.reg .f32 %f<4>;\n\
+        ld.param.u64 %rd1, [k_p]; cvta.to.global.u64 %rd2, %rd1;\n\
+        ld.const.f32 %f1, [tab+4]; mov.u64 %rd3, tab; ld.const.f32 %f2, [%rd3];\n\
+        atom.global.add.u32 %r1, [counter], 1; ld.global.u32 %r2, [counter];\n\
+        st.global.f32 [%rd2], %f1; st.global.f32 [%rd2+4], %f2; st.global.u32 [%rd2+8], %r1;\n\
+        ret;\n}\n\
+        .visible .entry bad(.param .u64 bad_p)\n{\n.reg .b64 %rd<2>;\nld.global.u64 %rd1, [ptr_init];\nret;\n}\n";
+    let e = Module::parse(src).unwrap_err();
+    match &e {
+        Error::Unsupported { instr, .. } => assert!(instr.contains("ptr_init"), "{e}"),
         e => panic!("{e}"),
     }
+    let good = src[..src.find(".visible .entry bad").unwrap()].to_string();
+    let m = Module::parse(&good).unwrap();
+    let (dev, p) = dev_with(12);
+    for _ in 0..2 {
+        dev.launch(
+            m.kernel("k").unwrap(),
+            (1, 1, 1),
+            (1, 1, 1),
+            0,
+            &[Param::Ptr(p)],
+        )
+        .unwrap();
+        let o = dev.read_u32(p, 3).unwrap();
+        assert_eq!(
+            (f32::from_bits(o[0]), f32::from_bits(o[1]), o[2]),
+            (2.0, 1.0, 5)
+        );
+    }
+    // Past the end of the module variables.
+    let oob = good.replace("ld.const.f32 %f1, [tab+4];", "ld.const.f32 %f1, [tab+16];");
+    let m = Module::parse(&oob).unwrap();
+    let e = dev
+        .launch(
+            m.kernel("k").unwrap(),
+            (1, 1, 1),
+            (1, 1, 1),
+            0,
+            &[Param::Ptr(p)],
+        )
+        .unwrap_err();
+    assert_eq!(e.fault(), Some(ptx_emu::Fault::GlobalOutOfBounds), "{e}");
+    assert!(e.to_string().contains("module variables"), "{e}");
 }
