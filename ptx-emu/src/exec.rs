@@ -1652,15 +1652,28 @@ impl<'a> Cta<'a> {
                     w.regs[*d as usize * 32 + l] = r as u64;
                 }
             }
-            Op::Mma { bf16, d, a, b, c } => {
+            Op::Mma {
+                bf16,
+                k,
+                f16acc,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 self.rep.mma += 1;
-                let row = |s: Src| -> [u64; 32] {
-                    match s {
+                let row = |s: &Src| -> [u64; 32] {
+                    match *s {
                         Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
                         s => std::array::from_fn(|l| self.rd(w, s, l)),
                     }
                 };
-                let out = tensor::mma_m16n8k16(*bf16, &a.map(row), &b.map(row), &c.map(row));
+                let (ar, br, cr): (Vec<_>, Vec<_>, Vec<_>) = (
+                    a.iter().map(row).collect(),
+                    b.iter().map(row).collect(),
+                    c.iter().map(row).collect(),
+                );
+                let out = tensor::mma_m16n8(*bf16, *k as usize, *f16acc, &ar, &br, &cr);
                 for (r, vals) in d.iter().zip(out.iter()) {
                     w.regs[*r as usize * 32..][..32].copy_from_slice(vals);
                 }

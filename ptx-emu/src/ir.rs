@@ -260,12 +260,16 @@ pub(crate) enum Op {
         a: Src,
         mask: Src,
     },
+    /// `mma.sync.aligned.m16n8k{8,16}.row.col.{f32,f16}.{bf16,f16}.{bf16,f16}.{f32,f16}`:
+    /// `k` is 8 or 16; A has k/4 registers, B k/8, C and D 4 (f32) or 2 (f16).
     Mma {
         bf16: bool,
-        d: [Reg; 4],
-        a: [Src; 4],
-        b: [Src; 2],
-        c: [Src; 4],
+        k: u8,
+        f16acc: bool,
+        d: Vec<Reg>,
+        a: Vec<Src>,
+        b: Vec<Src>,
+        c: Vec<Src>,
     },
     Ldmatrix {
         num: u8,
@@ -1569,34 +1573,61 @@ impl Dec<'_> {
     }
 
     fn decode_mma(&self, opcode: &str) -> Result<(Op, Class), Error> {
-        let bf16 = match opcode {
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" => true,
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" => false,
-            _ => return self.err(
-                "only mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 is supported",
-            ),
+        let parts: Vec<&str> = opcode.split('.').collect();
+        let bad = || {
+            self.err(
+                "only mma.sync.aligned.m16n8k{8,16}.row.col with f16/bf16 inputs and f32 (or, for f16, f16) accumulators is supported",
+            )
+        };
+        if parts.len() != 10 || parts[1..3] != ["sync", "aligned"] || parts[4..6] != ["row", "col"]
+        {
+            return bad();
+        }
+        let k = match parts[3] {
+            "m16n8k16" => 16u8,
+            "m16n8k8" => 8,
+            _ => return bad(),
+        };
+        let (dt, at, bt, ct) = (parts[6], parts[7], parts[8], parts[9]);
+        let bf16 = match (at, bt) {
+            ("bf16", "bf16") => true,
+            ("f16", "f16") => false,
+            _ => return bad(),
+        };
+        let f16acc = match (dt, ct) {
+            ("f32", "f32") => false,
+            ("f16", "f16") if !bf16 => true,
+            _ => return bad(),
         };
         self.nops(4)?;
         let ops = &self.ins.operands;
         let d = self.vec_dsts(&ops[0])?;
         let a = self.vec_srcs(&ops[1], false)?;
         let b = self.vec_srcs(&ops[2], false)?;
-        let c = self.vec_srcs(&ops[3], true)?;
-        if d.len() != 4
-            || a.len() != 4
-            || b.len() != 2
-            || c.len() != 4
+        let c = self.vec_srcs(&ops[3], !f16acc)?;
+        let nacc = if f16acc { 2 } else { 4 };
+        if d.len() != nacc
+            || a.len() != k as usize / 4
+            || b.len() != k as usize / 8
+            || c.len() != nacc
             || d.iter().any(|x| x.is_none())
         {
-            return self.err("mma.m16n8k16 needs {4 f32} d, {4 b32} a, {2 b32} b, {4 f32} c");
+            return self.err(format!(
+                "{} needs {nacc} d, {} a, {} b and {nacc} c registers",
+                parts[3],
+                k / 4,
+                k / 8
+            ));
         }
         Ok((
             Op::Mma {
                 bf16,
-                d: [d[0].unwrap(), d[1].unwrap(), d[2].unwrap(), d[3].unwrap()],
-                a: [a[0], a[1], a[2], a[3]],
-                b: [b[0], b[1]],
-                c: [c[0], c[1], c[2], c[3]],
+                k,
+                f16acc,
+                d: d.into_iter().map(|x| x.unwrap()).collect(),
+                a,
+                b,
+                c,
             },
             Class::Tensor,
         ))

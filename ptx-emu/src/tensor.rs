@@ -35,14 +35,22 @@ use crate::ops::f32_of;
 /// internal accumulation order and precision are unspecified, so results can differ
 /// from hardware in the last bits).
 ///
-/// Operands are given as rows of per-lane register values (`a[r][lane]` is register r
-/// of the A fragment in that lane); returns the four D registers of every lane.
-pub(crate) fn mma_m16n8k16(
+/// `m16n8k8` (`k == 8`) uses the first half of these layouts: A registers a0..a3 (rows
+/// groupID / groupID+8, cols 2*threadID_in_group + (i&1)) and B register b0,b1. With f16
+/// accumulators (`f16acc`) C and D are two `.f16x2` registers: (c0, c1) at row groupID and
+/// (c2, c3) at row groupID+8, cols 2*threadID_in_group + (i&1); the sum is formed in f32 as
+/// above and rounded to f16 (nearest even) once.
+///
+/// Operands are given as rows of per-lane register values (`ar[r][lane]` is register r of
+/// the A fragment in that lane); returns the D registers of every lane.
+pub(crate) fn mma_m16n8(
     bf16: bool,
-    ar: &[[u64; 32]; 4],
-    br: &[[u64; 32]; 2],
-    cr: &[[u64; 32]; 4],
-) -> [[u64; 32]; 4] {
+    k: usize,
+    f16acc: bool,
+    ar: &[[u64; 32]],
+    br: &[[u64; 32]],
+    cr: &[[u64; 32]],
+) -> Vec<[u64; 32]> {
     // Both conversions are exact: bf16 is the top half of an f32.
     let cv = |x: u64| -> f32 {
         if bf16 {
@@ -70,29 +78,45 @@ pub(crate) fn mma_m16n8k16(
             bm[row][g] = cv(v);
             bm[row + 1][g] = cv(v >> 16);
         }
-        for (i, regs) in cr.iter().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
+        if f16acc {
+            for (r, regs) in cr.iter().enumerate() {
+                let row = if r == 0 { g } else { g + 8 };
+                dm[row][t * 2] = half::f16::from_bits(regs[l] as u16).to_f32();
+                dm[row][t * 2 + 1] = half::f16::from_bits((regs[l] >> 16) as u16).to_f32();
+            }
+        } else {
+            for (i, regs) in cr.iter().enumerate() {
+                let row = if i < 2 { g } else { g + 8 };
+                dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
+            }
         }
     }
     // D = C + A.B: for each element, products added in order of k, each sum rounded to
     // f32 (mul and add are separate: no fused rounding). The j loop vectorizes.
     for i in 0..16 {
         let acc = &mut dm[i];
-        for k in 0..16 {
-            let x = am[i][k];
-            let brow = &bm[k];
+        for kk in 0..k {
+            let x = am[i][kk];
+            let brow = &bm[kk];
             for j in 0..8 {
                 acc[j] += x * brow[j];
             }
         }
     }
-    let mut out = [[0u64; 32]; 4];
+    let mut out = vec![[0u64; 32]; if f16acc { 2 } else { 4 }];
     for l in 0..32 {
         let (g, t) = (l / 4, l % 4);
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            o[l] = dm[row][t * 2 + (i & 1)].to_bits() as u64;
+        if f16acc {
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = if r == 0 { g } else { g + 8 };
+                let h = |x: f32| half::f16::from_f32(x).to_bits() as u64;
+                o[l] = h(dm[row][t * 2]) | h(dm[row][t * 2 + 1]) << 16;
+            }
+        } else {
+            for (i, o) in out.iter_mut().enumerate() {
+                let row = if i < 2 { g } else { g + 8 };
+                o[l] = dm[row][t * 2 + (i & 1)].to_bits() as u64;
+            }
         }
     }
     out
