@@ -28,6 +28,7 @@
 mod attention;
 mod check;
 pub mod config;
+pub mod cuda;
 mod error;
 pub mod layout;
 pub mod mask;
