@@ -39,14 +39,20 @@ pub fn attention_with(
     }
     match q.device() {
         Device::Cpu => reference::attention_with_scale(q, k, v, layout, options.scale),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::cuda::op::forward(
+            q,
+            k,
+            v,
+            crate::cuda::schedule::MaskRule::Ksa(*layout),
+            options.scale,
+        )
+        .map(|(out, _lse)| out),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(Error::UnsupportedDevice {
             op: "ksa::attention",
             device: "CUDA".into(),
-            reason: if cfg!(feature = "cuda") {
-                "the CUDA kernel is not part of this build yet"
-            } else {
-                "ksa was built without the `cuda` feature"
-            },
+            reason: "ksa was built without the `cuda` feature",
         }),
         Device::Metal(_) => Err(Error::UnsupportedDevice {
             op: "ksa::attention",

@@ -6,6 +6,8 @@
 //! and the CPU can use them without a CUDA toolkit).
 
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod op;
 pub mod schedule;
 
 #[cfg(feature = "ptx")]
