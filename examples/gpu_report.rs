@@ -61,7 +61,7 @@ fn emulator_table(n: usize, w: usize) {
     for case in [ksa_case, full_case] {
         let (q, k, v) = emu::inputs(&case);
         let r = run(&case, &q, &k, &v);
-        let sched = Schedule::new(case.rule).unwrap();
+        let sched = &r.launch.schedule;
         // Minimum bytes: each query tile's Q rows plus the distinct K and V rows
         // its queries may attend to (2 bytes per element), plus its output is not
         // counted (written, not read).

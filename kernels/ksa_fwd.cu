@@ -1,7 +1,8 @@
 // Fused block-sparse KSA prefill (forward) kernel, FlashAttention-2 style.
 //
-// One CTA = (query tile, query head, batch): 4 warps, up to 64 query rows (16 per
-// warp). Q tile -> shared memory (cp.async) -> registers (ldmatrix); K/V tiles of
+// One CTA = (query tile, query-head group, batch): 4 warps x 16 query rows; the
+// CTA serves 1, 2 or 4 query heads that share one KV head (GQA), 64, 32 or 16
+// query rows each, so each K/V tile load feeds all of them. Q tile -> shared memory (cp.async) -> registers (ldmatrix); K/V tiles of
 // up to 64 keys streamed through a two-stage cp.async pipeline; S = Q K^T and
 // O += P V with mma.sync.m16n8k16 (f32 accumulators); online softmax in
 // registers with exp2 and a log2(e)-prescaled scale. Writes O (input dtype) and
@@ -153,7 +154,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                                     const uint2* __restrict__ entries, uint64_t q_bs, uint64_t q_hs,
                                     uint64_t k_bs, uint64_t k_hs, uint64_t v_bs, uint64_t v_hs,
                                     uint64_t o_bs, uint64_t o_hs, const Geo geo, uint32_t n_heads,
-                                    uint32_t group, float scale_log2) {
+                                    uint32_t group, uint32_t lg_hp, float scale_log2) {
     constexpr int CPR = D / 8;             // 16-byte chunks per row
     constexpr int TILE = KSA_BK * CPR;     // chunks per K or V tile (== Q tile)
     constexpr int NT = D / 8;              // n8 tiles of the output
@@ -164,15 +165,22 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     const uint32_t s_v = s_k + 2 * TILE * 16;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const uint32_t h = blockIdx.y, b = blockIdx.z;
-    const uint32_t hk = h / group;
+    // GQA packing: the CTA serves 2^lg_hp query heads of one KV group, R = 64 >> lg_hp
+    // query rows each; warp w computes head h0 + w / (4 >> lg_hp), rows
+    // (w % (4 >> lg_hp)) * 16 .. +16 of the tile. K/V tiles are loaded once for all.
+    const uint32_t b = blockIdx.z;
+    const uint32_t h0 = blockIdx.y << lg_hp;
+    const uint32_t hk = h0 / group;
+    const uint32_t row_shift = 6 - lg_hp;  // log2(R)
+    const uint32_t hw = h0 + (static_cast<uint32_t>(warp) >> (2 - lg_hp));
+    const uint32_t rb = static_cast<uint32_t>(warp) & ((4u >> lg_hp) - 1);
     const uint4 td = tiles[blockIdx.x];
     const uint32_t q0 = td.x, q1 = td.y, e0 = td.z, e1 = td.w;
 
-    const uint16_t* qb = q + b * q_bs + h * q_hs;
+    const uint16_t* qb = q + b * q_bs;
     const uint16_t* kb = k + b * k_bs + hk * k_hs;
     const uint16_t* vb = v + b * v_bs + hk * v_hs;
-    uint16_t* ob = o + b * o_bs + h * o_hs;
+    uint16_t* ob = o + b * o_bs + hw * o_hs;
 
     // Swizzled byte offset of (row, chunk) inside a tile.
     auto sw = [](int row, int c) -> uint32_t {
@@ -183,9 +191,11 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
 #pragma unroll
     for (int i = tid; i < TILE; i += KSA_THREADS) {
         const int r = i / CPR, c = i % CPR;
-        const uint32_t g = q0 + r;
+        const uint32_t g = q0 + (static_cast<uint32_t>(r) & ((1u << row_shift) - 1));
+        const uint32_t hr = h0 + (static_cast<uint32_t>(r) >> row_shift);
         if (g < q1) {
-            cp_async16(s_q + sw(r, c), qb + static_cast<uint64_t>(geo.slot(g)) * D + c * 8);
+            cp_async16(s_q + sw(r, c),
+                       qb + hr * q_hs + static_cast<uint64_t>(geo.slot(g)) * D + c * 8);
         } else {
             st_shared_zero16(s_q + sw(r, c));
         }
@@ -219,7 +229,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     uint32_t grow[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        grow[hh] = q0 + warp * 16 + gid + hh * 8;
+        grow[hh] = q0 + rb * 16 + gid + hh * 8;
         if (grow[hh] < q1) {
             geo.ranges(grow[hh], rr[hh]);
         } else {
@@ -360,7 +370,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 *reinterpret_cast<uint32_t*>(orow + j * 8 + tig * 2) = packed;
             }
             if (tig == 0) {
-                lse[(static_cast<uint64_t>(b) * n_heads + h) * geo.n_slots + slot] =
+                lse[(static_cast<uint64_t>(b) * n_heads + hw) * geo.n_slots + slot] =
                     (m[hh] * scale_log2 + lg2(lt)) * 0.69314718055994531f;
             }
         }
@@ -373,7 +383,8 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
 //   q, k, v, o, lse, tiles, entries,
 //   q_batch_stride, q_head_stride, k_batch_stride, k_head_stride,
 //   v_batch_stride, v_head_stride, o_batch_stride, o_head_stride   (u64, elements)
-//   n_slots, n_sum, chunk, summaries, window, mode, n_heads, group   (u32)
+//   n_slots, n_sum, chunk, summaries, window, mode, n_heads, group,
+//   lg_hp (log2 of query heads per CTA: 0, 1, 2; divides group)      (u32)
 //   scale_log2 = softmax scale * log2(e)                              (f32)
 #define KSA_FWD_ENTRY(NAME, T, D)                                                                \
     extern "C" __global__ void __launch_bounds__(KSA_THREADS) NAME(                              \
@@ -382,10 +393,11 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         const uint4* __restrict__ tiles, const uint2* __restrict__ entries, uint64_t q_bs,        \
         uint64_t q_hs, uint64_t k_bs, uint64_t k_hs, uint64_t v_bs, uint64_t v_hs, uint64_t o_bs, \
         uint64_t o_hs, uint32_t n_slots, uint32_t n_sum, uint32_t chunk, uint32_t summaries,      \
-        uint32_t window, uint32_t mode, uint32_t n_heads, uint32_t group, float scale_log2) {      \
+        uint32_t window, uint32_t mode, uint32_t n_heads, uint32_t group, uint32_t lg_hp,         \
+        float scale_log2) {                                                                      \
         const ksa::Geo geo{n_slots, n_sum, chunk, summaries, window, mode};                      \
         ksa::fwd<T, D>(q, k, v, o, lse, tiles, entries, q_bs, q_hs, k_bs, k_hs, v_bs, v_hs, o_bs, \
-                       o_hs, geo, n_heads, group, scale_log2);                            \
+                       o_hs, geo, n_heads, group, lg_hp, scale_log2);                            \
     }
 
 KSA_FWD_ENTRY(ksa_fwd_bf16_d64, ksa::Bf16, 64)

@@ -65,3 +65,14 @@ fn random_configurations() {
         check(&case);
     }
 }
+
+#[test]
+fn gqa_heads_per_cta() {
+    // 8 query heads on 2 KV heads (group 4): 4, 2 and 1 heads per CTA
+    // (16-, 32- and 64-row query tiles) give the same result.
+    for hp in [4, 2, 1] {
+        check(&Case::ksa(8, 2, 3, 350).heads(1, 8, 2).heads_per_cta(hp));
+    }
+    check(&Case::ksa(16, 1, 1, 500).heads(2, 4, 2).dim(128).f16());
+    check(&Case::causal(300).heads(1, 8, 4).dim(128));
+}

@@ -69,6 +69,10 @@ pub struct FwdProblem {
     pub v: Strides,
     /// Strides of o (`lse` is always a contiguous `[b, q_heads, N]` f32).
     pub o: Strides,
+    /// Query heads per CTA (1, 2 or 4; must divide `q_heads / kv_heads`).
+    /// `None`: the largest that divides the GQA group, so one K/V tile load
+    /// feeds that many heads (query tiles then have 64 / heads rows).
+    pub heads_per_cta: Option<usize>,
 }
 
 impl FwdProblem {
@@ -94,6 +98,7 @@ impl FwdProblem {
             k: ks,
             v: ks,
             o: qs,
+            heads_per_cta: None,
         }
     }
 }
@@ -133,12 +138,16 @@ pub struct FwdPointers {
 pub struct FwdLaunch {
     /// Entry point in [`super::ptx::FWD`] (`ksa_fwd_{bf16,f16}_d{64,128}`).
     pub kernel: String,
-    /// Grid: (query tiles, query heads, batch).
+    /// Grid: (query tiles, query heads / heads per CTA, batch).
     pub grid: (u32, u32, u32),
     /// Block: (128, 1, 1).
     pub block: (u32, u32, u32),
     /// Dynamic shared memory in bytes (Q tile + two K and two V stages).
     pub shared_bytes: u32,
+    /// Query heads per CTA.
+    pub heads_per_cta: usize,
+    /// The tile schedule the tables come from.
+    pub schedule: Schedule,
     /// The `tiles` table to upload.
     pub tiles: Vec<u32>,
     /// The `entries` table to upload.
@@ -147,8 +156,8 @@ pub struct FwdLaunch {
 }
 
 impl FwdLaunch {
-    /// The launch of `problem` under `schedule`.
-    pub fn new(schedule: &Schedule, problem: &FwdProblem) -> Result<Self> {
+    /// The launch of `problem` under the mask `rule` (builds its schedule).
+    pub fn new(rule: MaskRule, problem: &FwdProblem) -> Result<Self> {
         let p = problem;
         if p.head_dim != 64 && p.head_dim != 128 {
             return Err(Error::UnsupportedHeadDim {
@@ -172,7 +181,18 @@ impl FwdLaunch {
         };
         too_large("query heads of a CUDA launch", p.q_heads, 65_535)?;
         too_large("batch of a CUDA launch", p.batch, 65_535)?;
-        let rule = schedule.rule();
+        let group = p.q_heads / p.kv_heads;
+        let hp = match p.heads_per_cta {
+            None => [4, 2, 1].into_iter().find(|h| group % h == 0).unwrap_or(1),
+            Some(h) if matches!(h, 1 | 2 | 4) && group % h == 0 => h,
+            Some(h) => {
+                return Err(Error::InvalidConfig(format!(
+                    "{h} query heads per CTA: must be 1, 2 or 4 and divide the GQA group of {group}"
+                )))
+            }
+        };
+        let schedule = Schedule::with_block_q(rule, BLOCK_Q / hp)?;
+        let rule = &rule;
         let (n_sum, chunk, summaries, window, mode) = match rule {
             MaskRule::Ksa(l) => {
                 let c = l.config();
@@ -206,18 +226,21 @@ impl FwdLaunch {
             Arg::U32(window as u32),
             Arg::U32(mode),
             Arg::U32(p.q_heads as u32),
-            Arg::U32((p.q_heads / p.kv_heads) as u32),
+            Arg::U32(group as u32),
+            Arg::U32(hp.trailing_zeros()),
             Arg::F32(p.scale * std::f32::consts::LOG2_E),
         ];
         Ok(Self {
             kernel: format!("ksa_fwd_{}_d{}", p.elem.name(), p.head_dim),
             grid: (
                 schedule.query_tiles().len() as u32,
-                p.q_heads as u32,
+                (p.q_heads / hp) as u32,
                 p.batch as u32,
             ),
             block: (THREADS, 1, 1),
             shared_bytes,
+            heads_per_cta: hp,
+            schedule,
             tiles,
             entries,
             scalars,

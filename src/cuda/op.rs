@@ -3,7 +3,7 @@
 //! [`FwdLaunch`] the emulator tests drive.
 
 use super::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
-use super::schedule::{MaskRule, Schedule};
+use super::schedule::MaskRule;
 use crate::check::check_qkv;
 use crate::{Error, Result};
 use candle_core::backprop::BackpropOp;
@@ -85,8 +85,7 @@ pub fn forward(
     if let Some(s) = scale {
         problem.scale = s as f32;
     }
-    let schedule = Schedule::new(rule)?;
-    let launch = FwdLaunch::new(&schedule, &problem)?;
+    let launch = FwdLaunch::new(rule, &problem)?;
 
     let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
         return Err(Error::UnsupportedDevice {

@@ -18,7 +18,9 @@ use crate::layout::Layout;
 use crate::{Error, Result};
 use std::ops::Range;
 
-/// Query rows per tile (one CTA: 4 warps x 16 rows).
+/// Query rows per tile by default (one CTA: 4 warps x 16 rows). With GQA
+/// packing a CTA serves 2 or 4 query heads of 32 or 16 rows each
+/// ([`Schedule::with_block_q`]).
 pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 64;
@@ -145,14 +147,25 @@ pub struct QueryTile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
     rule: MaskRule,
+    block_q: usize,
     query_tiles: Vec<QueryTile>,
     visits: Vec<KeyVisit>,
 }
 
 impl Schedule {
-    /// Builds the schedule of `rule`. Fails if the rows do not fit the
-    /// kernels' 31-bit row indices.
+    /// Builds the schedule of `rule` with [`BLOCK_Q`]-row query tiles. Fails
+    /// if the rows do not fit the kernels' 31-bit row indices.
     pub fn new(rule: MaskRule) -> Result<Self> {
+        Self::with_block_q(rule, BLOCK_Q)
+    }
+
+    /// [`Schedule::new`] with `block_q` query rows per tile (16, 32 or 64).
+    pub fn with_block_q(rule: MaskRule, block_q: usize) -> Result<Self> {
+        if !matches!(block_q, 16 | 32 | 64) {
+            return Err(Error::InvalidConfig(format!(
+                "query tile of {block_q} rows (supported: 16, 32, 64)"
+            )));
+        }
         let n = rule.len();
         if n >= 1 << 31 {
             return Err(Error::TooLarge {
@@ -172,9 +185,9 @@ impl Schedule {
             }
         };
         let mut tiles: Vec<(Range<usize>, Vec<KeyVisit>)> = Vec::new();
-        let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * BLOCK_Q);
-        let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(BLOCK_Q);
-        for rows in rule.tiles(BLOCK_Q) {
+        let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
+        let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
+        for rows in rule.tiles(block_q) {
             row_ranges.clear();
             row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
             spans.clear();
@@ -218,6 +231,7 @@ impl Schedule {
         }
         Ok(Self {
             rule,
+            block_q,
             query_tiles,
             visits,
         })
@@ -236,6 +250,10 @@ impl Schedule {
     /// The mask this schedule serves.
     pub fn rule(&self) -> &MaskRule {
         &self.rule
+    }
+    /// Query rows per tile.
+    pub fn block_q(&self) -> usize {
+        self.block_q
     }
     /// Query tiles, heaviest first.
     pub fn query_tiles(&self) -> &[QueryTile] {
@@ -257,9 +275,9 @@ impl Schedule {
     pub fn edge_tiles(&self) -> usize {
         self.visits.iter().filter(|v| v.edge).count()
     }
-    /// Query-key pairs the visited tiles compute (`BLOCK_Q x BLOCK_K` each).
+    /// Query-key pairs the visited tiles compute (`block_q x BLOCK_K` each).
     pub fn computed_pairs(&self) -> u64 {
-        self.visits.len() as u64 * (BLOCK_Q * BLOCK_K) as u64
+        self.visits.len() as u64 * (self.block_q * BLOCK_K) as u64
     }
 
     /// The two tables the GPU kernel reads: `tiles` (4 `u32` per query tile:
@@ -336,7 +354,7 @@ mod tests {
         let mut covered = vec![0u8; 0];
         let mut rows_seen = vec![false; n];
         for t in s.query_tiles() {
-            assert!(t.rows.len() <= BLOCK_Q && !t.rows.is_empty());
+            assert!(t.rows.len() <= s.block_q() && !t.rows.is_empty());
             let mut last_end = 0;
             for v in s.visits_of(t) {
                 assert!(v.keys.len() <= BLOCK_K && !v.keys.is_empty());
@@ -380,9 +398,12 @@ mod tests {
     #[test]
     fn every_allowed_pair_is_visited_once_and_edges_are_exact() {
         for l in layouts() {
-            check(&Schedule::ksa(&l).unwrap());
-            check(&Schedule::causal(l.len()).unwrap());
+            for bq in [16, 32, 64] {
+                check(&Schedule::with_block_q(MaskRule::Ksa(l), bq).unwrap());
+                check(&Schedule::with_block_q(MaskRule::Causal { len: l.len() }, bq).unwrap());
+            }
         }
+        assert!(Schedule::with_block_q(MaskRule::Causal { len: 5 }, 48).is_err());
         check(&Schedule::causal(0).unwrap());
     }
 

@@ -5,7 +5,7 @@
 use candle_core::{Device as Cpu, Tensor};
 use half::{bf16, f16};
 use ksa::cuda::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem};
-use ksa::cuda::schedule::{MaskRule, Schedule};
+use ksa::cuda::schedule::MaskRule;
 use ksa::Layout;
 use ptx_emu::{Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
@@ -50,6 +50,8 @@ pub struct Case {
     pub head_dim: usize,
     pub elem: Elem,
     pub seed: u64,
+    /// `None`: the launch's choice (the largest of 4, 2, 1 dividing the group).
+    pub heads_per_cta: Option<usize>,
 }
 
 pub struct Run {
@@ -91,8 +93,7 @@ pub fn inputs(case: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 /// Runs the kernel under the emulator (sanitizer on; any finding is an error).
 pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
     let n = case.rule.len();
-    let schedule = Schedule::new(case.rule).unwrap();
-    let problem = FwdProblem::contiguous(
+    let mut problem = FwdProblem::contiguous(
         case.batch,
         case.q_heads,
         case.kv_heads,
@@ -100,7 +101,8 @@ pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
         case.head_dim,
         case.elem,
     );
-    let launch = FwdLaunch::new(&schedule, &problem).unwrap();
+    problem.heads_per_cta = case.heads_per_cta;
+    let launch = FwdLaunch::new(case.rule, &problem).unwrap();
     let mut dev = Device::new();
     let qp = upload(&mut dev, case.elem, q);
     let kp = upload(&mut dev, case.elem, k);
@@ -256,7 +258,7 @@ pub fn check(case: &Case) -> Run {
         worst_lse = worst_lse.max(err);
     }
     eprintln!(
-        "ok {:?} n={} {:?} d={} b={} hq={} hkv={}: max |err| out {:.2e}, lse {:.2e}; {} visits, mma {}, bank conflicts {}, {:.2}s",
+        "ok {:?} N={} {:?} d={} b={} hq={} hkv={} heads/CTA={}: max |err| out {:.2e}, lse {:.2e}; {} visits, mma {}, bank conflicts {}, {:.2}s",
         case.rule_kind(),
         case.rule.len(),
         case.elem,
@@ -264,9 +266,10 @@ pub fn check(case: &Case) -> Run {
         case.batch,
         case.q_heads,
         case.kv_heads,
+        run.launch.heads_per_cta,
         worst.0,
         worst_lse,
-        Schedule::new(case.rule).unwrap().tiles_visited(),
+        run.launch.schedule.tiles_visited(),
         run.report.mma,
         run.report.bank_conflicts,
         run.report.wall.as_secs_f64()
@@ -285,6 +288,7 @@ impl Case {
             head_dim: 64,
             elem: Elem::Bf16,
             seed: (c * 1_000_003 + s * 1009 + w * 31 + n) as u64,
+            heads_per_cta: None,
         }
     }
     pub fn causal(n: usize) -> Self {
@@ -296,6 +300,7 @@ impl Case {
             head_dim: 64,
             elem: Elem::Bf16,
             seed: n as u64,
+            heads_per_cta: None,
         }
     }
     pub fn dim(mut self, d: usize) -> Self {
@@ -310,6 +315,10 @@ impl Case {
         self.batch = b;
         self.q_heads = hq;
         self.kv_heads = hkv;
+        self
+    }
+    pub fn heads_per_cta(mut self, h: usize) -> Self {
+        self.heads_per_cta = Some(h);
         self
     }
     pub fn rule_kind(&self) -> String {
