@@ -19,28 +19,36 @@ use ksa::{KsaConfig, Layout};
 mod emu;
 
 fn schedule_table() {
-    println!("## Key tiles visited (Rust schedule; tiles {}x{}; C=8 S=1 W=128)", 64, 64);
+    use ksa::cuda::schedule::MaskRule;
+    println!("## Key tiles visited (Rust schedule alone; C=8 S=1 W=128; key tiles of 64)");
     println!();
-    println!("| n (text) | N (slots) | KSA tiles | full causal tiles | tile ratio | allowed-pair ratio | tiles/pairs | KSA edge tiles |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("Query tiles of 64 rows (1 query head per CTA) and of 16 rows (4 query heads of a");
+    println!("GQA group per CTA, e.g. 32 query / 8 KV heads). Full causal = plain causal");
+    println!("attention over the n text tokens with the same tiles.");
+    println!();
+    println!("| n (text) | N (slots) | query rows/tile | KSA tiles | full causal tiles | tile ratio | allowed-pair ratio | tiles/pairs | KSA edge tiles |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in [8 * 1024, 32 * 1024, 128 * 1024] {
         let layout = Layout::new(KsaConfig::new(8, 1, 128).unwrap(), n).unwrap();
-        let ksa = Schedule::ksa(&layout).unwrap();
-        let full = Schedule::causal(n).unwrap();
-        let tile_ratio = full.tiles_visited() as f64 / ksa.tiles_visited() as f64;
-        let pair_ratio = layout.causal_text_pairs() as f64 / layout.pair_counts().total() as f64;
-        println!(
-            "| {}K | {} | {} | {} | {:.2}x | {:.2}x | {:.3} | {} ({:.1}%) |",
-            n / 1024,
-            layout.len(),
-            ksa.tiles_visited(),
-            full.tiles_visited(),
-            tile_ratio,
-            pair_ratio,
-            tile_ratio / pair_ratio,
-            ksa.edge_tiles(),
-            100.0 * ksa.edge_tiles() as f64 / ksa.tiles_visited() as f64
-        );
+        for bq in [64, 16] {
+            let ksa = Schedule::with_block_q(MaskRule::Ksa(layout), bq).unwrap();
+            let full = Schedule::with_block_q(MaskRule::Causal { len: n }, bq).unwrap();
+            let tile_ratio = full.tiles_visited() as f64 / ksa.tiles_visited() as f64;
+            let pair_ratio =
+                layout.causal_text_pairs() as f64 / layout.pair_counts().total() as f64;
+            println!(
+                "| {}K | {} | {bq} | {} | {} | {:.2}x | {:.2}x | {:.3} | {} ({:.1}%) |",
+                n / 1024,
+                layout.len(),
+                ksa.tiles_visited(),
+                full.tiles_visited(),
+                tile_ratio,
+                pair_ratio,
+                tile_ratio / pair_ratio,
+                ksa.edge_tiles(),
+                100.0 * ksa.edge_tiles() as f64 / ksa.tiles_visited() as f64
+            );
+        }
     }
     println!();
 }
@@ -48,14 +56,21 @@ fn schedule_table() {
 #[cfg(feature = "ptx")]
 fn emulator_table(n: usize, w: usize) {
     use emu::{run, Case};
-    use ksa::cuda::schedule::{MaskRule, BLOCK_Q};
+    use ksa::cuda::schedule::MaskRule;
     let d = 128;
     let layout = Layout::new(KsaConfig::new(8, 1, w).unwrap(), n).unwrap();
-    let ksa_case = Case::ksa(8, 1, w, n).dim(d);
-    let full_case = Case::causal(n).dim(d);
-    println!("## Emulator counters (ptx-emu; bf16, d={d}, 1 head, C=8 S=1 W={w}, n={n})");
+    let (hq, hkv) = (4, 1);
+    let ksa_case = Case::ksa(8, 1, w, n).dim(d).heads(1, hq, hkv);
+    let full_case = Case::causal(n).dim(d).heads(1, hq, hkv);
+    println!(
+        "## Emulator counters (ptx-emu; bf16, d={d}, {hq} query heads on {hkv} KV head, C=8 S=1 W={w}, n={n})"
+    );
     println!();
-    println!("| kernel | rows | query tiles | tile visits | mma | ldmatrix | bank conflicts | shared wavefronts | global read / query tile | minimum / query tile | read/min | emulator s |");
+    println!("A CTA serves the 4 query heads of the KV group (16-row query tiles). Minimum");
+    println!("bytes per CTA: its Q rows (all heads) plus the distinct K and V rows its");
+    println!("queries may see, read once. Bank conflicts: all shared accesses of the kernel.");
+    println!();
+    println!("| kernel | rows | CTAs | tile visits per head group | mma | ldmatrix | bank conflicts | shared wavefronts | global bytes read / CTA | minimum / CTA | read/min | emulator s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut mmas = Vec::new();
     for case in [ksa_case, full_case] {
@@ -83,9 +98,11 @@ fn emulator_table(n: usize, w: usize) {
                 }
                 end = end.max(r.end);
             }
-            min += ((t.rows.len() + 2 * distinct) * d * 2) as u64;
+            min += ((t.rows.len() * r.launch.heads_per_cta + 2 * distinct) * d * 2) as u64;
         }
-        let tiles = sched.query_tiles().len() as f64;
+        let groups = (hq / r.launch.heads_per_cta) as u64;
+        min *= groups;
+        let ctas = r.report.ctas as f64;
         let name = match case.rule {
             MaskRule::Ksa(_) => "KSA",
             MaskRule::Causal { .. } => "full causal",
@@ -93,19 +110,18 @@ fn emulator_table(n: usize, w: usize) {
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.1} |",
             case.rule.len(),
-            sched.query_tiles().len(),
+            r.report.ctas,
             sched.tiles_visited(),
             r.report.mma,
             r.report.ldmatrix,
             r.report.bank_conflicts,
             r.report.shared_wavefronts,
-            r.report.global_bytes_read as f64 / tiles,
-            min as f64 / tiles,
+            r.report.global_bytes_read as f64 / ctas,
+            min as f64 / ctas,
             r.report.global_bytes_read as f64 / min as f64,
             r.report.wall.as_secs_f64()
         );
         mmas.push(r.report.mma);
-        let _ = BLOCK_Q;
     }
     let pair_ratio = layout.causal_text_pairs() as f64 / layout.pair_counts().total() as f64;
     println!();
