@@ -12,7 +12,9 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("SKIP: no CUDA device ({e}); the kernel is tested under the emulator instead");
+            eprintln!(
+                "SKIP: no CUDA device ({e}); the kernel is tested under the emulator instead"
+            );
             None
         }
     }
@@ -75,14 +77,31 @@ fn typed_errors_before_launch() {
     let Some(dev) = gpu() else { return };
     let layout = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 64).unwrap();
     let n = layout.len();
-    let t = |d: usize, dt: DType| {
-        Tensor::zeros((1, 2, n, d), dt, &dev).unwrap()
-    };
-    let e = ksa::attention(&t(64, DType::F32), &t(64, DType::F32), &t(64, DType::F32), &layout);
-    assert!(matches!(e, Err(ksa::Error::UnsupportedDType { .. })), "{e:?}");
-    let e = ksa::attention(&t(96, DType::BF16), &t(96, DType::BF16), &t(96, DType::BF16), &layout);
-    assert!(matches!(e, Err(ksa::Error::UnsupportedHeadDim { .. })), "{e:?}");
-    let wide = Tensor::zeros((1, 2, 64, n), DType::BF16, &dev).unwrap().t().unwrap();
+    let t = |d: usize, dt: DType| Tensor::zeros((1, 2, n, d), dt, &dev).unwrap();
+    let e = ksa::attention(
+        &t(64, DType::F32),
+        &t(64, DType::F32),
+        &t(64, DType::F32),
+        &layout,
+    );
+    assert!(
+        matches!(e, Err(ksa::Error::UnsupportedDType { .. })),
+        "{e:?}"
+    );
+    let e = ksa::attention(
+        &t(96, DType::BF16),
+        &t(96, DType::BF16),
+        &t(96, DType::BF16),
+        &layout,
+    );
+    assert!(
+        matches!(e, Err(ksa::Error::UnsupportedHeadDim { .. })),
+        "{e:?}"
+    );
+    let wide = Tensor::zeros((1, 2, 64, n), DType::BF16, &dev)
+        .unwrap()
+        .t()
+        .unwrap();
     let e = ksa::attention(&wide, &t(64, DType::BF16), &t(64, DType::BF16), &layout);
     assert!(matches!(e, Err(ksa::Error::NonContiguous { .. })), "{e:?}");
 }

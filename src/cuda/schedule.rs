@@ -191,7 +191,13 @@ impl Schedule {
             row_ranges.clear();
             row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
             spans.clear();
-            spans.extend(row_ranges.iter().flatten().filter(|r| !r.is_empty()).cloned());
+            spans.extend(
+                row_ranges
+                    .iter()
+                    .flatten()
+                    .filter(|r| !r.is_empty())
+                    .cloned(),
+            );
             spans.sort_unstable_by_key(|r| r.start);
             let mut visits = Vec::new();
             let mut next_tile = 0usize; // first key tile not yet visited
@@ -204,8 +210,9 @@ impl Schedule {
                     b = b.max(spans[i].end);
                     i += 1;
                 }
-                for t in tile_of(a).max(next_tile)..=tile_of(b - 1) {
-                    let keys = ktiles[t].clone();
+                let (first, last) = (tile_of(a).max(next_tile), tile_of(b - 1));
+                for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
+                    let keys = keys.clone();
                     let full = keys.len() == BLOCK_K
                         && row_ranges.iter().all(|rr| {
                             rr.iter()
@@ -295,7 +302,10 @@ impl Schedule {
         }
         let mut entries = Vec::with_capacity(2 * self.visits.len());
         for v in &self.visits {
-            entries.extend([v.keys.start as u32, v.keys.end as u32 | (u32::from(v.edge) << 31)]);
+            entries.extend([
+                v.keys.start as u32,
+                v.keys.end as u32 | (u32::from(v.edge) << 31),
+            ]);
         }
         (tiles, entries)
     }

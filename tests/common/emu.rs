@@ -238,7 +238,10 @@ pub fn check(case: &Case) -> Run {
     let mut worst = (0f32, 0usize);
     for (i, (&g, &w)) in run.out.iter().zip(&want).enumerate() {
         let err = (g - w).abs();
-        assert!(err.is_finite() || g == w, "{case:?}: out[{i}] = {g}, want {w}");
+        assert!(
+            err.is_finite() || g == w,
+            "{case:?}: out[{i}] = {g}, want {w}"
+        );
         if err > worst.0 {
             worst = (err, i);
         }
