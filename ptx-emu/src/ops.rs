@@ -1,0 +1,354 @@
+//! Scalar semantics of the ALU instructions: each decoded ALU instruction holds a plain
+//! `fn(u64, u64, u64) -> u64` picked here at decode time, so execution does no string or
+//! modifier interpretation. Registers hold their value in the low bits of a `u64`;
+//! every function reads only the bits of its type and returns a zero-extended result.
+
+use half::{bf16, f16};
+
+/// A three-source ALU function on raw register bits.
+pub(crate) type F3 = fn(u64, u64, u64) -> u64;
+/// A comparison on raw register bits.
+pub(crate) type Cmp = fn(u64, u64) -> bool;
+
+/// Low `W` bits of `x`.
+#[inline(always)]
+pub(crate) fn m<const W: u32>(x: u64) -> u64 {
+    if W >= 64 {
+        x
+    } else {
+        x & ((1u64 << W) - 1)
+    }
+}
+
+/// The low `W` bits of `x`, sign-extended.
+#[inline(always)]
+pub(crate) fn s<const W: u32>(x: u64) -> i64 {
+    if W >= 64 {
+        x as i64
+    } else {
+        ((x << (64 - W)) as i64) >> (64 - W)
+    }
+}
+
+/// Flushes an f32 subnormal to a zero of the same sign (`.ftz`).
+#[inline(always)]
+pub(crate) fn flush(x: f32) -> f32 {
+    if x.is_subnormal() {
+        f32::from_bits(x.to_bits() & 0x8000_0000)
+    } else {
+        x
+    }
+}
+
+/// `.sat` for floats: clamps to [0, 1], NaN becomes +0.
+#[inline(always)]
+pub(crate) fn sat(x: f32) -> f32 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(0.0, 1.0)
+    }
+}
+
+/// PTX `min.f32`: NaN inputs are ignored unless both are NaN (then canonical NaN);
+/// `-0.0` is smaller than `+0.0`.
+#[inline(always)]
+pub(crate) fn fmin(a: f32, b: f32) -> f32 {
+    if a.is_nan() && b.is_nan() {
+        f32::from_bits(0x7FFF_FFFF)
+    } else if a.is_nan() {
+        b
+    } else if b.is_nan() {
+        a
+    } else if a == b {
+        if a.is_sign_negative() {
+            a
+        } else {
+            b
+        }
+    } else if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+/// PTX `max.f32` (see [`fmin`]); `+0.0` is larger than `-0.0`.
+#[inline(always)]
+pub(crate) fn fmax(a: f32, b: f32) -> f32 {
+    if a.is_nan() && b.is_nan() {
+        f32::from_bits(0x7FFF_FFFF)
+    } else if a.is_nan() {
+        b
+    } else if b.is_nan() {
+        a
+    } else if a == b {
+        if a.is_sign_positive() {
+            a
+        } else {
+            b
+        }
+    } else if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// `.NaN` variants of min/max: any NaN input gives the canonical NaN.
+#[inline(always)]
+pub(crate) fn fmin_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::from_bits(0x7FFF_FFFF)
+    } else {
+        fmin(a, b)
+    }
+}
+#[inline(always)]
+pub(crate) fn fmax_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::from_bits(0x7FFF_FFFF)
+    } else {
+        fmax(a, b)
+    }
+}
+
+#[inline(always)]
+pub(crate) fn f32_of(x: u64) -> f32 {
+    f32::from_bits(x as u32)
+}
+#[inline(always)]
+pub(crate) fn bits32(x: f32) -> u64 {
+    x.to_bits() as u64
+}
+
+/// Builds the four `.ftz`/`.sat` variants of an f32 operation and picks one.
+macro_rules! f32_fn {
+    ($ftz:expr, $sat:expr, |$x:ident, $y:ident, $z:ident| $body:expr) => {{
+        #[allow(unused_variables)]
+        fn f_plain_(a: u64, b: u64, c: u64) -> u64 {
+            let ($x, $y, $z) = (
+                $crate::ops::f32_of(a),
+                $crate::ops::f32_of(b),
+                $crate::ops::f32_of(c),
+            );
+            $crate::ops::bits32($body)
+        }
+        #[allow(unused_variables)]
+        fn f_ftz_(a: u64, b: u64, c: u64) -> u64 {
+            use $crate::ops::flush;
+            let ($x, $y, $z) = (
+                flush($crate::ops::f32_of(a)),
+                flush($crate::ops::f32_of(b)),
+                flush($crate::ops::f32_of(c)),
+            );
+            $crate::ops::bits32(flush($body))
+        }
+        #[allow(unused_variables)]
+        fn f_sat_(a: u64, b: u64, c: u64) -> u64 {
+            let ($x, $y, $z) = (
+                $crate::ops::f32_of(a),
+                $crate::ops::f32_of(b),
+                $crate::ops::f32_of(c),
+            );
+            $crate::ops::bits32($crate::ops::sat($body))
+        }
+        #[allow(unused_variables)]
+        fn f_ftz_sat_(a: u64, b: u64, c: u64) -> u64 {
+            use $crate::ops::flush;
+            let ($x, $y, $z) = (
+                flush($crate::ops::f32_of(a)),
+                flush($crate::ops::f32_of(b)),
+                flush($crate::ops::f32_of(c)),
+            );
+            $crate::ops::bits32($crate::ops::sat(flush($body)))
+        }
+        let f: $crate::ops::F3 = match ($ftz, $sat) {
+            (false, false) => f_plain_,
+            (true, false) => f_ftz_,
+            (false, true) => f_sat_,
+            (true, true) => f_ftz_sat_,
+        };
+        f
+    }};
+}
+pub(crate) use f32_fn;
+
+/// An f64 operation.
+macro_rules! f64_fn {
+    (|$x:ident, $y:ident, $z:ident| $body:expr) => {{
+        #[allow(unused_variables)]
+        fn f(a: u64, b: u64, c: u64) -> u64 {
+            let ($x, $y, $z) = (f64::from_bits(a), f64::from_bits(b), f64::from_bits(c));
+            let r: f64 = $body;
+            r.to_bits()
+        }
+        f as $crate::ops::F3
+    }};
+}
+pub(crate) use f64_fn;
+
+/// A half-precision operation (scalar `.f16`/`.bf16` or packed `x2`), computed in f64 and
+/// rounded once to the 16-bit format (exact for add/sub/mul/fma: the f64 result of one
+/// operation on 16-bit inputs is either exact or rounds innocuously).
+macro_rules! h_fn {
+    ($kind:ident, $packed:expr, |$x:ident, $y:ident, $z:ident| $body:expr) => {{
+        #[allow(unused_variables)]
+        fn h_one_(a: u64, b: u64, c: u64) -> u64 {
+            let ($x, $y, $z) = (
+                $crate::ops::$kind::to(a),
+                $crate::ops::$kind::to(b),
+                $crate::ops::$kind::to(c),
+            );
+            $crate::ops::$kind::from($body)
+        }
+        fn h_two_(a: u64, b: u64, c: u64) -> u64 {
+            h_one_(a & 0xFFFF, b & 0xFFFF, c & 0xFFFF)
+                | (h_one_(a >> 16 & 0xFFFF, b >> 16 & 0xFFFF, c >> 16 & 0xFFFF) << 16)
+        }
+        let f: $crate::ops::F3 = if $packed { h_two_ } else { h_one_ };
+        f
+    }};
+}
+pub(crate) use h_fn;
+
+/// f16 bit conversions.
+pub(crate) mod hf {
+    use super::f16;
+    #[inline(always)]
+    pub(crate) fn to(x: u64) -> f64 {
+        f16::from_bits(x as u16).to_f64()
+    }
+    #[inline(always)]
+    pub(crate) fn from(x: f64) -> u64 {
+        f16::from_f64(x).to_bits() as u64
+    }
+}
+/// bf16 bit conversions.
+pub(crate) mod bf {
+    use super::bf16;
+    #[inline(always)]
+    pub(crate) fn to(x: u64) -> f64 {
+        bf16::from_bits(x as u16).to_f64()
+    }
+    #[inline(always)]
+    pub(crate) fn from(x: f64) -> u64 {
+        bf16::from_f64(x).to_bits() as u64
+    }
+}
+
+/// f32 -> bf16 with round-to-nearest-even (NaN stays NaN), as `cvt.rn.bf16.f32`.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+/// f32 -> f16 with round-to-nearest-even, as `cvt.rn.f16.f32`.
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+/// Integer comparison codes.
+pub(crate) const EQ: u8 = 0;
+pub(crate) const NE: u8 = 1;
+pub(crate) const LT: u8 = 2;
+pub(crate) const LE: u8 = 3;
+pub(crate) const GT: u8 = 4;
+pub(crate) const GE: u8 = 5;
+/// Unordered float variants (`equ`...`geu`) are the ordered code + 8; `num`/`nan` are 16/17.
+pub(crate) const UNORD: u8 = 8;
+pub(crate) const NUM: u8 = 16;
+pub(crate) const NAN: u8 = 17;
+
+#[inline(always)]
+fn ord_cmp<T: PartialOrd>(c: u8, a: T, b: T) -> bool {
+    match c {
+        EQ => a == b,
+        NE => a != b,
+        LT => a < b,
+        LE => a <= b,
+        GT => a > b,
+        _ => a >= b,
+    }
+}
+
+/// Signed integer compare of width `W`.
+pub(crate) fn icmp_s<const C: u8, const W: u32>(a: u64, b: u64) -> bool {
+    ord_cmp(C, s::<W>(a), s::<W>(b))
+}
+/// Unsigned (or bit) compare of width `W`.
+pub(crate) fn icmp_u<const C: u8, const W: u32>(a: u64, b: u64) -> bool {
+    ord_cmp(C, m::<W>(a), m::<W>(b))
+}
+/// f32 compare; code per the constants above.
+pub(crate) fn fcmp32<const C: u8, const FTZ: bool>(a: u64, b: u64) -> bool {
+    let (mut x, mut y) = (f32_of(a), f32_of(b));
+    if FTZ {
+        x = flush(x);
+        y = flush(y);
+    }
+    fcmp(C, x as f64, y as f64)
+}
+/// f64 compare.
+pub(crate) fn fcmp64<const C: u8>(a: u64, b: u64) -> bool {
+    fcmp(C, f64::from_bits(a), f64::from_bits(b))
+}
+/// f16 / bf16 scalar compares.
+pub(crate) fn fcmp16<const C: u8, const BF: bool>(a: u64, b: u64) -> bool {
+    if BF {
+        fcmp(C, bf::to(a), bf::to(b))
+    } else {
+        fcmp(C, hf::to(a), hf::to(b))
+    }
+}
+
+#[inline(always)]
+fn fcmp(c: u8, x: f64, y: f64) -> bool {
+    let nan = x.is_nan() || y.is_nan();
+    match c {
+        NUM => !nan,
+        NAN => nan,
+        c if c >= UNORD => nan || ord_cmp(c - UNORD, x, y),
+        // Ordered `ne` is false when either input is NaN.
+        c => !nan && ord_cmp(c, x, y),
+    }
+}
+
+/// `prmt.b32` default mode: selects bytes of {b, a} by the nibbles of c (bit 3 of each
+/// nibble replicates the sign of the selected byte).
+pub(crate) fn prmt(a: u64, b: u64, c: u64) -> u64 {
+    let x = ((b as u32 as u64) << 32) | (a as u32 as u64);
+    let mut r = 0u64;
+    for i in 0..4 {
+        let sel = (c >> (4 * i)) & 0xF;
+        let mut byte = (x >> (8 * (sel & 7))) & 0xFF;
+        if sel & 8 != 0 {
+            byte = if byte & 0x80 != 0 { 0xFF } else { 0 };
+        }
+        r |= byte << (8 * i);
+    }
+    r
+}
+
+/// `bfe` (bit field extract) of width `W`.
+pub(crate) fn bfe<const W: u32, const SIGNED: bool>(a: u64, b: u64, c: u64) -> u64 {
+    let pos = (b & 0xFF) as u32;
+    let len = (c & 0xFF) as u32;
+    let msb = W - 1;
+    let sbit = if SIGNED && len > 0 {
+        let i = (pos + len - 1).min(msb);
+        (a >> i) & 1
+    } else {
+        0
+    };
+    let mut r = 0u64;
+    for i in 0..W {
+        let bit = if i < len && pos + i <= msb {
+            (a >> (pos + i)) & 1
+        } else {
+            sbit
+        };
+        r |= bit << i;
+    }
+    m::<W>(r)
+}
