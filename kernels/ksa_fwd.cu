@@ -187,6 +187,14 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         return static_cast<uint32_t>((row * CPR + (c ^ (row & 7))) * 16);
     };
 
+    // K ldmatrix: this lane's row inside a 16-key step, (lane & 7) + 8 * (lane >> 4),
+    // as a byte offset, and its swizzled column bits. The empty asm keeps nvcc from
+    // merging the two bit fields with `bfi` (which the project's emulator lacks).
+    int k_lane_hi = (lane >> 4) * 8;
+    asm("" : "+r"(k_lane_hi));
+    const uint32_t k_off = static_cast<uint32_t>(((lane & 7) + k_lane_hi) * CPR * 16);
+    const int k_x = (lane & 7) ^ ((lane >> 3) & 1);
+
     // ---- Q tile -> shared (group 0)
 #pragma unroll
     for (int i = tid; i < TILE; i += KSA_THREADS) {
@@ -241,9 +249,11 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     cp_async_wait<1>();
     __syncthreads();
     uint32_t qf[KS][4];
+    int q_warp_row = warp * 16;  // opaque to nvcc for the same reason as k_lane_hi
+    asm("" : "+r"(q_warp_row));
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-        const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int row = q_warp_row + (lane & 15);
         const int c = ks * 2 + (lane >> 4);
         ldmatrix_x4(qf[ks], s_q + sw(row, c));
     }
@@ -278,9 +288,9 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
 #pragma unroll
             for (int np = 0; np < 4; ++np) {
                 uint32_t bf[4];
-                const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                const int c = ks * 2 + ((lane >> 3) & 1);
-                ldmatrix_x4(bf, sk + sw(row, c));
+                // == sw(np * 16 + row, ks * 2 + ((lane >> 3) & 1))
+                ldmatrix_x4(bf, sk + k_off +
+                                    static_cast<uint32_t>((np * 16 * CPR + ((ks * 2) ^ k_x)) * 16));
                 Ops<T>::mma(s[2 * np], qf[ks], bf[0], bf[1]);
                 Ops<T>::mma(s[2 * np + 1], qf[ks], bf[2], bf[3]);
             }
