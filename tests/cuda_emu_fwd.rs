@@ -76,3 +76,10 @@ fn gqa_heads_per_cta() {
     check(&Case::ksa(16, 1, 1, 500).heads(2, 4, 2).dim(128).f16());
     check(&Case::causal(300).heads(1, 8, 4).dim(128));
 }
+
+#[test]
+fn strided_kv_heads() {
+    // K/V heads 37 rows apart from the next (NaN in between): the kernel
+    // follows the batch/head strides and never reads the padding.
+    check(&Case::ksa(8, 1, 2, 200).heads(2, 4, 2).pad_rows(37));
+}

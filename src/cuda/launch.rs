@@ -267,3 +267,60 @@ impl FwdLaunch {
         args
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KsaConfig, Layout};
+
+    fn rule() -> MaskRule {
+        MaskRule::Ksa(Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
+    }
+
+    #[test]
+    fn grid_args_and_packing() {
+        let n = rule().len();
+        let p = FwdProblem::contiguous(2, 32, 8, n, 128, Elem::Bf16);
+        let l = FwdLaunch::new(rule(), &p).unwrap();
+        assert_eq!(l.kernel, "ksa_fwd_bf16_d128");
+        assert_eq!(l.heads_per_cta, 4);
+        assert_eq!(l.schedule.block_q(), 16);
+        assert_eq!(l.grid, (l.schedule.query_tiles().len() as u32, 8, 2));
+        assert_eq!(l.block, (128, 1, 1));
+        assert_eq!(l.shared_bytes, 5 * 64 * 128 * 2);
+        let ptrs = FwdPointers {
+            q: 1,
+            k: 2,
+            v: 3,
+            o: 4,
+            lse: 5,
+            tiles: 6,
+            entries: 7,
+        };
+        let args = l.args(&ptrs);
+        assert_eq!(args.len(), 7 + 8 + 9 + 1);
+        assert_eq!(args[0], Arg::U64(1));
+        assert_eq!(args[6], Arg::U64(7));
+        assert_eq!(args[22], Arg::U32(4)); // group
+        assert_eq!(args[23], Arg::U32(2)); // log2(heads per CTA)
+        let mut p3 = FwdProblem::contiguous(1, 6, 2, n, 64, Elem::F16);
+        assert_eq!(FwdLaunch::new(rule(), &p3).unwrap().heads_per_cta, 1);
+        p3.heads_per_cta = Some(2);
+        assert!(FwdLaunch::new(rule(), &p3).is_err());
+    }
+
+    #[test]
+    fn typed_errors() {
+        let n = rule().len();
+        let p = FwdProblem::contiguous(1, 2, 1, n, 96, Elem::Bf16);
+        assert!(matches!(
+            FwdLaunch::new(rule(), &p),
+            Err(Error::UnsupportedHeadDim { got: 96, .. })
+        ));
+        let p = FwdProblem::contiguous(1, 3, 2, n, 64, Elem::Bf16);
+        assert!(matches!(
+            FwdLaunch::new(rule(), &p),
+            Err(Error::HeadsNotDivisible { .. })
+        ));
+    }
+}

@@ -4,7 +4,7 @@
 
 use candle_core::{Device as Cpu, Tensor};
 use half::{bf16, f16};
-use ksa::cuda::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem};
+use ksa::cuda::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use ksa::cuda::schedule::MaskRule;
 use ksa::Layout;
 use ptx_emu::{Device, LaunchReport, Module, Param};
@@ -52,6 +52,8 @@ pub struct Case {
     pub seed: u64,
     /// `None`: the launch's choice (the largest of 4, 2, 1 dividing the group).
     pub heads_per_cta: Option<usize>,
+    /// Unused (NaN) rows after every K/V head: non-contiguous head strides.
+    pub pad_rows: usize,
 }
 
 pub struct Run {
@@ -102,6 +104,30 @@ pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
         case.elem,
     );
     problem.heads_per_cta = case.heads_per_cta;
+    // Optionally lay k and v out with `pad_rows` unused rows after every head
+    // (and q as [b, N, hq, d]-like interleaved heads are not supported: rows must
+    // be contiguous), exercising the batch/head strides of the launch.
+    let (k, v) = if case.pad_rows > 0 {
+        let d = case.head_dim;
+        let hs = (n + case.pad_rows) * d;
+        let pad = |x: &[f32]| -> Vec<f32> {
+            let mut out = vec![f32::NAN; case.batch * case.kv_heads * hs];
+            for bh in 0..case.batch * case.kv_heads {
+                out[bh * hs..bh * hs + n * d].copy_from_slice(&x[bh * n * d..(bh + 1) * n * d]);
+            }
+            out
+        };
+        let st = Strides {
+            batch: (case.kv_heads * hs) as u64,
+            head: hs as u64,
+        };
+        problem.k = st;
+        problem.v = st;
+        (pad(k), pad(v))
+    } else {
+        (k.to_vec(), v.to_vec())
+    };
+    let (k, v) = (&k[..], &v[..]);
     let launch = FwdLaunch::new(case.rule, &problem).unwrap();
     let mut dev = Device::new();
     let qp = upload(&mut dev, case.elem, q);
@@ -292,6 +318,7 @@ impl Case {
             elem: Elem::Bf16,
             seed: (c * 1_000_003 + s * 1009 + w * 31 + n) as u64,
             heads_per_cta: None,
+            pad_rows: 0,
         }
     }
     pub fn causal(n: usize) -> Self {
@@ -304,6 +331,7 @@ impl Case {
             elem: Elem::Bf16,
             seed: n as u64,
             heads_per_cta: None,
+            pad_rows: 0,
         }
     }
     pub fn dim(mut self, d: usize) -> Self {
@@ -318,6 +346,10 @@ impl Case {
         self.batch = b;
         self.q_heads = hq;
         self.kv_heads = hkv;
+        self
+    }
+    pub fn pad_rows(mut self, rows: usize) -> Self {
+        self.pad_rows = rows;
         self
     }
     pub fn heads_per_cta(mut self, h: usize) -> Self {
