@@ -83,3 +83,33 @@ fn strided_kv_heads() {
     // follows the batch/head strides and never reads the padding.
     check(&Case::ksa(8, 1, 2, 200).heads(2, 4, 2).pad_rows(37));
 }
+
+/// A longer seeded sweep (run with `--ignored`): random C, S, W, n, head dim,
+/// dtype, batch, GQA group and heads per CTA.
+#[test]
+#[ignore]
+fn random_sweep_long() {
+    let mut rng = Rng::new(7);
+    for _ in 0..60 {
+        let c = [4, 8, 16, 64][rng.below(4)];
+        let s = [1, 2, 4][rng.below(3)];
+        let w = [0, 1, 3, 16, 100_000][rng.below(5)];
+        let n = 1 + rng.below(900);
+        let (hkv, group) = ([1, 2][rng.below(2)], [1, 2, 4][rng.below(3)]);
+        let mut case = Case::ksa(c, s, w, n).dim([64, 128][rng.below(2)]).heads(
+            1 + rng.below(2),
+            hkv * group,
+            hkv,
+        );
+        if rng.below(2) == 1 {
+            case = case.f16();
+        }
+        if rng.below(3) == 0 {
+            case = case.heads_per_cta(1);
+        }
+        check(&case);
+        if rng.below(4) == 0 {
+            check(&Case::causal(1 + rng.below(500)).heads(1, 2, 1));
+        }
+    }
+}
