@@ -88,6 +88,18 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t dst) {
     asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(dst), "r"(0) : "memory");
 }
 
+__device__ __forceinline__ void st_shared_u32(uint32_t dst, uint32_t x) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(x) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t src) {
+    uint4 x;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                 : "r"(src)
+                 : "memory");
+    return x;
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -362,27 +374,38 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         __syncthreads();  // this stage is overwritten by the load two iterations on
     }
 
-    // ---- epilogue: normalize, write O and the log-sum-exp
+    // ---- epilogue: normalize; stage this warp's 16 output rows in its own rows of
+    // the Q tile (only this warp ever read them), then write them to global memory
+    // as 16-byte row chunks; write the log-sum-exp.
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         float lt = l[hh];
         lt += __shfl_xor_sync(0xffffffffu, lt, 1);
         lt += __shfl_xor_sync(0xffffffffu, lt, 2);
         const uint32_t g = grow[hh];
-        if (g < q1) {
-            const float inv = 1.f / lt;
-            const uint32_t slot = geo.slot(g);
-            uint16_t* orow = ob + static_cast<uint64_t>(slot) * D;
+        const float inv = g < q1 ? 1.f / lt : 0.f;
+        // == sw(warp * 16 + gid + hh * 8, j) + tig * 4 (row & 7 == gid); the row offset
+        // goes through an empty asm so that nvcc does not emit `bfi` (see k_lane_hi).
+        uint32_t srow_off = static_cast<uint32_t>((warp * 16 + gid + hh * 8) * CPR * 16);
+        asm("" : "+r"(srow_off));
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const uint32_t packed =
-                    Ops<T>::pack(acc[j][2 * hh] * inv, acc[j][2 * hh + 1] * inv);
-                *reinterpret_cast<uint32_t*>(orow + j * 8 + tig * 2) = packed;
-            }
-            if (tig == 0) {
-                lse[(static_cast<uint64_t>(b) * n_heads + hw) * geo.n_slots + slot] =
-                    (m[hh] * scale_log2 + lg2(lt)) * 0.69314718055994531f;
-            }
+        for (int j = 0; j < NT; ++j) {
+            st_shared_u32(s_q + srow_off + static_cast<uint32_t>(((j ^ gid) << 4) + tig * 4),
+                          Ops<T>::pack(acc[j][2 * hh] * inv, acc[j][2 * hh + 1] * inv));
+        }
+        if (g < q1 && tig == 0) {
+            lse[(static_cast<uint64_t>(b) * n_heads + hw) * geo.n_slots + geo.slot(g)] =
+                (m[hh] * scale_log2 + lg2(lt)) * 0.69314718055994531f;
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        const int r = i / CPR, c = i % CPR;
+        const uint32_t g = q0 + rb * 16 + r;
+        if (g < q1) {
+            const uint4 x = ld_shared_v4(s_q + sw(warp * 16 + r, c));
+            *reinterpret_cast<uint4*>(ob + static_cast<uint64_t>(geo.slot(g)) * D + c * 8) = x;
         }
     }
 }
