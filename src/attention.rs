@@ -1,11 +1,12 @@
-//! The public entry point: KSA attention on candle tensors, routed by device.
+//! The public entry points: KSA attention and full causal attention on
+//! candle tensors, routed by device.
 
 use crate::check::check_qkv;
 use crate::layout::Layout;
-use crate::{reference, Error, Result};
+use crate::{cpu, Error, Result};
 use candle_core::{Device, Tensor};
 
-/// Options of [`attention_with`].
+/// Options of [`attention_with`] and [`causal_attention_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttentionOptions {
     /// Softmax scale; `None` means `1/sqrt(head_dim)`.
@@ -19,8 +20,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<
     attention_with(q, k, v, layout, &AttentionOptions::default())
 }
 
-/// [`attention`] with options. Runs where the tensors live; a device this
-/// build has no implementation for is an error, never a silent fallback.
+/// [`attention`] with options. Runs where the tensors live (CPU tensors: the
+/// block-sparse [`cpu`] path, computed in f32); a device this build has no
+/// implementation for is an error, never a silent fallback.
 pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -38,26 +40,61 @@ pub fn attention_with(
         });
     }
     match q.device() {
-        Device::Cpu => reference::attention_with_scale(q, k, v, layout, options.scale),
+        Device::Cpu => Ok(cpu::attention_with_lse(q, k, v, layout, options)?.0),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::cuda::op::forward(
+        Device::Cuda(_) => Ok(crate::cuda::op::forward(
             q,
             k,
             v,
             crate::cuda::schedule::MaskRule::Ksa(*layout),
             options.scale,
-        )
-        .map(|(out, _lse)| out),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::UnsupportedDevice {
-            op: "ksa::attention",
-            device: "CUDA".into(),
-            reason: "ksa was built without the `cuda` feature",
-        }),
-        Device::Metal(_) => Err(Error::UnsupportedDevice {
-            op: "ksa::attention",
+        )?
+        .0),
+        device => Err(unsupported("ksa::attention", device)),
+    }
+}
+
+/// Plain causal attention over all positions (the full-attention baseline,
+/// and what bypass layers use): same shapes and dtypes as [`attention`],
+/// without a layout. Scale `1/sqrt(d)`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    causal_attention_with(q, k, v, &AttentionOptions::default())
+}
+
+/// [`causal_attention`] with options, routed by device like [`attention_with`].
+pub fn causal_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<Tensor> {
+    check_qkv(q, k, v, "ksa::causal_attention")?;
+    match q.device() {
+        Device::Cpu => Ok(cpu::causal_attention_with_lse(q, k, v, options)?.0),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(crate::cuda::op::forward(
+            q,
+            k,
+            v,
+            crate::cuda::schedule::MaskRule::Causal { len: q.dims()[2] },
+            options.scale,
+        )?
+        .0),
+        device => Err(unsupported("ksa::causal_attention", device)),
+    }
+}
+
+fn unsupported(op: &'static str, device: &Device) -> Error {
+    match device {
+        Device::Metal(_) => Error::UnsupportedDevice {
+            op,
             device: "Metal".into(),
             reason: "ksa has no Metal implementation",
-        }),
+        },
+        _ => Error::UnsupportedDevice {
+            op,
+            device: "CUDA".into(),
+            reason: "ksa was built without the `cuda` feature",
+        },
     }
 }

@@ -8,7 +8,9 @@
 //!
 //! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
 //!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
-//! * [`attention`]: KSA attention on candle tensors.
+//! * [`attention`]: KSA attention on candle tensors; on CPU tensors the
+//!   block-sparse [`cpu`] path. [`causal_attention`]: the tiled full causal
+//!   baseline. [`schedule`]: the tile schedule every fast path shares.
 //! * [`reference`]: the dense f64 oracle every fast path is tested against.
 //!
 //! ```
@@ -28,13 +30,17 @@
 mod attention;
 mod check;
 pub mod config;
+pub mod cpu;
 pub mod cuda;
 mod error;
 pub mod layout;
 pub mod mask;
 pub mod reference;
+pub mod schedule;
 
-pub use attention::{attention, attention_with, AttentionOptions};
+pub use attention::{
+    attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
+};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
 pub use layout::{Layout, SlotKind};

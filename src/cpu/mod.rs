@@ -1,0 +1,378 @@
+//! The fast CPU path: block-sparse KSA attention and tiled causal attention.
+//!
+//! Per (batch, key/value head) the keys and values are gathered once, as
+//! f32, into gathered order (`n` text rows in text order, then the summaries
+//! chunk-major), so that every query's keys are two dense ranges. Text queries
+//! are processed in tiles of consecutive tokens, all query heads of a GQA
+//! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
+//! [`Schedule`] lists; scores and the value product are GEMMs (the `gemm`
+//! crate's microkernels), the softmax is online (streaming) in f32, and only
+//! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
+//! take a separate, direct pass. Work is spread over rayon's pool by query
+//! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
+//! f32 (`2 * N * d * 4` bytes) plus per-thread tiles; nothing of size `N x N`.
+//!
+//! Precision: f32, f16 and bf16 are computed in f32 and rounded once to the
+//! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
+//! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
+
+mod matmul;
+mod simd;
+mod tile;
+
+use crate::check::{check_qkv, QkvDims};
+use crate::layout::Layout;
+use crate::schedule::{Schedule, TileSizes};
+use crate::{AttentionOptions, Error, Result};
+use candle_core::{DType, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// KSA attention on CPU tensors with each row's log-sum-exp: `(out, lse)`,
+/// `out: [b, hq, N, d]` in the input dtype, `lse: [b, hq, N]` f32, the
+/// natural log of the sum of `exp(scale * q.k)` over the row's allowed keys
+/// (what a backward pass needs to recompute probabilities).
+pub fn attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: &Layout,
+    options: &AttentionOptions,
+) -> Result<(Tensor, Tensor)> {
+    CpuKernel::default().attention(q, k, v, layout, options)
+}
+
+/// Plain causal attention over all positions on CPU tensors, with each row's
+/// log-sum-exp; shapes and dtypes as [`attention_with_lse`].
+pub fn causal_attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<(Tensor, Tensor)> {
+    CpuKernel::default().causal_attention(q, k, v, options)
+}
+
+/// The CPU kernel with explicit tile sizes (the free functions use the
+/// tuned defaults; other sizes exist for tests and tuning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuKernel {
+    /// Text queries per query tile and keys per key tile.
+    pub tiles: TileSizes,
+}
+
+impl CpuKernel {
+    /// KSA attention with log-sum-exp; see [`attention_with_lse`].
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &Layout,
+        options: &AttentionOptions,
+    ) -> Result<(Tensor, Tensor)> {
+        self.attention_with_progress(q, k, v, layout, options, &|_, _| {})
+    }
+
+    /// [`CpuKernel::attention`] that reports progress: `progress(done, total)`
+    /// is called (from worker threads) after each unit of work, with `done`
+    /// counting up to `total`. For progress bars over long contexts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_progress(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &Layout,
+        options: &AttentionOptions,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<(Tensor, Tensor)> {
+        let dims = check_qkv(q, k, v, "ksa::cpu::attention")?;
+        if dims.len != layout.len() {
+            return Err(Error::LayoutLength {
+                name: "q",
+                expected: layout.len(),
+                got: dims.len,
+                text_tokens: layout.text_len(),
+            });
+        }
+        let schedule = Schedule::ksa(layout, self.tiles)?;
+        self.run(q, k, v, dims, &schedule, options, Some(progress))
+    }
+
+    /// Causal attention with log-sum-exp; see [`causal_attention_with_lse`].
+    pub fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        options: &AttentionOptions,
+    ) -> Result<(Tensor, Tensor)> {
+        let dims = check_qkv(q, k, v, "ksa::cpu::causal_attention")?;
+        let schedule = Schedule::causal(dims.len, self.tiles)?;
+        self.run(q, k, v, dims, &schedule, options, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dims: QkvDims,
+        schedule: &Schedule,
+        options: &AttentionOptions,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+    ) -> Result<(Tensor, Tensor)> {
+        if !q.device().is_cpu() {
+            return Err(Error::UnsupportedDevice {
+                op: "ksa::cpu",
+                device: format!("{:?}", q.device().location()),
+                reason: "the CPU path takes CPU tensors",
+            });
+        }
+        let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (out, lse) = match q.dtype() {
+            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, progress)?,
+            got => {
+                return Err(Error::UnsupportedDType {
+                    op: "ksa::cpu",
+                    got,
+                    supported: "f32, f16, bf16, f64",
+                })
+            }
+        };
+        Ok((out, lse))
+    }
+}
+
+/// The floating-point dtypes of the CPU path, converted to and from f32.
+pub(crate) trait Element: candle_core::WithDType + Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// The slice itself when it already is f32 (no conversion copy needed).
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn as_f32(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+}
+
+impl Element for f64 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+}
+
+impl Element for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl Element for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Runs `f` on the data of a contiguous CPU tensor.
+fn with_slice<T: Element, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        unreachable!("checked to be a CPU tensor")
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .expect("made contiguous by the caller");
+    f(&cpu.as_slice::<T>()?[start..end])
+}
+
+fn run_typed<T: Element>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: QkvDims,
+    schedule: &Schedule,
+    scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+) -> Result<(Tensor, Tensor)> {
+    let QkvDims {
+        batch: b,
+        q_heads: hq,
+        len: n,
+        head_dim: d,
+        ..
+    } = dims;
+    let mut out = vec![T::from_f32(0.0); b * hq * n * d];
+    let mut lse = vec![0f32; b * hq * n];
+    with_slice::<T, _>(q, |q| {
+        with_slice::<T, _>(k, |k| {
+            with_slice::<T, _>(v, |v| {
+                forward(q, k, v, dims, schedule, scale, progress, &mut out, &mut lse);
+                Ok(())
+            })
+        })
+    })?;
+    let device = q.device();
+    Ok((
+        Tensor::from_vec(out, (b, hq, n, d), device)?,
+        Tensor::from_vec(lse, (b, hq, n), device)?,
+    ))
+}
+
+/// Gathered row `g` of a head's keys (or values): text rows in text order,
+/// then summaries chunk-major. The slot of each gathered row.
+fn gathered_slots(schedule: &Schedule) -> Vec<u32> {
+    match schedule.layout() {
+        Some(layout) => {
+            let mut slots = layout.text_slots();
+            slots.extend(layout.summary_slots());
+            slots
+        }
+        None => (0..schedule.text_queries() as u32).collect(),
+    }
+}
+
+/// One head's K or V (`[N, d]`, slot order) in gathered order as f32,
+/// borrowed when no reordering or conversion is needed.
+fn gather<'a, T: Element>(src: &'a [T], slots: &[u32], d: usize, identity: bool) -> Cow<'a, [f32]> {
+    if identity {
+        if let Some(x) = T::as_f32(src) {
+            return Cow::Borrowed(x);
+        }
+    }
+    let mut dst = vec![0f32; slots.len() * d];
+    dst.par_chunks_mut(d * 256)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for (i, row) in rows.chunks_mut(d).enumerate() {
+                let slot = slots[block * 256 + i] as usize;
+                for (y, x) in row.iter_mut().zip(&src[slot * d..(slot + 1) * d]) {
+                    *y = x.to_f32();
+                }
+            }
+        });
+    Cow::Owned(dst)
+}
+
+/// A pointer to the output buffers that parallel tasks write through, each
+/// to its own rows.
+#[derive(Clone, Copy)]
+pub(crate) struct Out<T> {
+    pub(crate) out: *mut T,
+    pub(crate) lse: *mut f32,
+}
+// SAFETY: tasks write disjoint rows (each (head, slot) row belongs to exactly
+// one query tile or summary task), and the buffers outlive the parallel loop.
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Send> Sync for Out<T> {}
+
+/// Work items of one (batch, key/value head): text query tiles, heaviest
+/// (last) first so the pool ends balanced, then groups of summary chunks.
+#[derive(Clone, Copy)]
+enum Task {
+    Text(usize),
+    Summaries(usize, usize),
+}
+
+const SUMMARY_CHUNKS_PER_TASK: usize = 256;
+
+#[allow(clippy::too_many_arguments)]
+fn forward<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: QkvDims,
+    schedule: &Schedule,
+    scale: f32,
+    progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+    out: &mut [T],
+    lse: &mut [f32],
+) {
+    let QkvDims {
+        batch,
+        q_heads: hq,
+        kv_heads: hkv,
+        len: n,
+        head_dim: d,
+    } = dims;
+    if n == 0 || d == 0 || hq == 0 {
+        // Empty outputs; with d = 0 there are no scores, and lse stays 0.
+        return;
+    }
+    let slots = gathered_slots(schedule);
+    let identity = schedule.layout().is_none();
+    let chunks = schedule.summary_query_chunks();
+    let mut tasks: Vec<Task> = (0..schedule.query_tiles()).rev().map(Task::Text).collect();
+    tasks.extend(
+        (0..chunks)
+            .step_by(SUMMARY_CHUNKS_PER_TASK)
+            .map(|c| Task::Summaries(c, (c + SUMMARY_CHUNKS_PER_TASK).min(chunks))),
+    );
+    let ptr = Out {
+        out: out.as_mut_ptr(),
+        lse: lse.as_mut_ptr(),
+    };
+    let group = hq / hkv;
+    let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
+    for bi in 0..batch {
+        for kvh in 0..hkv {
+            let head = (bi * hkv + kvh) * n * d;
+            let kg = gather(&k[head..head + n * d], &slots, d, identity);
+            let vg = gather(&v[head..head + n * d], &slots, d, identity);
+            let ctx = tile::Context {
+                q,
+                k: &kg,
+                v: &vg,
+                schedule,
+                scale,
+                len: n,
+                d,
+                q_heads: hq,
+                batch: bi,
+                first_head: kvh * group,
+                group,
+                fast: matmul::fast_path(d),
+                out: ptr,
+            };
+            tasks.par_iter().for_each_init(
+                || tile::Scratch::new(&ctx),
+                |scratch, task| {
+                    match *task {
+                        Task::Text(t) => tile::text_tile(&ctx, scratch, t),
+                        Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                    }
+                    if let Some(report) = progress {
+                        report(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                    }
+                },
+            );
+        }
+    }
+}

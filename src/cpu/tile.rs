@@ -1,0 +1,259 @@
+//! The per-task kernels: one text query tile against its key tiles, and a
+//! group of chunks' summary queries.
+
+use super::{matmul, simd, Element, Out};
+use crate::schedule::{KeySpace, KeyTile, Schedule};
+use std::f32::consts::{LN_2, LOG2_E};
+use std::ops::Range;
+
+/// What every task of one (batch, key/value head) shares.
+pub(crate) struct Context<'a, T> {
+    /// All queries, `[b, hq, N, d]` in slot order.
+    pub q: &'a [T],
+    /// This head's keys and values in gathered order, f32.
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub schedule: &'a Schedule,
+    pub scale: f32,
+    /// `N` and `d`.
+    pub len: usize,
+    pub d: usize,
+    pub q_heads: usize,
+    pub batch: usize,
+    /// The query heads `first_head..first_head + group` share this K/V head.
+    pub first_head: usize,
+    pub group: usize,
+    /// Whether the tile products run on the AVX2 microkernel.
+    pub fast: bool,
+    pub out: Out<T>,
+}
+
+impl<T: Element> Context<'_, T> {
+    fn text_slot(&self, token: usize) -> usize {
+        match self.schedule.layout() {
+            Some(layout) => layout.text_slot(token).expect("token < n"),
+            None => token,
+        }
+    }
+
+    /// Gathered row of key `key` of `space`.
+    fn key_row(&self, space: KeySpace, key: usize) -> usize {
+        match space {
+            KeySpace::Text => key,
+            KeySpace::Summary => self.schedule.text_queries() + key,
+        }
+    }
+
+    /// Offset of the row of query head `head` at `slot` in `[b, hq, N, *]`.
+    fn row(&self, head: usize, slot: usize) -> usize {
+        (self.batch * self.q_heads + head) * self.len + slot
+    }
+
+    /// Loads query row `slot` of `head` as f32, times the scale and `log2(e)`
+    /// (the softmax then works with `exp2`).
+    fn load_query(&self, head: usize, slot: usize, dst: &mut [f32]) {
+        let row = self.row(head, slot) * self.d;
+        let factor = self.scale * LOG2_E;
+        for (y, x) in dst.iter_mut().zip(&self.q[row..row + self.d]) {
+            *y = x.to_f32() * factor;
+        }
+    }
+
+    /// Writes `acc / l` and the natural log-sum-exp of a finished row.
+    fn store(&self, head: usize, slot: usize, acc: &[f32], m: f32, l: f32) {
+        let row = self.row(head, slot);
+        let inv = 1.0 / l;
+        // SAFETY: every (head, slot) row is written by exactly one task, and
+        // `row` indexes inside the buffers `forward` allocated.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(self.out.out.add(row * self.d), self.d);
+            for (y, &x) in dst.iter_mut().zip(acc) {
+                *y = T::from_f32(x * inv);
+            }
+            *self.out.lse.add(row) = (m + l.log2()) * LN_2;
+        }
+    }
+}
+
+/// Per-thread buffers, reused across tasks.
+pub(crate) struct Scratch {
+    q: Vec<f32>,
+    o: Vec<f32>,
+    s: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    bounds: Vec<(usize, usize)>,
+    tiles: Vec<KeyTile>,
+    /// The transposed key tile of the microkernel.
+    pack: Vec<f32>,
+    /// Gathered key rows and scores of one summary query.
+    key_rows: Vec<usize>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    pub(crate) fn new<T>(ctx: &Context<'_, T>) -> Self {
+        let sizes = ctx.schedule.tile_sizes();
+        let rows = ctx.group * sizes.query;
+        Self {
+            q: vec![0.0; rows * ctx.d],
+            o: vec![0.0; rows * ctx.d],
+            s: vec![0.0; rows * matmul::score_stride(sizes.key)],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+            bounds: vec![(0, 0); rows],
+            tiles: Vec::new(),
+            pack: Vec::new(),
+            key_rows: Vec::new(),
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// Text query tile `tile` for all heads of the group: rows are ordered
+/// (head, token), so one GEMM per key tile covers the whole GQA group.
+pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile: usize) {
+    let (d, schedule) = (ctx.d, ctx.schedule);
+    let tokens = schedule.query_tile(tile);
+    let bq = tokens.len();
+    let rows = ctx.group * bq;
+    let stride = matmul::score_stride(schedule.tile_sizes().key);
+    for hh in 0..ctx.group {
+        for (i, token) in tokens.clone().enumerate() {
+            let r = hh * bq + i;
+            ctx.load_query(
+                ctx.first_head + hh,
+                ctx.text_slot(token),
+                &mut sc.q[r * d..(r + 1) * d],
+            );
+        }
+    }
+    sc.o[..rows * d].fill(0.0);
+    sc.m[..rows].fill(f32::NEG_INFINITY);
+    sc.l[..rows].fill(0.0);
+    schedule.key_tiles(tile, &mut sc.tiles);
+    for kt in &sc.tiles {
+        let keys = kt.len();
+        let base = ctx.key_row(kt.space, kt.start) * d;
+        let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
+        matmul::scores(
+            ctx.fast,
+            rows,
+            keys,
+            d,
+            &sc.q,
+            k,
+            &mut sc.s,
+            stride,
+            &mut sc.pack,
+        );
+        for (i, token) in tokens.clone().enumerate() {
+            let bound = if kt.full {
+                (0, keys)
+            } else {
+                let ranges = schedule.row_keys(token);
+                let range = match kt.space {
+                    KeySpace::Summary => ranges.summaries,
+                    KeySpace::Text => ranges.text,
+                };
+                let a = range.start.clamp(kt.start, kt.end) - kt.start;
+                let b = range.end.clamp(kt.start, kt.end) - kt.start;
+                (a, b.max(a))
+            };
+            for hh in 0..ctx.group {
+                sc.bounds[hh * bq + i] = bound;
+            }
+        }
+        simd::softmax_update(
+            &mut sc.s,
+            stride,
+            keys,
+            &sc.bounds[..rows],
+            &mut sc.m[..rows],
+            &mut sc.l[..rows],
+            &mut sc.o[..rows * d],
+            d,
+        );
+        matmul::accumulate(ctx.fast, rows, keys, d, &sc.s, stride, v, &mut sc.o);
+    }
+    for hh in 0..ctx.group {
+        for (i, token) in tokens.clone().enumerate() {
+            let r = hh * bq + i;
+            ctx.store(
+                ctx.first_head + hh,
+                ctx.text_slot(token),
+                &sc.o[r * d..(r + 1) * d],
+                sc.m[r],
+                sc.l[r],
+            );
+        }
+    }
+}
+
+/// The summary queries of `chunks`: each sees `C + j + 1` keys, too few for
+/// a GEMM to pay off, so scores and sums are direct.
+pub(crate) fn summary_chunks<T: Element>(
+    ctx: &Context<'_, T>,
+    sc: &mut Scratch,
+    chunks: Range<usize>,
+) {
+    let d = ctx.d;
+    let layout = ctx
+        .schedule
+        .layout()
+        .expect("summary tasks exist for KSA only");
+    let s_count = layout.config().summaries();
+    let qrow = &mut sc.q[..d];
+    let acc = &mut sc.o[..d];
+    for chunk in chunks {
+        for j in 0..s_count {
+            let keys = ctx
+                .schedule
+                .summary_query_keys(chunk, j)
+                .expect("complete chunk");
+            let slot = layout.summary_slot(chunk, j).expect("complete chunk");
+            let rows = &mut sc.key_rows;
+            rows.clear();
+            rows.extend(keys.text.map(|t| ctx.key_row(KeySpace::Text, t)));
+            rows.extend(keys.summaries.map(|s| ctx.key_row(KeySpace::Summary, s)));
+            sc.scores.resize(rows.len(), 0.0);
+            let scores = &mut sc.scores[..];
+            for hh in 0..ctx.group {
+                let head = ctx.first_head + hh;
+                ctx.load_query(head, slot, qrow);
+                for (score, &r) in scores.iter_mut().zip(rows.iter()) {
+                    *score = dot(qrow, &ctx.k[r * d..(r + 1) * d]);
+                }
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                acc.fill(0.0);
+                let mut l = 0.0;
+                for (&score, &r) in scores.iter().zip(rows.iter()) {
+                    let p = simd::exp2(score - m);
+                    l += p;
+                    for (a, &x) in acc.iter_mut().zip(&ctx.v[r * d..(r + 1) * d]) {
+                        *a += p * x;
+                    }
+                }
+                ctx.store(head, slot, acc, m, l);
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the compiler can vectorize the reduction.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

@@ -1,0 +1,318 @@
+//! The tile schedule of block-sparse KSA attention: which key tiles each query
+//! tile visits, which of them need an element mask, and every row's exact key
+//! bounds. Plain Rust over [`Layout`] and tile sizes, independent of any
+//! device, so the CPU path and the CUDA kernel share one statement of the KSA
+//! key ranges.
+//!
+//! Coordinates are the *gathered* ones of [`Layout::key_ranges`]: keys live in
+//! two spaces, the chunk-major summary list and the text in text order. Every
+//! text query's keys are one prefix of the summary list plus one causal run of
+//! text, so for a tile of consecutive text queries the union of their keys is
+//! one run per space, the intersection is a run as well, and keys in the
+//! intersection need no mask ("full" tiles) while the rest are "edge" tiles
+//! clipped per row to [`Schedule::row_keys`].
+//!
+//! Summary queries (a chunk's `S` summaries see that chunk's `C` text tokens
+//! and its summaries causally, `C + j + 1` keys) are cheap and scheduled per
+//! chunk by [`Schedule::summary_query_keys`].
+//!
+//! The same schedule also describes plain causal attention over `len`
+//! positions ([`Schedule::causal`]): one text space, no summaries.
+
+use crate::layout::Layout;
+use crate::mask::KeyRanges;
+use crate::{Error, Result};
+use std::ops::Range;
+
+/// Query and key tile sizes, in rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileSizes {
+    /// Consecutive text queries per query tile.
+    pub query: usize,
+    /// Keys per key tile.
+    pub key: usize,
+}
+
+impl Default for TileSizes {
+    /// The CPU path's tuned sizes.
+    fn default() -> Self {
+        Self {
+            query: 64,
+            key: 128,
+        }
+    }
+}
+
+/// Which of the two gathered key lists a key tile indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySpace {
+    /// The chunk-major summary list (`s = chunk*S + j`).
+    Summary,
+    /// Text tokens in text order (for causal attention: all positions).
+    Text,
+}
+
+/// One key tile a query tile visits: keys `start..end` of `space`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyTile {
+    /// The key list the range indexes.
+    pub space: KeySpace,
+    /// First key of the tile.
+    pub start: usize,
+    /// One past the last key of the tile.
+    pub end: usize,
+    /// Every row of the query tile may attend to every key of this tile: no
+    /// element mask needed. Otherwise clip each row to [`Schedule::row_keys`].
+    pub full: bool,
+}
+
+impl KeyTile {
+    /// Number of keys in the tile.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+    /// Whether the tile has no keys (never produced by the schedule).
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// Counts of (query tile, key tile) visits over a whole schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TileCounts {
+    /// Tiles computed without a mask.
+    pub full: u64,
+    /// Tiles that need an element mask.
+    pub edge: u64,
+}
+
+impl TileCounts {
+    /// All visited tiles.
+    pub fn total(&self) -> u64 {
+        self.full + self.edge
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Pattern {
+    Ksa(Layout),
+    Causal { len: usize },
+}
+
+/// The tile schedule of KSA attention over a [`Layout`], or of plain causal
+/// attention, for given [`TileSizes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Schedule {
+    pattern: Pattern,
+    tiles: TileSizes,
+}
+
+impl Schedule {
+    /// KSA attention over `layout`. Fails if a tile size is 0.
+    pub fn ksa(layout: &Layout, tiles: TileSizes) -> Result<Self> {
+        Self::new(Pattern::Ksa(*layout), tiles)
+    }
+
+    /// Plain causal attention over `len` positions (query `i` sees keys
+    /// `0..=i`). Fails if a tile size is 0.
+    pub fn causal(len: usize, tiles: TileSizes) -> Result<Self> {
+        Self::new(Pattern::Causal { len }, tiles)
+    }
+
+    fn new(pattern: Pattern, tiles: TileSizes) -> Result<Self> {
+        if tiles.query == 0 || tiles.key == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "tile sizes must be at least 1, got {tiles:?}"
+            )));
+        }
+        Ok(Self { pattern, tiles })
+    }
+
+    /// The tile sizes.
+    pub fn tile_sizes(&self) -> TileSizes {
+        self.tiles
+    }
+
+    /// The KSA layout, or `None` for a causal schedule.
+    pub fn layout(&self) -> Option<&Layout> {
+        match &self.pattern {
+            Pattern::Ksa(layout) => Some(layout),
+            Pattern::Causal { .. } => None,
+        }
+    }
+
+    /// Number of text queries (KSA: `n`; causal: `len`), tiled in order.
+    pub fn text_queries(&self) -> usize {
+        match self.pattern {
+            Pattern::Ksa(layout) => layout.text_len(),
+            Pattern::Causal { len } => len,
+        }
+    }
+
+    /// Number of text query tiles.
+    pub fn query_tiles(&self) -> usize {
+        self.text_queries().div_ceil(self.tiles.query)
+    }
+
+    /// The text queries of query tile `tile` (text indices).
+    pub fn query_tile(&self, tile: usize) -> Range<usize> {
+        let start = (tile * self.tiles.query).min(self.text_queries());
+        start..(start + self.tiles.query).min(self.text_queries())
+    }
+
+    /// The exact keys of text query `query` (a text index below
+    /// [`Schedule::text_queries`]), in gathered coordinates.
+    pub fn row_keys(&self, query: usize) -> KeyRanges {
+        match self.pattern {
+            Pattern::Ksa(layout) => {
+                let (c, s) = (layout.config().chunk_size(), layout.config().summaries());
+                let w0 = layout.window_start(query / c);
+                KeyRanges {
+                    summaries: 0..w0 * s,
+                    text: w0 * c..query + 1,
+                }
+            }
+            Pattern::Causal { .. } => KeyRanges {
+                summaries: 0..0,
+                text: 0..query + 1,
+            },
+        }
+    }
+
+    /// Appends the key tiles query tile `tile` visits to `out` (cleared
+    /// first): summary tiles, then text tiles, each in ascending key order,
+    /// at most [`TileSizes::key`] keys each. Every key some row of the tile
+    /// may see is in exactly one tile; no tile holds a key no row sees.
+    pub fn key_tiles(&self, tile: usize, out: &mut Vec<KeyTile>) {
+        out.clear();
+        let rows = self.query_tile(tile);
+        if rows.is_empty() {
+            return;
+        }
+        let (first, last) = (self.row_keys(rows.start), self.row_keys(rows.end - 1));
+        // Ranges move monotonically with the row: summary prefixes and text
+        // run starts never shrink, text run ends grow by one per row. So the
+        // union is first.start..last.end and the intersection last.start..first.end.
+        // Tiles start at the union's first key; a tile is full when it lies
+        // inside the intersection. Splitting at the intersection's borders
+        // instead would add up to three short tiles per query tile, which
+        // cost more in GEMM efficiency than masking a few keys saves.
+        for (space, a, b) in [
+            (KeySpace::Summary, first.summaries, last.summaries),
+            (KeySpace::Text, first.text, last.text),
+        ] {
+            let (union, inter) = (a.start..b.end, b.start..a.end);
+            let mut start = union.start;
+            while start < union.end {
+                let end = (start + self.tiles.key).min(union.end);
+                out.push(KeyTile {
+                    space,
+                    start,
+                    end,
+                    full: inter.start <= start && end <= inter.end,
+                });
+                start = end;
+            }
+        }
+    }
+
+    /// Number of complete chunks whose summaries are queries (0 for causal).
+    pub fn summary_query_chunks(&self) -> usize {
+        self.layout().map_or(0, Layout::full_chunks)
+    }
+
+    /// The keys of summary `j` of chunk `chunk` (gathered coordinates): the
+    /// chunk's `C` text tokens and its summaries `0..=j`. `None` for a causal
+    /// schedule or a summary that does not exist.
+    pub fn summary_query_keys(&self, chunk: usize, j: usize) -> Option<KeyRanges> {
+        let layout = self.layout()?;
+        let slot = layout.summary_slot(chunk, j)?;
+        layout.key_ranges(slot)
+    }
+
+    /// Key tiles visited by all text query tiles (summary queries excluded:
+    /// they are `C + S` keys per chunk, far below one tile).
+    pub fn visited_tiles(&self) -> TileCounts {
+        let mut counts = TileCounts::default();
+        let mut tiles = Vec::new();
+        for t in 0..self.query_tiles() {
+            self.key_tiles(t, &mut tiles);
+            for tile in &tiles {
+                if tile.full {
+                    counts.full += 1;
+                } else {
+                    counts.edge += 1;
+                }
+            }
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KsaConfig;
+
+    /// Every key of every row lies in exactly one visited tile, and full
+    /// tiles hold only keys every row of the tile may see.
+    fn check(schedule: &Schedule) {
+        let mut tiles = Vec::new();
+        for t in 0..schedule.query_tiles() {
+            schedule.key_tiles(t, &mut tiles);
+            for row in schedule.query_tile(t) {
+                let keys = schedule.row_keys(row);
+                for (space, range) in [
+                    (KeySpace::Summary, keys.summaries.clone()),
+                    (KeySpace::Text, keys.text.clone()),
+                ] {
+                    for key in range.clone() {
+                        let hits = tiles
+                            .iter()
+                            .filter(|k| k.space == space && (k.start..k.end).contains(&key))
+                            .count();
+                        assert_eq!(hits, 1, "row {row} key {key} {space:?}");
+                    }
+                    for tile in tiles.iter().filter(|k| k.space == space && k.full) {
+                        assert!(range.start <= tile.start && tile.end <= range.end);
+                    }
+                }
+            }
+            for tile in &tiles {
+                assert!(!tile.is_empty() && tile.len() <= schedule.tile_sizes().key);
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_cover_exactly_the_allowed_keys() {
+        for (c, s, w) in [
+            (1, 1, 0),
+            (2, 1, 1),
+            (3, 2, 2),
+            (8, 1, 128),
+            (4, 3, 0),
+            (5, 1, 100),
+        ] {
+            for n in [0, 1, 7, 40, 97] {
+                let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+                for (q, k) in [(1, 1), (4, 3), (16, 8), (64, 128)] {
+                    let tiles = TileSizes { query: q, key: k };
+                    let schedule = Schedule::ksa(&layout, tiles).unwrap();
+                    for row in 0..n {
+                        let slot = layout.text_slot(row).unwrap();
+                        assert_eq!(schedule.row_keys(row), layout.key_ranges(slot).unwrap());
+                    }
+                    check(&schedule);
+                    check(&Schedule::causal(n, tiles).unwrap());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_tile_size_is_an_error() {
+        let tiles = TileSizes { query: 0, key: 4 };
+        assert!(Schedule::causal(4, tiles).is_err());
+    }
+}
