@@ -1,20 +1,21 @@
-//! The KSA tile schedule: which key tiles each query tile visits, and which of
-//! them need the element mask (edge tiles) and which are fully allowed.
+//! The GPU launch schedule: which key tiles each query tile of the kernel
+//! visits, and which of them need the element mask (edge tiles).
 //!
-//! Device-agnostic (plain Rust, no CUDA): the GPU launch uploads it as two
-//! small tables, and a CPU tiled path can iterate over the same structure.
+//! Built on the crate's shared tile schedule ([`crate::schedule`], also used
+//! by the CPU path) for the text queries (all queries in causal mode), and
+//! extended with what the GPU needs on top: tiles of summary queries (the
+//! shared schedule lists their few keys per chunk), one row space for queries
+//! and keys, heaviest-first ordering and the two tables the kernel reads.
 //!
 //! Rows are in *gathered* coordinates: under [`MaskRule::Ksa`] row `g <
 //! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
 //! n_sum` is text token `g - n_sum`; under [`MaskRule::Causal`] `g` is the slot.
 //! Queries and keys use the same coordinates. Every query's keys are then two
-//! dense ranges of `g` ([`MaskRule::row_ranges`]), the closed form of
-//! [`Layout::key_ranges`]. Both regions (summaries, text) are cut into tiles
-//! of [`BLOCK_Q`] / [`BLOCK_K`] rows starting at the region's first row, so a
-//! text query tile and the text key tiles share their boundaries and the causal
-//! diagonal falls on one edge tile.
+//! dense ranges of `g` ([`MaskRule::row_ranges`], the closed form of
+//! [`Layout::key_ranges`] that the kernel's edge mask mirrors).
 
 use crate::layout::Layout;
+use crate::schedule::{KeySpace, Schedule as TextSchedule, TileSizes};
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -174,55 +175,93 @@ impl Schedule {
                 limit: (1 << 31) - 1,
             });
         }
-        let ktiles = rule.tiles(BLOCK_K);
         let ns = rule.summary_rows();
-        let ns_tiles = ns.div_ceil(BLOCK_K);
-        let tile_of = |g: usize| {
-            if g < ns {
-                g / BLOCK_K
-            } else {
-                ns_tiles + (g - ns) / BLOCK_K
-            }
-        };
         let mut tiles: Vec<(Range<usize>, Vec<KeyVisit>)> = Vec::new();
-        let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
-        let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
-        for rows in rule.tiles(block_q) {
-            row_ranges.clear();
-            row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
-            spans.clear();
-            spans.extend(
-                row_ranges
-                    .iter()
-                    .flatten()
-                    .filter(|r| !r.is_empty())
-                    .cloned(),
-            );
-            spans.sort_unstable_by_key(|r| r.start);
-            let mut visits = Vec::new();
-            let mut next_tile = 0usize; // first key tile not yet visited
-            let mut i = 0;
-            while i < spans.len() {
-                // Merge overlapping or adjacent spans.
-                let (a, mut b) = (spans[i].start, spans[i].end);
-                i += 1;
-                while i < spans.len() && spans[i].start <= b {
-                    b = b.max(spans[i].end);
+
+        // Text queries (all queries when causal): the crate's shared schedule
+        // (`crate::schedule`), mapped to gathered rows. A key tile shorter than
+        // BLOCK_K is an edge tile here: the kernel zero-fills the rest of its
+        // shared tile and only the element mask keeps those rows out.
+        let sizes = TileSizes {
+            query: block_q,
+            key: BLOCK_K,
+        };
+        let text = match rule {
+            MaskRule::Ksa(layout) => TextSchedule::ksa(&layout, sizes)?,
+            MaskRule::Causal { len } => TextSchedule::causal(len, sizes)?,
+        };
+        let mut buf = Vec::new();
+        for t in 0..text.query_tiles() {
+            let q = text.query_tile(t);
+            text.key_tiles(t, &mut buf);
+            let visits = buf
+                .iter()
+                .map(|k| {
+                    let base = match k.space {
+                        KeySpace::Summary => 0,
+                        KeySpace::Text => ns,
+                    };
+                    KeyVisit {
+                        keys: base + k.start..base + k.end,
+                        edge: !k.full || k.len() < BLOCK_K,
+                    }
+                })
+                .collect();
+            tiles.push((ns + q.start..ns + q.end, visits));
+        }
+
+        // Summary queries (KSA): the shared schedule lists their keys per
+        // chunk; the GPU tiles them too, `block_q` summaries per tile, each
+        // visiting the key tiles of a fixed grid its rows can see.
+        if ns > 0 {
+            let ktiles = rule.tiles(BLOCK_K);
+            let ns_tiles = ns.div_ceil(BLOCK_K);
+            let tile_of = |g: usize| {
+                if g < ns {
+                    g / BLOCK_K
+                } else {
+                    ns_tiles + (g - ns) / BLOCK_K
+                }
+            };
+            let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
+            let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
+            for rows in rule.tiles(block_q).into_iter().filter(|r| r.start < ns) {
+                row_ranges.clear();
+                row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
+                spans.clear();
+                spans.extend(
+                    row_ranges
+                        .iter()
+                        .flatten()
+                        .filter(|r| !r.is_empty())
+                        .cloned(),
+                );
+                spans.sort_unstable_by_key(|r| r.start);
+                let mut visits = Vec::new();
+                let mut next_tile = 0usize; // first key tile not yet visited
+                let mut i = 0;
+                while i < spans.len() {
+                    // Merge overlapping or adjacent spans.
+                    let (a, mut b) = (spans[i].start, spans[i].end);
                     i += 1;
+                    while i < spans.len() && spans[i].start <= b {
+                        b = b.max(spans[i].end);
+                        i += 1;
+                    }
+                    let (first, last) = (tile_of(a).max(next_tile), tile_of(b - 1));
+                    for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
+                        let keys = keys.clone();
+                        let full = keys.len() == BLOCK_K
+                            && row_ranges.iter().all(|rr| {
+                                rr.iter()
+                                    .any(|r| r.start <= keys.start && keys.end <= r.end)
+                            });
+                        visits.push(KeyVisit { keys, edge: !full });
+                        next_tile = t + 1;
+                    }
                 }
-                let (first, last) = (tile_of(a).max(next_tile), tile_of(b - 1));
-                for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
-                    let keys = keys.clone();
-                    let full = keys.len() == BLOCK_K
-                        && row_ranges.iter().all(|rr| {
-                            rr.iter()
-                                .any(|r| r.start <= keys.start && keys.end <= r.end)
-                        });
-                    visits.push(KeyVisit { keys, edge: !full });
-                    next_tile = t + 1;
-                }
+                tiles.push((rows, visits));
             }
-            tiles.push((rows, visits));
         }
         // Heaviest first (stable: equal tiles keep their order).
         tiles.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
