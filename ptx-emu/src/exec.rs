@@ -310,6 +310,8 @@ struct Cta<'a> {
     executed: u64,
     /// First read of never-written shared memory, reported at the next barrier.
     uninit: Option<Error>,
+    /// Operand buffer of batched ALU instructions.
+    lanes: Option<Box<ops::Lanes>>,
 }
 
 #[inline(always)]
@@ -374,6 +376,12 @@ impl<'a> Cta<'a> {
             rep: LaunchReport::default(),
             executed: 0,
             uninit: None,
+            lanes: Some(Box::new(ops::Lanes {
+                a: [0; 32],
+                b: [0; 32],
+                c: [0; 32],
+                d: [0; 32],
+            })),
         }
     }
 
@@ -900,7 +908,13 @@ impl<'a> Cta<'a> {
 
     fn run_warp(&mut self, w: &mut Warp) -> Result<(), Error> {
         let k = self.k;
+        // Time slice: a warp that spins on a flag another warp sets must let it run.
+        let mut budget = 1u32 << 16;
         loop {
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return Ok(());
+            }
             let mut run = 0u32;
             let mut minpc = u32::MAX;
             for l in lanes(w.exists) {
@@ -999,11 +1013,31 @@ impl<'a> Cta<'a> {
     ) -> Result<Flow, Error> {
         match &ins.op {
             Op::Alu { f, d, a, b, c } => {
-                let d = *d as usize * 32;
-                for l in lanes(exec) {
-                    let r = f(self.rd(w, *a, l), self.rd(w, *b, l), self.rd(w, *c, l));
-                    w.regs[d + l] = r;
+                let mut x = self.lanes.take().expect("lane buffer");
+                {
+                    let xr = &mut *x;
+                    for (dst, s) in [(&mut xr.a, a), (&mut xr.b, b), (&mut xr.c, c)] {
+                        match *s {
+                            Src::Reg(r) => dst.copy_from_slice(&w.regs[r as usize * 32..][..32]),
+                            Src::Imm(v) => *dst = [v; 32],
+                            Src::Sp(_) => {
+                                for l in lanes(exec) {
+                                    dst[l] = self.rd(w, *s, l);
+                                }
+                            }
+                        }
+                    }
                 }
+                f(&mut x);
+                let d = *d as usize * 32;
+                if exec == u32::MAX {
+                    w.regs[d..d + 32].copy_from_slice(&x.d);
+                } else {
+                    for l in lanes(exec) {
+                        w.regs[d + l] = x.d[l];
+                    }
+                }
+                self.lanes = Some(x);
             }
             Op::Setp {
                 f,
@@ -1754,52 +1788,56 @@ fn mma_m16n8k16(
     b: &[Src; 2],
     c: &[Src; 4],
 ) {
+    // Operand rows: one value per lane.
+    let row = |s: Src| -> [u64; 32] {
+        match s {
+            Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
+            s => std::array::from_fn(|l| cta.rd(w, s, l)),
+        }
+    };
+    let (ar, br, cr) = (a.map(row), b.map(row), c.map(row));
+    // Both conversions are exact: bf16 is the top half of an f32.
     let cv = |x: u64| -> f32 {
         if bf16 {
-            bf::to(x & 0xFFFF) as f32
+            f32::from_bits(((x & 0xFFFF) as u32) << 16)
         } else {
-            hf::to(x & 0xFFFF) as f32
+            half::f16::from_bits(x as u16).to_f32()
         }
     };
     let mut am = [[0f32; 16]; 16];
     let mut bm = [[0f32; 8]; 16];
-    let mut cm = [[0f32; 8]; 16];
+    let mut dm = [[0f32; 8]; 16];
     for l in 0..32 {
         let (g, t) = (l / 4, l % 4);
-        for (r, src) in a.iter().enumerate() {
-            let v = cta.rd(w, *src, l);
-            for h in 0..2 {
-                let i = 2 * r + h;
-                let row = if i < 2 || (4..6).contains(&i) {
-                    g
-                } else {
-                    g + 8
-                };
-                let col = t * 2 + (i & 1) + if i >= 4 { 8 } else { 0 };
-                am[row][col] = cv(v >> (16 * h));
-            }
+        for (r, regs) in ar.iter().enumerate() {
+            let v = regs[l];
+            // Register r holds a_{2r} (low half) and a_{2r+1} (high half).
+            let row = if r % 2 == 0 { g } else { g + 8 };
+            let col = t * 2 + if r >= 2 { 8 } else { 0 };
+            am[row][col] = cv(v);
+            am[row][col + 1] = cv(v >> 16);
         }
-        for (r, src) in b.iter().enumerate() {
-            let v = cta.rd(w, *src, l);
-            for h in 0..2 {
-                let i = 2 * r + h;
-                let row = t * 2 + (i & 1) + if i >= 2 { 8 } else { 0 };
-                bm[row][g] = cv(v >> (16 * h));
-            }
+        for (r, regs) in br.iter().enumerate() {
+            let v = regs[l];
+            let row = t * 2 + if r == 1 { 8 } else { 0 };
+            bm[row][g] = cv(v);
+            bm[row + 1][g] = cv(v >> 16);
         }
-        for (i, src) in c.iter().enumerate() {
+        for (i, regs) in cr.iter().enumerate() {
             let row = if i < 2 { g } else { g + 8 };
-            cm[row][t * 2 + (i & 1)] = f32_of(cta.rd(w, *src, l));
+            dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
         }
     }
-    let mut dm = [[0f32; 8]; 16];
+    // D = C + A.B: for each element, products added in order of k, each sum rounded to
+    // f32 (mul and add are separate: no fused rounding). The j loop vectorizes.
     for i in 0..16 {
-        for j in 0..8 {
-            let mut acc = cm[i][j];
-            for (k, arow) in am[i].iter().enumerate() {
-                acc += arow * bm[k][j];
+        let acc = &mut dm[i];
+        for k in 0..16 {
+            let x = am[i][k];
+            let brow = &bm[k];
+            for j in 0..8 {
+                acc[j] += x * brow[j];
             }
-            dm[i][j] = acc;
         }
     }
     for l in 0..32 {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::Error;
-use crate::ops::{self, f32_fn, f64_fn, h_fn, m, s, Cmp, F3};
+use crate::ops::{self, batch, f32_fn, f64_fn, h_fn, m, s, Cmp, F3};
 use crate::parse::{EntryAst, Imm, InstrAst, ModuleAst, OperandAst, Stmt, VarDecl};
 
 /// Register index (a per-thread `u64` slot).
@@ -311,10 +311,6 @@ impl Instr {
                 | Op::Ldmatrix { .. }
                 | Op::WarpSync { .. }
         )
-    }
-    /// Instructions after which straight-line batching must stop.
-    pub(crate) fn ends_block(&self) -> bool {
-        matches!(self.op, Op::Bra { .. } | Op::Exit | Op::Bar { .. }) || self.is_collective()
     }
 }
 
@@ -632,11 +628,11 @@ fn ty_bits(t: &str) -> Option<u32> {
 macro_rules! by_width {
     ($w:expr, $f:ident $(, $extra:tt)*) => {
         match $w {
-            1 => $f::<1 $(, $extra)*> as F3,
-            8 => $f::<8 $(, $extra)*> as F3,
-            16 => $f::<16 $(, $extra)*> as F3,
-            32 => $f::<32 $(, $extra)*> as F3,
-            _ => $f::<64 $(, $extra)*> as F3,
+            1 => batch!($f::<1 $(, $extra)*>),
+            8 => batch!($f::<8 $(, $extra)*>),
+            16 => batch!($f::<16 $(, $extra)*>),
+            32 => batch!($f::<32 $(, $extra)*>),
+            _ => batch!($f::<64 $(, $extra)*>),
         }
     };
 }
@@ -1010,26 +1006,32 @@ impl Dec<'_> {
                 let to = has("to");
                 let sp = self.space(mods);
                 let f: F3 = match (to, sp) {
-                    (_, Space::Global) => i_mov::<64>,
-                    (false, Space::Shared) => {
-                        |a, _, _| crate::memory::SHARED_WINDOW + (a & 0xFFFF_FFFF)
+                    (_, Space::Global) => batch!(i_mov::<64>),
+                    (false, Space::Shared) => batch!(|a: u64, _: u64, _: u64| {
+                        crate::memory::SHARED_WINDOW + (a & 0xFFFF_FFFF)
+                    }),
+                    (true, Space::Shared) => {
+                        batch!(|a: u64, _: u64, _: u64| a.wrapping_sub(crate::memory::SHARED_WINDOW))
                     }
-                    (true, Space::Shared) => |a, _, _| a.wrapping_sub(crate::memory::SHARED_WINDOW),
-                    (false, Space::Local) => {
-                        |a, _, _| crate::memory::LOCAL_WINDOW + (a & 0xFFFF_FFFF)
+                    (false, Space::Local) => batch!(|a: u64, _: u64, _: u64| {
+                        crate::memory::LOCAL_WINDOW + (a & 0xFFFF_FFFF)
+                    }),
+                    (true, Space::Local) => {
+                        batch!(|a: u64, _: u64, _: u64| a.wrapping_sub(crate::memory::LOCAL_WINDOW))
                     }
-                    (true, Space::Local) => |a, _, _| a.wrapping_sub(crate::memory::LOCAL_WINDOW),
                     _ => return self.err("unsupported cvta state space"),
                 };
                 let f = if ty == Some("u32") {
                     match (to, sp) {
                         (true, Space::Shared) => {
-                            (|a, _, _| (a.wrapping_sub(crate::memory::SHARED_WINDOW)) & 0xFFFF_FFFF)
-                                as F3
+                            batch!(|a: u64, _: u64, _: u64| (a
+                                .wrapping_sub(crate::memory::SHARED_WINDOW))
+                                & 0xFFFF_FFFF)
                         }
                         (true, Space::Local) => {
-                            (|a, _, _| (a.wrapping_sub(crate::memory::LOCAL_WINDOW)) & 0xFFFF_FFFF)
-                                as F3
+                            batch!(|a: u64, _: u64, _: u64| (a
+                                .wrapping_sub(crate::memory::LOCAL_WINDOW))
+                                & 0xFFFF_FFFF)
                         }
                         _ => return self.err("32-bit generic addresses are not supported"),
                     }
@@ -1231,7 +1233,12 @@ impl Dec<'_> {
                 if has("bulk") || has("mbarrier") {
                     return self.err("cp.async.bulk / mbarrier forms are not supported");
                 }
-                if ops.len() < 3 || ops.len() > 4 {
+                // `.L2::cache_hint` adds a trailing cache-policy operand (a hint: ignored).
+                let nops = ops.len() - usize::from(has("L2::cache_hint"));
+                if has("ignore-src") || mods.iter().any(|m| m.starts_with("ignore")) {
+                    return self.err("cp.async with an ignore-src predicate is not supported");
+                }
+                if !(3..=4).contains(&nops) {
                     return self.err("cp.async needs dst, src, cp-size[, src-size]");
                 }
                 let size = match &ops[2] {
@@ -1241,7 +1248,7 @@ impl Dec<'_> {
                 if has("cg") && size != 16 {
                     return self.err("cp.async.cg requires cp-size 16");
                 }
-                let src_size = if ops.len() == 4 {
+                let src_size = if nops == 4 {
                     Some(self.src(&ops[3], false)?)
                 } else {
                     None
@@ -1606,12 +1613,55 @@ impl Dec<'_> {
             .ok_or(())
             .or_else(|_| self.err(format!("unsupported instruction `{}`", self.ins.opcode)))?;
         let has = |m: &str| mods.contains(&m);
-        for r in ["rz", "rm", "rp"] {
-            if has(r) {
-                return self.err(format!(
-                    "rounding mode .{r} is not supported for arithmetic"
-                ));
+        let dir = if has("rz") {
+            ops::RZ
+        } else if has("rm") {
+            ops::RM
+        } else if has("rp") {
+            ops::RP
+        } else {
+            0
+        };
+        if dir != 0 {
+            if t != "f32" || satm || !matches!(base, "add" | "sub" | "mul" | "fma" | "mad") {
+                return self.err("directed rounding is supported for f32 add/sub/mul/fma only");
             }
+            macro_rules! pick {
+                ($f:ident) => {
+                    match (dir, ftz) {
+                        (ops::RZ, false) => batch!(ops::$f::<{ ops::RZ }, false>),
+                        (ops::RZ, true) => batch!(ops::$f::<{ ops::RZ }, true>),
+                        (ops::RM, false) => batch!(ops::$f::<{ ops::RM }, false>),
+                        (ops::RM, true) => batch!(ops::$f::<{ ops::RM }, true>),
+                        (_, false) => batch!(ops::$f::<{ ops::RP }, false>),
+                        _ => batch!(ops::$f::<{ ops::RP }, true>),
+                    }
+                };
+            }
+            let (f, n) = match base {
+                "add" => (pick!(fadd_dir), 2),
+                "sub" => (pick!(fsub_dir), 2),
+                "mul" => (pick!(fmul_dir), 2),
+                _ => (pick!(ffma_dir), 3),
+            };
+            self.nops(n + 1)?;
+            let src = |i: usize| -> Result<Src, Error> {
+                if i <= n {
+                    self.src(&ops[i], true)
+                } else {
+                    Ok(Src::Imm(0))
+                }
+            };
+            return Ok((
+                Op::Alu {
+                    f,
+                    d: self.dst(&ops[0])?,
+                    a: src(1)?,
+                    b: src(2)?,
+                    c: src(3)?,
+                },
+                Class::Float,
+            ));
         }
         let f32l = t == "f32";
         let (f, class, n): (F3, Class, usize) = match t {
@@ -1753,21 +1803,21 @@ impl Dec<'_> {
                 let wide = has("wide");
                 let r: (F3, usize) = match base {
                     "add" if satm => (
-                        (|a, b, _| {
+                        batch!(|a: u64, b: u64, _: u64| {
                             m::<32>(
                                 (s::<32>(a) + s::<32>(b)).clamp(i32::MIN as i64, i32::MAX as i64)
                                     as u64,
                             )
-                        }) as F3,
+                        }),
                         2,
                     ),
                     "sub" if satm => (
-                        (|a, b, _| {
+                        batch!(|a: u64, b: u64, _: u64| {
                             m::<32>(
                                 (s::<32>(a) - s::<32>(b)).clamp(i32::MIN as i64, i32::MAX as i64)
                                     as u64,
                             )
-                        }) as F3,
+                        }),
                         2,
                     ),
                     "add" => (by_width!(w, i_add), 2),
@@ -1788,7 +1838,7 @@ impl Dec<'_> {
                         },
                         2,
                     ),
-                    "mul" | "mul24" if !has("hi") => (by_width!(w, i_mul_lo), 2),
+                    "mul" if !has("hi") => (by_width!(w, i_mul_lo), 2),
                     "mad" if wide => (
                         if signed {
                             by_width!(w, i_mad_wide_s)
@@ -1805,7 +1855,7 @@ impl Dec<'_> {
                         },
                         3,
                     ),
-                    "mad" | "mad24" if !has("hi") => (by_width!(w, i_mad_lo), 3),
+                    "mad" if !has("hi") => (by_width!(w, i_mad_lo), 3),
                     "div" => (
                         if signed {
                             by_width!(w, i_div_s)
@@ -1865,13 +1915,13 @@ impl Dec<'_> {
                         },
                         3,
                     ),
-                    "prmt" if mods.len() == 1 => (ops::prmt as F3, 3),
+                    "prmt" if mods.len() == 1 => (batch!(ops::prmt), 3),
                     "bfe" => (
                         match (w, signed) {
-                            (32, false) => ops::bfe::<32, false> as F3,
-                            (32, true) => ops::bfe::<32, true> as F3,
-                            (64, false) => ops::bfe::<64, false> as F3,
-                            _ => ops::bfe::<64, true> as F3,
+                            (32, false) => batch!(ops::bfe::<32, false>),
+                            (32, true) => batch!(ops::bfe::<32, true>),
+                            (64, false) => batch!(ops::bfe::<64, false>),
+                            _ => batch!(ops::bfe::<64, true>),
                         },
                         3,
                     ),

@@ -23,7 +23,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`parse`](crate::parse) (text to syntax tree), [`ir`](crate::ir) (decoding into
+//! Modules: `parse` (text to syntax tree), `ir` (decoding into
 //! executable instructions), `ops` (scalar semantics), [`memory`] (the device arena),
 //! `exec` (scheduler, instruction semantics and sanitizer), [`report`] (counters).
 

@@ -5,8 +5,33 @@
 
 use half::{bf16, f16};
 
-/// A three-source ALU function on raw register bits.
-pub(crate) type F3 = fn(u64, u64, u64) -> u64;
+/// Operands and results of one ALU instruction for the 32 lanes of a warp.
+pub(crate) struct Lanes {
+    pub a: [u64; 32],
+    pub b: [u64; 32],
+    pub c: [u64; 32],
+    pub d: [u64; 32],
+}
+
+/// A three-source ALU operation applied to all 32 lanes at once (one indirect call per
+/// warp instruction; the scalar operation is inlined into the lane loop). Inactive lanes
+/// compute garbage that is never written back: every operation is pure and panic-free.
+pub(crate) type F3 = fn(&mut Lanes);
+
+/// Lifts a scalar `fn(u64, u64, u64) -> u64` expression (a path or a non-capturing
+/// closure) to an [`F3`].
+macro_rules! batch {
+    ($f:expr) => {{
+        fn lanes_(x: &mut $crate::ops::Lanes) {
+            let f = $f;
+            for l in 0..32 {
+                x.d[l] = f(x.a[l], x.b[l], x.c[l]);
+            }
+        }
+        lanes_ as $crate::ops::F3
+    }};
+}
+pub(crate) use batch;
 /// A comparison on raw register bits.
 pub(crate) type Cmp = fn(u64, u64) -> bool;
 
@@ -164,10 +189,10 @@ macro_rules! f32_fn {
             $crate::ops::bits32($crate::ops::sat(flush($body)))
         }
         let f: $crate::ops::F3 = match ($ftz, $sat) {
-            (false, false) => f_plain_,
-            (true, false) => f_ftz_,
-            (false, true) => f_sat_,
-            (true, true) => f_ftz_sat_,
+            (false, false) => $crate::ops::batch!(f_plain_),
+            (true, false) => $crate::ops::batch!(f_ftz_),
+            (false, true) => $crate::ops::batch!(f_sat_),
+            (true, true) => $crate::ops::batch!(f_ftz_sat_),
         };
         f
     }};
@@ -183,7 +208,7 @@ macro_rules! f64_fn {
             let r: f64 = $body;
             r.to_bits()
         }
-        f as $crate::ops::F3
+        $crate::ops::batch!(f)
     }};
 }
 pub(crate) use f64_fn;
@@ -206,7 +231,11 @@ macro_rules! h_fn {
             h_one_(a & 0xFFFF, b & 0xFFFF, c & 0xFFFF)
                 | (h_one_(a >> 16 & 0xFFFF, b >> 16 & 0xFFFF, c >> 16 & 0xFFFF) << 16)
         }
-        let f: $crate::ops::F3 = if $packed { h_two_ } else { h_one_ };
+        let f: $crate::ops::F3 = if $packed {
+            $crate::ops::batch!(h_two_)
+        } else {
+            $crate::ops::batch!(h_one_)
+        };
         f
     }};
 }
@@ -351,4 +380,95 @@ pub(crate) fn bfe<const W: u32, const SIGNED: bool>(a: u64, b: u64, c: u64) -> u
         r |= bit << i;
     }
     m::<W>(r)
+}
+
+/// Error-free sum: `a + b == s + err` exactly (Knuth's TwoSum).
+#[inline(always)]
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let s = a + b;
+    let bb = s - a;
+    (s, (a - (s - bb)) + (b - bb))
+}
+
+#[inline(always)]
+fn next_up(x: f32) -> f32 {
+    if x.is_nan() || x == f32::INFINITY {
+        x
+    } else if x == 0.0 {
+        f32::from_bits(1)
+    } else if x > 0.0 {
+        f32::from_bits(x.to_bits() + 1)
+    } else {
+        f32::from_bits(x.to_bits() - 1)
+    }
+}
+
+#[inline(always)]
+fn next_down(x: f32) -> f32 {
+    -next_up(-x)
+}
+
+/// Directed rounding modes of f32 arithmetic (`.rz`, `.rm`, `.rp`).
+pub(crate) const RZ: u8 = 1;
+pub(crate) const RM: u8 = 2;
+pub(crate) const RP: u8 = 3;
+
+/// Rounds the exact value `s + err` (|err| ≤ half an f64 ulp of `s`) to f32 in mode `M`.
+#[inline(always)]
+fn round_dir<const M: u8>(s: f64, err: f64) -> f32 {
+    let r = s as f32;
+    if s.is_nan() || s.is_infinite() {
+        return r;
+    }
+    let rf = r as f64;
+    // Sign of (exact - r).
+    let above = if rf < s {
+        1
+    } else if rf > s {
+        -1
+    } else if err > 0.0 {
+        1
+    } else if err < 0.0 {
+        -1
+    } else {
+        0
+    };
+    match M {
+        RP if above > 0 => next_up(r),
+        RM if above < 0 => next_down(r),
+        RZ if above < 0 && s > 0.0 => next_down(r),
+        RZ if above > 0 && s < 0.0 => next_up(r),
+        _ => r,
+    }
+}
+
+#[inline(always)]
+fn in32<const FTZ: bool>(x: u64) -> f64 {
+    let v = f32_of(x);
+    (if FTZ { flush(v) } else { v }) as f64
+}
+
+#[inline(always)]
+fn out32<const FTZ: bool>(r: f32) -> u64 {
+    bits32(if FTZ { flush(r) } else { r })
+}
+
+/// `add.{rz,rm,rp}{.ftz}.f32`.
+pub(crate) fn fadd_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a), in32::<FTZ>(b));
+    out32::<FTZ>(round_dir::<M>(s, e))
+}
+/// `sub.{rz,rm,rp}{.ftz}.f32`.
+pub(crate) fn fsub_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a), -in32::<FTZ>(b));
+    out32::<FTZ>(round_dir::<M>(s, e))
+}
+/// `mul.{rz,rm,rp}{.ftz}.f32` (the f64 product of two f32 values is exact).
+pub(crate) fn fmul_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> u64 {
+    out32::<FTZ>(round_dir::<M>(in32::<FTZ>(a) * in32::<FTZ>(b), 0.0))
+}
+/// `fma.{rz,rm,rp}{.ftz}.f32`: exact product, error-free sum, one directed rounding.
+pub(crate) fn ffma_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, c: u64) -> u64 {
+    let (s, e) = two_sum(in32::<FTZ>(a) * in32::<FTZ>(b), in32::<FTZ>(c));
+    out32::<FTZ>(round_dir::<M>(s, e))
 }

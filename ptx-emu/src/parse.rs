@@ -131,7 +131,6 @@ pub(crate) enum Stmt {
     Instr(InstrAst),
     /// `.reg .type name` or `name<count>` declarations.
     Reg {
-        ty: String,
         names: Vec<String>,
     },
     /// A `.shared`, `.local` or `.global` variable.
@@ -166,7 +165,6 @@ pub(crate) struct EntryAst {
     pub name: String,
     pub params: Vec<ParamAst>,
     pub body: Vec<Stmt>,
-    pub line: u32,
 }
 
 /// A parsed module.
@@ -259,6 +257,13 @@ impl P {
             t => self.err(format!("expected a number, found {t:?}")),
         }
     }
+    /// Skips the rest of the current source line (`.loc` / `.file` have no `;`).
+    fn skip_line(&mut self) {
+        let line = self.line();
+        while self.i < self.t.len() && self.t[self.i].1 == line {
+            self.i += 1;
+        }
+    }
     /// Skips to the end of the current statement (`;`), or over a balanced `{ }` block.
     fn skip_statement(&mut self) {
         let mut depth = 0i32;
@@ -349,7 +354,8 @@ pub(crate) fn parse_module(src: &str) -> Result<ModuleAst, Error> {
                     let d = parse_var(&mut p)?;
                     m.globals.push(d);
                 }
-                ".file" | ".loc" | ".section" | ".pragma" => p.skip_statement(),
+                ".file" | ".loc" => p.skip_line(),
+                ".section" | ".pragma" => p.skip_statement(),
                 _ => return p.err(format!("unsupported module-level directive {w}")),
             },
             _ => return p.err(format!("unexpected token {tok:?} at module level")),
@@ -437,7 +443,6 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
 }
 
 fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
-    let line = p.line();
     p.word()?; // .entry
     let name = p.word()?;
     let mut params = Vec::new();
@@ -512,7 +517,7 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                     body.push(Stmt::Label(w));
                 } else if w == ".reg" {
                     p.i += 1;
-                    let ty = p.word()?;
+                    p.word()?; // the type: every register is a 64-bit slot
                     let mut names = Vec::new();
                     loop {
                         let n = p.word()?;
@@ -528,13 +533,15 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                         }
                     }
                     p.expect_p(';')?;
-                    body.push(Stmt::Reg { ty, names });
+                    body.push(Stmt::Reg { names });
                 } else if matches!(
                     w.as_str(),
                     ".shared" | ".local" | ".global" | ".const" | ".extern"
                 ) {
                     body.push(Stmt::Var(parse_var(p)?));
-                } else if matches!(w.as_str(), ".pragma" | ".loc" | ".maxnreg") {
+                } else if matches!(w.as_str(), ".loc" | ".file") {
+                    p.skip_line();
+                } else if matches!(w.as_str(), ".pragma" | ".maxnreg") {
                     p.skip_statement();
                 } else if w.starts_with('.') {
                     return p.err(format!("unsupported directive {w} in kernel body"));
@@ -545,12 +552,7 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
             t => return p.err(format!("unexpected {t:?} in kernel body")),
         }
     }
-    Ok(EntryAst {
-        name,
-        params,
-        body,
-        line,
-    })
+    Ok(EntryAst { name, params, body })
 }
 
 fn parse_instr(p: &mut P) -> Result<InstrAst, Error> {

@@ -1,5 +1,7 @@
 //! Instruction families against values worked out by hand from the PTX ISA.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{alu, fb, run_words};
@@ -410,4 +412,46 @@ fn special_registers() {
             );
         }
     }
+}
+
+#[test]
+fn directed_rounding_of_f32_arithmetic() {
+    // libdevice's expf uses fma.rm; nvcc emits .rz/.rm/.rp for the __f*_r{z,d,u} intrinsics.
+    let body = "
+    ld.global.f32 %f1, [%rd1];        // 1.0
+    ld.global.f32 %f2, [%rd1+4];      // 2^-30
+    ld.global.f32 %f3, [%rd1+8];      // 1 + 2^-23
+    ld.global.f32 %f4, [%rd1+12];     // 2^-80
+    add.rp.f32 %f10, %f1, %f2;   st.global.f32 [%rd2], %f10;
+    add.rm.f32 %f10, %f1, %f2;   st.global.f32 [%rd2+4], %f10;
+    neg.f32 %f5, %f1; sub.rz.f32 %f10, %f5, %f2; st.global.f32 [%rd2+8], %f10;
+    sub.rm.f32 %f10, %f5, %f2;   st.global.f32 [%rd2+12], %f10;
+    mul.rz.f32 %f10, %f3, %f3;   st.global.f32 [%rd2+16], %f10;
+    mul.rp.f32 %f10, %f3, %f3;   st.global.f32 [%rd2+20], %f10;
+    neg.f32 %f6, %f4; fma.rm.f32 %f10, %f1, %f1, %f6; st.global.f32 [%rd2+24], %f10;
+    fma.rn.f32 %f10, %f1, %f1, %f6; st.global.f32 [%rd2+28], %f10;
+    fma.rp.f32 %f10, %f1, %f1, %f4; st.global.f32 [%rd2+32], %f10;
+    fma.rz.f32 %f10, %f5, %f1, %f6; st.global.f32 [%rd2+36], %f10;
+    ";
+    let p = |e: i32| 2f32.powi(e);
+    let o = alu(
+        body,
+        &[fb(1.0), fb(p(-30)), fb(1.0 + p(-23)), fb(p(-80))],
+        10,
+    );
+    let f = |i: usize| f32::from_bits(o[i]);
+    assert_eq!(f(0), 1.0 + p(-23));
+    assert_eq!(f(1), 1.0);
+    assert_eq!(f(2), -1.0);
+    assert_eq!(f(3), -(1.0 + p(-23)));
+    assert_eq!(f(4), 1.0 + p(-22));
+    assert_eq!(f(5), 1.0 + p(-22) + p(-23));
+    assert_eq!(
+        f(6),
+        1.0 - p(-24),
+        "fma.rm sees the 2^-80 below the f64 rounding"
+    );
+    assert_eq!(f(7), 1.0);
+    assert_eq!(f(8), 1.0 + p(-23));
+    assert_eq!(f(9), -1.0);
 }

@@ -1,6 +1,8 @@
 //! Small CUDA kernels from `tests/kernels/*.cu`, compiled by nvcc at test time, run under
 //! the emulator and compared with CPU computations. Skipped (with a message) without nvcc.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{compile, Rng};
@@ -60,6 +62,7 @@ fn vector_add() {
         .unwrap_err();
     assert_eq!(e.fault(), Some(Fault::GlobalOutOfBounds), "{e}");
     let msg = e.to_string();
+    eprintln!("{msg}");
     assert!(
         msg.contains("vector_add")
             && msg.contains("ld.global")
@@ -304,6 +307,7 @@ fn shared_memory_transpose_and_missing_barrier() {
 }
 
 /// CPU reference attention in f64 from the bf16-rounded inputs.
+#[allow(clippy::too_many_arguments)]
 fn attention_ref(
     q: &[f32],
     k: &[f32],
@@ -395,4 +399,123 @@ fn flash_attention_forward() {
         rep.bank_conflicts, 0,
         "padded rows keep ldmatrix conflict-free: {rep}"
     );
+}
+
+#[test]
+fn misc_cuda_operations() {
+    let Some(ptx) = compile("misc_ops") else {
+        return;
+    };
+    let m = Module::parse(&ptx).unwrap();
+    let k = m.kernel("misc_ops").unwrap();
+    const NOUT: usize = 24;
+    let n = 256usize;
+    let mut r = Rng(5);
+    let xs: Vec<f32> = (0..n).map(|_| r.f32() * 3.0).collect();
+    let ys: Vec<f32> = (0..n).map(|_| 0.5 + (r.f32() + 1.0) * 0.75).collect();
+    let mut dev = Device::new();
+    let (px, py) = (dev.alloc_f32(&xs), dev.alloc_f32(&ys));
+    let po = dev.alloc(n * NOUT * 4);
+    let pc = dev.alloc_u32(&[0, 0]);
+    let pf = dev.alloc_f32(&[0.0]);
+    dev.launch(
+        k,
+        (2, 1, 1),
+        (128, 1, 1),
+        0,
+        &[
+            Param::Ptr(px),
+            Param::Ptr(py),
+            Param::Ptr(po),
+            Param::Ptr(pc),
+            Param::Ptr(pf),
+            Param::I32(n as i32),
+        ],
+    )
+    .unwrap();
+    let o = dev.read_f32(po, n * NOUT).unwrap();
+    let close = |got: f32, want: f64, rel: f64, what: &str, i: usize| {
+        assert!(
+            (got as f64 - want).abs() <= rel * want.abs().max(1e-3),
+            "{what} [{i}]: {got} vs {want}"
+        );
+    };
+    for i in 0..n {
+        let (x, y) = (xs[i], ys[i]);
+        let g = &o[i * NOUT..][..NOUT];
+        let lane = i % 32;
+        close(g[0], (x as f64).exp(), 1e-6, "expf", i);
+        assert_eq!(g[1], x / y, "div.rn [{i}]");
+        assert_eq!(g[2], x.abs().sqrt(), "sqrt.rn [{i}]");
+        close(
+            g[3],
+            1.0 / ((x.abs() + 1.0) as f64).sqrt(),
+            1e-6,
+            "rsqrtf",
+            i,
+        );
+        assert_eq!(g[4], bf16::from_f32(x).to_f32(), "bf16 round trip [{i}]");
+        assert_eq!(g[5], f16::from_f32(x).to_f32(), "f16 round trip [{i}]");
+        let (x16, y16) = (f16::from_f32(x).to_f64(), f16::from_f32(y).to_f64());
+        let hf = f16::from_f64(x16 * y16 + 1.0).to_f32();
+        assert_eq!((g[6], g[7]), (hf, hf), "hfma2 [{i}]");
+        let (xb, yb) = (bf16::from_f32(x).to_f32(), bf16::from_f32(y).to_f32());
+        assert_eq!(
+            (g[8], g[9]),
+            (
+                bf16::from_f32(xb * yb).to_f32(),
+                bf16::from_f32(yb * 2.0).to_f32()
+            ),
+            "hmul2 bf16 [{i}]"
+        );
+        let kk = i as i32 * 31 - 200;
+        assert_eq!(g[10], (kk / (i as i32 % 5 + 1)) as f32, "div.s32 [{i}]");
+        assert_eq!(g[11], (kk % 7) as f32, "rem [{i}]");
+        let j = (i * 3 + (y > 0.0) as usize) & 7;
+        close(
+            g[12],
+            x as f64 * j as f64 + y as f64,
+            1e-6,
+            "local array",
+            i,
+        );
+        close(g[13], (x as f64).tanh(), 2e-6, "tanhf", i);
+        close(g[14], (x as f64).exp(), 2e-6, "__expf", i);
+        close(g[15], ((x.abs() + 0.5) as f64).ln(), 1e-6, "logf", i);
+        assert_eq!(
+            g[16],
+            (x * 3.0).round_ties_even() + (y * 3.0).trunc() * 100.0,
+            "rounding [{i}]"
+        );
+        let u = (i as u32).wrapping_mul(2654435761);
+        assert_eq!(
+            g[17],
+            (u.count_ones() + 100 * (u | 1).leading_zeros()) as f32,
+            "popc/clz [{i}]"
+        );
+        assert_eq!(
+            g[18],
+            f32::from_bits((u.reverse_bits() & 0x7f_ffff) | 0x3f80_0000),
+            "brev [{i}]"
+        );
+        let perm = (u & 0xFFFF) | ((!u & 0xFFFF) << 16);
+        assert_eq!(
+            g[19],
+            f32::from_bits((perm & 0x7f_ffff) | 0x3f80_0000),
+            "byte_perm [{i}]"
+        );
+        assert_eq!(g[20], xs[i - lane + (lane + 5) % 32], "shfl idx [{i}]");
+        let warp = i - lane;
+        let pos = xs[warp..warp + 32].iter().filter(|v| **v > 0.0).count() as f32;
+        let any = ys[warp..warp + 32].iter().any(|v| *v > 0.9);
+        assert_eq!(
+            g[21],
+            pos + if any { 1000.0 } else { 0.0 },
+            "ballot/any [{i}]"
+        );
+        assert_eq!(g[22], x + y.max(x), "fminf NaN / fmaxf [{i}]");
+        assert_eq!(g[23], 0.0);
+    }
+    assert_eq!(dev.read_u32(pc, 2).unwrap(), vec![n as u32, n as u32 - 1]);
+    assert_eq!(dev.read_f32(pf, 1).unwrap(), vec![n as f32]);
 }

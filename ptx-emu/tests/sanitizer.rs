@@ -1,6 +1,8 @@
 //! Sanitizer checks on hand-written PTX: bounds, alignment, shared-memory races,
 //! uninitialized shared reads, asynchronous `cp.async` semantics.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{dev_with, kernel_src, run_words};
@@ -219,4 +221,16 @@ fn dynamic_shared_memory_follows_static() {
         vec![16],
         "dynamic shared memory starts 16-byte aligned after static"
     );
+}
+
+#[test]
+fn cp_async_cache_hint_operand_is_ignored() {
+    let body = "mov.u32 %r1, sm; mov.u64 %rd9, 0;
+        cp.async.cg.shared.global.L2::cache_hint [%r1], [%rd1], 16, %rd9;
+        cp.async.cg.shared.global.L2::cache_hint.L2::128B [%r1+16], [%rd1], 16, 4, %rd9;
+        cp.async.wait_all;
+        ld.shared.v4.u32 {%r2, %r3, %r4, %r5}, [%r1];  st.global.v4.u32 [%rd2], {%r2, %r3, %r4, %r5};
+        ld.shared.v4.u32 {%r2, %r3, %r4, %r5}, [%r1+16]; st.global.v4.u32 [%rd2+16], {%r2, %r3, %r4, %r5};";
+    let o = run_words(SM, body, 1, &[1, 2, 3, 4], 8).unwrap().0;
+    assert_eq!(o, vec![1, 2, 3, 4, 1, 0, 0, 0]);
 }

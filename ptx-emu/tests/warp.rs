@@ -2,6 +2,8 @@
 //! divergence and reconvergence, `shfl.sync` modes with out-of-range lanes, clamps and
 //! the `|p` output, `vote`, barriers, and the errors for divergent collectives/deadlock.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::run_words;
@@ -258,4 +260,49 @@ fn endless_loop_hits_the_instruction_limit() {
         )
         .unwrap_err();
     assert_eq!(e.fault(), Some(Fault::InstructionLimit));
+}
+
+#[test]
+fn a_warp_spinning_on_another_warps_flag_makes_progress() {
+    // Warp 0 (scheduled first) spins on a volatile shared flag that warp 1 sets: the
+    // scheduler must time-slice.
+    // (Racy by the sanitizer's barrier-based definition, so it runs with sanitize off.)
+    let src = common::kernel_src(
+        "\t.shared .align 4 .b8 flag[4];",
+        "mov.u32 %r1, flag;
+         setp.ge.u32 %p1, %r0, 32;
+         @%p1 bra $W0;
+     $SPIN:
+         ld.volatile.shared.u32 %r2, [%r1];
+         setp.eq.u32 %p2, %r2, 0;
+         @%p2 bra $SPIN;
+         st.global.u32 [%rd5], %r2;
+         bra.uni $END;
+     $W0:
+         mov.u32 %r3, 0;
+     $BUSY:
+         add.s32 %r3, %r3, 1;
+         setp.lt.u32 %p3, %r3, 100000;
+         @%p3 bra $BUSY;
+         st.volatile.shared.u32 [%r1], 7;
+     $END:",
+    );
+    let m = ptx_emu::Module::parse(&src).unwrap();
+    let mut dev = ptx_emu::Device::new();
+    let pin = dev.alloc(4);
+    let pout = dev.alloc(64 * 4);
+    let opts = ptx_emu::LaunchOptions {
+        sanitize: false,
+        ..Default::default()
+    };
+    dev.launch_with(
+        m.kernel("t").unwrap(),
+        (1, 1, 1),
+        (64, 1, 1),
+        0,
+        &[ptx_emu::Param::Ptr(pin), ptx_emu::Param::Ptr(pout)],
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(&dev.read_u32(pout, 64).unwrap()[..32], &[7; 32]);
 }

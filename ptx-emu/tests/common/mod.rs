@@ -29,6 +29,17 @@ pub fn nvcc() -> Option<PathBuf> {
 /// Compiles `tests/kernels/<name>.cu` with `nvcc --ptx -O3 -arch=compute_80` and returns
 /// the PTX text, or prints a skip message and returns `None` when nvcc is not available.
 pub fn compile(name: &str) -> Option<String> {
+    static CACHE: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ptx)) = cache.iter().find(|(n, _)| n == name) {
+        return Some(ptx.clone());
+    }
+    let ptx = compile_uncached(name)?;
+    cache.push((name.to_string(), ptx.clone()));
+    Some(ptx)
+}
+
+fn compile_uncached(name: &str) -> Option<String> {
     let Some(nvcc) = nvcc() else {
         eprintln!("skipped: nvcc not found, run scripts/cuda-toolchain.sh (eval \"$(bash scripts/cuda-toolchain.sh)\")");
         return None;
