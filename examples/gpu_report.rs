@@ -14,7 +14,6 @@ use ksa::cuda::schedule::Schedule;
 use ksa::{KsaConfig, Layout};
 
 #[cfg(feature = "ptx")]
-#[allow(dead_code)]
 #[path = "../tests/common/emu.rs"]
 mod emu;
 
