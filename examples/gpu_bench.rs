@@ -3,9 +3,9 @@
 //!
 //! `cargo run --release [--features cuda] --example gpu_bench -- N_TEXT [C S W HQ HKV D REPS]`
 //!
-//! On CUDA (feature `cuda` and a GPU): bf16, the fused kernel in both modes.
-//! Otherwise the CPU path (`ksa::attention`, and `reference::causal_attention`
-//! for full causal) in f32, for small sizes only.
+//! On CUDA (feature `cuda` and a GPU): bf16, the fused kernel in both modes
+//! (`ksa::attention`, `ksa::causal_attention`). Otherwise the same calls run
+//! the CPU path in f32.
 
 use candle_core::{DType, Device, Tensor};
 use ksa::{KsaConfig, Layout};
@@ -50,20 +50,7 @@ fn main() -> ksa::Result<()> {
         Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
     };
     let ksa_ms = time(&|| ksa::attention(&q, &k, &v, &layout))?;
-    let causal_ms = time(&|| {
-        #[cfg(feature = "cuda")]
-        if device.is_cuda() {
-            return ksa::cuda::op::forward(
-                &qc,
-                &kc,
-                &vc,
-                ksa::cuda::schedule::MaskRule::Causal { len: n },
-                None,
-            )
-            .map(|(o, _)| o);
-        }
-        ksa::reference::causal_attention(&qc, &kc, &vc, None)
-    })?;
+    let causal_ms = time(&|| ksa::causal_attention(&qc, &kc, &vc))?;
     let dev = if device.is_cuda() { "cuda" } else { "cpu" };
     let flops = |pairs: u64| 4.0 * d as f64 * pairs as f64 * hq as f64;
     let pairs_ksa = layout.pair_counts().total();
