@@ -75,6 +75,11 @@ pub fn forward(
         }
     };
     let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
+    if b == 0 || hq == 0 || n == 0 {
+        let o = Tensor::zeros((b, hq, n, d), q.dtype(), q.device())?;
+        let lse = Tensor::zeros((b, hq, n), DType::F32, q.device())?;
+        return Ok((o, lse));
+    }
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
