@@ -17,7 +17,11 @@ const MODULE: &str = "ksa_fwd";
 fn row_strides(name: &'static str, t: &Tensor, layout: &candle_core::Layout) -> Result<Strides> {
     let st = layout.stride();
     let d = t.dims()[3];
-    if st.len() != 4 || st[3] != 1 || (st[2] != d && t.dims()[2] > 1) {
+    // Rows must be contiguous, and every row 16-byte aligned (cp.async moves
+    // 16-byte chunks): start offset and batch/head strides multiples of 8 elements.
+    let aligned =
+        layout.start_offset() % 8 == 0 && st.len() == 4 && st[0] % 8 == 0 && st[1] % 8 == 0;
+    if st.len() != 4 || st[3] != 1 || (st[2] != d && t.dims()[2] > 1) || !aligned {
         return Err(Error::NonContiguous {
             name,
             shape: t.dims().to_vec(),
