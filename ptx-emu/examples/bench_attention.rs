@@ -7,7 +7,6 @@
 //! ```
 
 use std::path::Path;
-use std::process::Command;
 
 use ptx_emu::{Device, LaunchOptions, Module, Param};
 
@@ -23,14 +22,10 @@ fn main() {
     let d = 64;
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernels/flash_attn.cu");
     let out = std::env::temp_dir().join("ptx-emu-bench-flash_attn.ptx");
-    let st = Command::new("nvcc")
-        .args(["--ptx", "-O3", "-arch=compute_80", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("nvcc on PATH (eval \"$(bash scripts/cuda-toolchain.sh)\")");
-    assert!(st.success());
-    let m = Module::parse(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let nvcc = ptx_emu::toolchain::find_nvcc()
+        .expect("nvcc not found: eval \"$(bash scripts/cuda-toolchain.sh)\"");
+    let ptx = ptx_emu::toolchain::compile_ptx(&nvcc, &src, &out, "compute_80", &[]).unwrap();
+    let m = Module::parse(&ptx).unwrap();
     let k = m.kernel("flash_attn_fwd").unwrap();
     let mut seed = 1u64;
     let mut rnd = || {

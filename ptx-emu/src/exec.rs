@@ -9,17 +9,20 @@
 //! for every live thread of the CTA. CTAs run independently on a pool of host threads.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, ExecError, Fault};
 use crate::ir::{
-    AtomOp, AtomTy, BoolOp, CvtSpec, Instr, Kernel, NumTy, Op, Rnd, ShflMode, Space, Special, Src,
-    VoteMode,
+    AtomOp, AtomTy, BoolOp, Instr, Kernel, Op, ShflMode, Space, Special, Src, VoteMode,
 };
-use crate::memory::{load_atomic, store_atomic, DevPtr, Device, LOCAL_WINDOW, SHARED_WINDOW};
-use crate::ops::{self, bf, f32_of, flush, hf};
+use crate::memory::{
+    load_atomic, store_atomic, DevPtr, Device, GLOBALS_WINDOW, LOCAL_WINDOW, SHARED_WINDOW,
+};
+use crate::ops::{self, atom_op, cvt, ops_mask};
 use crate::report::LaunchReport;
+use crate::sanitizer::{Shadow, Violation};
+use crate::tensor;
 
 /// A kernel argument. Its size must match the kernel's `.param` declaration
 /// (pointers and 64-bit integers: 8 bytes; 32-bit scalars: 4; [`Param::Bytes`]: any).
@@ -63,7 +66,8 @@ pub struct LaunchOptions {
     pub sanitize: bool,
     /// Host threads running CTAs; 0 means the available parallelism.
     pub host_threads: usize,
-    /// Optional cap on thread-instructions per CTA (guards against endless loops).
+    /// Cap on thread-instructions per CTA (guards against endless loops; default
+    /// [`DEFAULT_INSTRUCTION_LIMIT`], `None` for no limit).
     pub max_thread_instructions_per_cta: Option<u64>,
 }
 
@@ -72,10 +76,14 @@ impl Default for LaunchOptions {
         LaunchOptions {
             sanitize: true,
             host_threads: 0,
-            max_thread_instructions_per_cta: None,
+            max_thread_instructions_per_cta: Some(DEFAULT_INSTRUCTION_LIMIT),
         }
     }
 }
+
+/// Default per-CTA thread-instruction budget: 2·10⁹, about 20–40 s of emulation and ~100x
+/// what an attention CTA over 16K keys executes.
+pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 2_000_000_000;
 
 /// Largest shared memory per CTA (sm_80: 163 KiB of opt-in dynamic shared memory + static;
 /// the emulator allows up to 227 KiB, the sm_90 limit).
@@ -151,6 +159,11 @@ impl Device {
             nthreads: nthreads as u32,
             dyn_shared: dynamic_shared_bytes,
             shared_total: shared_total as usize,
+            globals: kernel
+                .global_init
+                .iter()
+                .map(|b| AtomicU8::new(*b))
+                .collect(),
         };
         let work = || -> (LaunchReport, Option<(u64, Error)>) {
             let mut cta = Cta::new(&cfg);
@@ -249,6 +262,8 @@ struct Config<'a> {
     nthreads: u32,
     dyn_shared: u32,
     shared_total: usize,
+    /// This launch's copy of the module `.global`/`.const` variables.
+    globals: Vec<AtomicU8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -283,18 +298,6 @@ struct Warp {
     bar: [(u32, u32); 32],
     local: Vec<u8>,
     asyncq: Vec<LaneAsync>,
-}
-
-/// Shadow state of shared memory for the sanitizer (one entry per byte).
-#[derive(Default)]
-struct Shadow {
-    /// Barrier epoch of the last write + 1 (0: never written).
-    w_epoch: Vec<u32>,
-    w_warp: Vec<u8>,
-    r_epoch: Vec<u32>,
-    r_mask: Vec<u32>,
-    /// In-flight `cp.async` copies targeting the byte.
-    pending: Vec<u8>,
 }
 
 struct Cta<'a> {
@@ -358,13 +361,7 @@ impl<'a> Cta<'a> {
                 }
             })
             .collect();
-        let sh = c.opts.sanitize.then(|| Shadow {
-            w_epoch: vec![0; c.shared_total],
-            w_warp: vec![0; c.shared_total],
-            r_epoch: vec![0; c.shared_total],
-            r_mask: vec![0; c.shared_total],
-            pending: vec![0; c.shared_total],
-        });
+        let sh = c.opts.sanitize.then(|| Shadow::new(c.shared_total));
         Cta {
             c,
             k,
@@ -406,10 +403,7 @@ impl<'a> Cta<'a> {
         }
         self.shared.fill(0);
         if let Some(s) = &mut self.sh {
-            s.w_epoch.fill(0);
-            s.r_epoch.fill(0);
-            s.r_mask.fill(0);
-            s.pending.fill(0);
+            s.reset();
         }
         self.epoch = 1;
     }
@@ -533,6 +527,10 @@ impl<'a> Cta<'a> {
         Ok(off as usize)
     }
 
+    fn violation(&self, v: Violation, pc: usize, w: u32, lane: usize) -> Error {
+        self.fault(v.fault, pc, w, lane, Some(v.byte as u64), v.detail)
+    }
+
     fn san_read(
         &mut self,
         off: usize,
@@ -543,53 +541,27 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         let epoch = self.epoch;
         let Some(s) = &mut self.sh else { return Ok(()) };
-        for i in off..off + len {
-            if s.pending[i] != 0 {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
+        match s.read(off, len, w, epoch) {
+            Err(v) => Err(self.violation(v, pc, w, lane)),
+            // Reported at the next barrier or at the end of the CTA, unless another warp
+            // writes the byte before that: then it is the race that explains it.
+            Ok(Some(byte)) if self.uninit.is_none() => {
+                let e = self.fault(
+                    Fault::UninitializedSharedRead,
                     pc,
                     w,
                     lane,
-                    Some(i as u64),
-                    "read of a shared byte whose cp.async has not been completed by cp.async.wait_group/wait_all".into(),
-                ));
+                    Some(byte as u64),
+                    "read of shared memory that was never written".into(),
+                );
+                self.uninit = Some(e);
+                Ok(())
             }
-            if s.w_epoch[i] == 0 {
-                // Reported at the next barrier or at the end of the CTA, unless another
-                // warp writes the byte before that: then it is the race that explains it.
-                if self.uninit.is_none() {
-                    let e = self.fault(
-                        Fault::UninitializedSharedRead,
-                        pc,
-                        w,
-                        lane,
-                        Some(i as u64),
-                        "read of shared memory that was never written".into(),
-                    );
-                    self.uninit = Some(e);
-                    return self.san_read(off, len, pc, w, lane);
-                }
-            }
-            if s.w_epoch[i] == epoch && s.w_warp[i] as u32 != w {
-                let other = s.w_warp[i];
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("read-after-write race: warp {other} wrote this byte with no barrier in between"),
-                ));
-            }
-            if s.r_epoch[i] != epoch {
-                s.r_epoch[i] = epoch;
-                s.r_mask[i] = 0;
-            }
-            s.r_mask[i] |= 1 << w;
+            Ok(_) => Ok(()),
         }
-        Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn san_write(
         &mut self,
         off: usize,
@@ -601,43 +573,8 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         let epoch = self.epoch;
         let Some(s) = &mut self.sh else { return Ok(()) };
-        for i in off..off + len {
-            if !async_done && s.pending[i] != 0 {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    "write to a shared byte whose cp.async has not completed".into(),
-                ));
-            }
-            if s.w_epoch[i] == epoch && s.w_warp[i] as u32 != w {
-                let other = s.w_warp[i];
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("write-after-write race: warp {other} wrote this byte with no barrier in between"),
-                ));
-            }
-            if s.r_epoch[i] == epoch && s.r_mask[i] & !(1u32 << w) != 0 {
-                let other = (s.r_mask[i] & !(1u32 << w)).trailing_zeros();
-                return Err(self.fault(
-                    Fault::SharedRace,
-                    pc,
-                    w,
-                    lane,
-                    Some(i as u64),
-                    format!("write-after-read race: warp {other} read this byte with no barrier in between"),
-                ));
-            }
-            s.w_epoch[i] = epoch;
-            s.w_warp[i] = w as u8;
-        }
-        Ok(())
+        s.write(off, len, w, epoch, async_done)
+            .map_err(|v| self.violation(v, pc, w, lane))
     }
 
     // ---- memory ---------------------------------------------------------------------
@@ -652,7 +589,7 @@ impl<'a> Cta<'a> {
     ) -> Result<u64, Error> {
         match loc {
             Loc::Global(a) => {
-                let Some((d, off)) = self.c.dev.range(a, size) else {
+                let Some((d, off)) = self.gmem(a, size) else {
                     return Err(self.global_oob(a, size, pc, w.id, lane));
                 };
                 self.rep.global_bytes_read += size as u64;
@@ -721,7 +658,7 @@ impl<'a> Cta<'a> {
     ) -> Result<(), Error> {
         match loc {
             Loc::Global(a) => {
-                let Some((d, off)) = self.c.dev.range(a, size) else {
+                let Some((d, off)) = self.gmem(a, size) else {
                     return Err(self.global_oob(a, size, pc, w.id, lane));
                 };
                 self.rep.global_bytes_written += size as u64;
@@ -766,6 +703,18 @@ impl<'a> Cta<'a> {
         }
     }
 
+    /// Global memory: the arena, or the launch's block of module variables.
+    #[inline]
+    fn gmem(&self, a: u64, len: usize) -> Option<(&'a [AtomicU8], usize)> {
+        let c: &'a Config<'a> = self.c;
+        if (GLOBALS_WINDOW..GLOBALS_WINDOW + (1 << 32)).contains(&a) {
+            let off = (a - GLOBALS_WINDOW) as usize;
+            (off + len <= c.globals.len()).then_some((&c.globals[..], off))
+        } else {
+            c.dev.range(a, len)
+        }
+    }
+
     fn global_oob(&self, a: u64, size: usize, pc: usize, w: u32, lane: usize) -> Error {
         self.fault(
             Fault::GlobalOutOfBounds,
@@ -775,7 +724,14 @@ impl<'a> Cta<'a> {
             Some(a),
             format!(
                 "{size}-byte global access outside device memory: {}",
-                self.c.dev.describe(a)
+                if (GLOBALS_WINDOW..GLOBALS_WINDOW + (1 << 32)).contains(&a) {
+                    format!(
+                        "module variables are [{GLOBALS_WINDOW:#x}, {:#x})",
+                        GLOBALS_WINDOW + self.c.globals.len() as u64
+                    )
+                } else {
+                    self.c.dev.describe(a)
+                }
             ),
         )
     }
@@ -799,7 +755,7 @@ impl<'a> Cta<'a> {
                 .warps
                 .iter()
                 .all(|w| w.st.iter().all(|s| *s == St::Exit));
-            let released = !done && self.release_barriers();
+            let released = !done && self.release_barriers()?;
             if let Some(e) = self.uninit.take() {
                 if done || released {
                     return Err(e);
@@ -819,7 +775,7 @@ impl<'a> Cta<'a> {
     }
 
     /// Releases every barrier whose expected thread count has arrived.
-    fn release_barriers(&mut self) -> bool {
+    fn release_barriers(&mut self) -> Result<bool, Error> {
         let live: u32 = self
             .warps
             .iter()
@@ -841,6 +797,7 @@ impl<'a> Cta<'a> {
         for (id, exp, arrived) in waiting {
             let need = if exp == 0 { live } else { exp };
             if arrived >= need {
+                self.check_aligned_barrier(id)?;
                 for w in &mut self.warps {
                     for l in 0..32 {
                         if w.st[l] == St::Bar && w.bar[l].0 == id {
@@ -854,7 +811,53 @@ impl<'a> Cta<'a> {
                 released = true;
             }
         }
-        released
+        Ok(released)
+    }
+
+    /// `bar.sync` is `.aligned`: the lanes of a warp waiting on barrier `id` must all
+    /// wait at the same instruction, and no live lane of that warp may be elsewhere.
+    fn check_aligned_barrier(&self, id: u32) -> Result<(), Error> {
+        for w in &self.warps {
+            let waiting: Vec<usize> = (0..32)
+                .filter(|l| w.st[*l] == St::Bar && w.bar[*l].0 == id)
+                .collect();
+            let Some(&l0) = waiting.first() else { continue };
+            let pc = w.pc[l0] as usize;
+            if !matches!(self.k.code[pc].op, Op::Bar { aligned: true, .. }) {
+                continue;
+            }
+            let live = (0..32).filter(|l| w.st[*l] != St::Exit).count();
+            if let Some(&l) = waiting.iter().find(|l| w.pc[**l] as usize != pc) {
+                return Err(self.fault(
+                    Fault::DivergentCollective,
+                    pc,
+                    w.id,
+                    l0,
+                    None,
+                    format!(
+                        "lanes of warp {} wait at different bar.sync instructions (lines {} and {}); bar.sync is .aligned",
+                        w.id,
+                        self.k.code[pc].line,
+                        self.k.code[w.pc[l] as usize].line
+                    ),
+                ));
+            }
+            if waiting.len() != live {
+                return Err(self.fault(
+                    Fault::DivergentCollective,
+                    pc,
+                    w.id,
+                    l0,
+                    None,
+                    format!(
+                        "only {} of the {live} live lanes of warp {} reached bar.sync (.aligned)",
+                        waiting.len(),
+                        w.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn stuck(&self) -> Error {
@@ -1129,7 +1132,7 @@ impl<'a> Cta<'a> {
                         nacc += 1;
                     }
                     for (i, d) in ds.iter().enumerate() {
-                        let loc = Self::resolve(*space, a + (i * size) as u64);
+                        let loc = Self::resolve(*space, a.wrapping_add((i * size) as u64));
                         let mut v = self.load(w, loc, size, pc, l)?;
                         if *sext && size < 8 {
                             let sh = 64 - 8 * size as u32;
@@ -1172,7 +1175,7 @@ impl<'a> Cta<'a> {
                     }
                     for (i, s) in srcs.iter().enumerate() {
                         let v = self.rd(w, *s, l);
-                        let loc = Self::resolve(*space, a + (i * size) as u64);
+                        let loc = Self::resolve(*space, a.wrapping_add((i * size) as u64));
                         self.store(w, loc, size, v, pc, l)?;
                     }
                 }
@@ -1201,7 +1204,7 @@ impl<'a> Cta<'a> {
                 }
                 return Ok(Flow::Done);
             }
-            Op::Bar { id, count } => {
+            Op::Bar { id, count, .. } => {
                 for l in lanes(mask) {
                     if exec & (1 << l) != 0 {
                         let idv = self.rd(w, *id, l) as u32;
@@ -1222,9 +1225,12 @@ impl<'a> Cta<'a> {
                 dst,
                 src,
                 src_size,
+                ignore_src,
             } => {
                 for l in lanes(exec) {
-                    self.cp_async(w, pc, l, *size as usize, *dst_space, *dst, *src, *src_size)?;
+                    let ignore = ignore_src.is_some_and(|p| w.regs[p as usize * 32 + l] & 1 != 0);
+                    let src_size = if ignore { Some(Src::Imm(0)) } else { *src_size };
+                    self.cp_async(w, pc, l, *size as usize, *dst_space, *dst, *src, src_size)?;
                 }
             }
             Op::CpCommit => {
@@ -1260,33 +1266,25 @@ impl<'a> Cta<'a> {
                     self.atom(w, pc, l, *space, *op, *ty, *d, *addr, *a, *b)?;
                 }
             }
-            Op::Shfl { .. }
-            | Op::Vote { .. }
-            | Op::Mma { .. }
-            | Op::Ldmatrix { .. }
-            | Op::WarpSync { .. }
-            | Op::Activemask { .. } => {
-                if let Op::Activemask { d } = &ins.op {
-                    let active = w.exists
-                        & !(0..32).fold(
-                            0u32,
-                            |m, l| if w.st[l] == St::Exit { m | 1 << l } else { m },
-                        );
-                    let _ = active;
-                    for l in lanes(exec) {
-                        w.regs[*d as usize * 32 + l] = mask as u64;
-                    }
-                } else {
-                    unreachable!("collectives are dispatched separately")
+            Op::Activemask { d } => {
+                // The lanes executing this instruction together.
+                for l in lanes(exec) {
+                    w.regs[*d as usize * 32 + l] = mask as u64;
                 }
             }
+            Op::Shfl { .. }
+            | Op::Vote { .. }
+            | Op::Redux { .. }
+            | Op::Mma { .. }
+            | Op::Ldmatrix { .. }
+            | Op::WarpSync { .. } => unreachable!("collectives are dispatched separately"),
         }
         Ok(Flow::Next)
     }
 
     /// Records the wavefronts of one warp-wide shared access.
     fn banks(&mut self, accs: &[(usize, u64)], bytes: usize) {
-        let (wf, ideal) = wavefronts(accs, bytes);
+        let (wf, ideal) = crate::report::wavefronts(accs, bytes);
         self.rep.shared_wavefronts += wf;
         self.rep.bank_conflicts += wf - ideal;
     }
@@ -1347,7 +1345,7 @@ impl<'a> Cta<'a> {
         };
         let mut data = [0u8; 16];
         if n > 0 {
-            let Some((d, off)) = self.c.dev.range(saddr, n) else {
+            let Some((d, off)) = self.gmem(saddr, n) else {
                 return Err(self.global_oob(saddr, n, pc, w.id, l));
             };
             for (i, x) in data.iter_mut().enumerate().take(n) {
@@ -1356,18 +1354,8 @@ impl<'a> Cta<'a> {
             self.rep.global_bytes_read += n as u64;
         }
         if let Some(s) = &mut self.sh {
-            if let Some(i) = (doff..doff + size).find(|i| s.pending[*i] != 0) {
-                return Err(self.fault(
-                    Fault::AsyncCopyPending,
-                    pc,
-                    w.id,
-                    l,
-                    Some(i as u64),
-                    "cp.async to a shared byte that another in-flight cp.async also targets".into(),
-                ));
-            }
-            for i in doff..doff + size {
-                s.pending[i] = 1;
+            if let Err(v) = s.start_async(doff, size) {
+                return Err(self.violation(v, pc, w.id, l));
             }
         }
         w.asyncq[l].uncommitted.push(Pending {
@@ -1384,9 +1372,7 @@ impl<'a> Cta<'a> {
             for p in g {
                 let (off, len) = (p.dst as usize, p.len as usize);
                 if let Some(s) = &mut self.sh {
-                    for i in off..off + len {
-                        s.pending[i] = 0;
-                    }
+                    s.finish_async(off, len);
                 }
                 self.san_write(off, len, pc, w.id, l, true)?;
                 self.shared[off..off + len].copy_from_slice(&p.data[..len]);
@@ -1429,7 +1415,7 @@ impl<'a> Cta<'a> {
         let compute = |old: u64| -> u64 { atom_op(op, ty, old, av, bv) };
         let old = match Self::resolve(space, ad) {
             Loc::Global(g) => {
-                let Some((dm, off)) = self.c.dev.range(g, size) else {
+                let Some((dm, off)) = self.gmem(g, size) else {
                     return Err(self.global_oob(g, size, pc, w.id, l));
                 };
                 let _guard = self
@@ -1446,27 +1432,10 @@ impl<'a> Cta<'a> {
             }
             Loc::Shared(o) => {
                 let off = self.shared_check(o, size, pc, w.id, l)?;
+                let e = self.epoch;
                 if let Some(s) = &mut self.sh {
-                    let e = self.epoch;
-                    for i in off..off + size {
-                        if s.pending[i] != 0 || s.w_epoch[i] == 0 {
-                            let f = if s.pending[i] != 0 {
-                                Fault::AsyncCopyPending
-                            } else {
-                                Fault::UninitializedSharedRead
-                            };
-                            return Err(self.fault(
-                                f,
-                                pc,
-                                w.id,
-                                l,
-                                Some(i as u64),
-                                "atomic on shared memory that is in flight or was never written"
-                                    .into(),
-                            ));
-                        }
-                        s.w_epoch[i] = e;
-                        s.w_warp[i] = w.id as u8;
+                    if let Err(v) = s.atomic(off, size, w.id, e) {
+                        return Err(self.violation(v, pc, w.id, l));
                     }
                 }
                 let mut old = 0u64;
@@ -1517,9 +1486,10 @@ impl<'a> Cta<'a> {
         let full = matches!(ins.op, Op::Mma { .. } | Op::Ldmatrix { .. });
         let member_of = |cta: &Self, w: &Warp, l: usize| -> u32 {
             match &ins.op {
-                Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::WarpSync { mask } => {
-                    cta.rd(w, *mask, l) as u32
-                }
+                Op::Shfl { mask, .. }
+                | Op::Vote { mask, .. }
+                | Op::Redux { mask, .. }
+                | Op::WarpSync { mask } => cta.rd(w, *mask, l) as u32,
                 _ => u32::MAX,
             }
         };
@@ -1664,9 +1634,49 @@ impl<'a> Cta<'a> {
                     w.regs[*d as usize * 32 + l] = r;
                 }
             }
-            Op::Mma { bf16, d, a, b, c } => {
+            Op::Redux {
+                op, signed, d, a, ..
+            } => {
+                let vals: Vec<u32> = lanes(group).map(|l| self.rd(w, *a, l) as u32).collect();
+                let r = vals.iter().skip(1).fold(vals[0], |x, &y| match op {
+                    AtomOp::Add => x.wrapping_add(y),
+                    AtomOp::Min if *signed => (x as i32).min(y as i32) as u32,
+                    AtomOp::Max if *signed => (x as i32).max(y as i32) as u32,
+                    AtomOp::Min => x.min(y),
+                    AtomOp::Max => x.max(y),
+                    AtomOp::And => x & y,
+                    AtomOp::Or => x | y,
+                    _ => x ^ y,
+                });
+                for l in lanes(group) {
+                    w.regs[*d as usize * 32 + l] = r as u64;
+                }
+            }
+            Op::Mma {
+                bf16,
+                k,
+                f16acc,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 self.rep.mma += 1;
-                mma_m16n8k16(self, w, *bf16, d, a, b, c);
+                let row = |s: &Src| -> [u64; 32] {
+                    match *s {
+                        Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
+                        s => std::array::from_fn(|l| self.rd(w, s, l)),
+                    }
+                };
+                let (ar, br, cr): (Vec<_>, Vec<_>, Vec<_>) = (
+                    a.iter().map(row).collect(),
+                    b.iter().map(row).collect(),
+                    c.iter().map(row).collect(),
+                );
+                let out = tensor::mma_m16n8(*bf16, *k as usize, *f16acc, &ar, &br, &cr);
+                for (r, vals) in d.iter().zip(out.iter()) {
+                    w.regs[*r as usize * 32..][..32].copy_from_slice(vals);
+                }
             }
             Op::Ldmatrix {
                 num,
@@ -1683,13 +1693,9 @@ impl<'a> Cta<'a> {
         Ok(())
     }
 
-    /// `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16` per the PTX ISA
-    /// ("Warp-level matrix load instruction: ldmatrix"): for matrix `i`, threads
-    /// `8i..8i+7` supply the addresses of its rows 0..7 (16 contiguous bytes = 8 b16
-    /// elements each). Without `.trans`, lane `l` receives in register `d[i]` row `l/4`,
-    /// elements `2*(l%4)` (low half) and `2*(l%4)+1` (high half); with `.trans` it
-    /// receives elements `[2*(l%4)][l/4]` and `[2*(l%4)+1][l/4]` (row, col), i.e. the
-    /// transposed matrix in the same fragment layout.
+    /// `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16`: for matrix `i`, threads
+    /// `8i..8i+7` supply the addresses of its rows 0..7 (16 contiguous, 16-byte aligned
+    /// bytes = 8 b16 elements each); see [`tensor::ldmatrix_fragments`] for the result.
     #[allow(clippy::too_many_arguments)]
     fn ldmatrix(
         &mut self,
@@ -1740,385 +1746,10 @@ impl<'a> Cta<'a> {
             self.rep.shared_bytes_read += 128;
             self.banks(&accs, 16);
         }
-        for l in 0..32 {
-            let (g, t) = (l / 4, l % 4);
-            for (i, d) in ds.iter().enumerate().take(num) {
-                let (lo, hi) = if trans {
-                    (m[i][2 * t][g], m[i][2 * t + 1][g])
-                } else {
-                    (m[i][g][2 * t], m[i][g][2 * t + 1])
-                };
-                w.regs[*d as usize * 32 + l] = lo as u64 | (hi as u64) << 16;
-            }
+        let frags = tensor::ldmatrix_fragments(&m, num, trans);
+        for (d, vals) in ds.iter().zip(frags.iter()).take(num) {
+            w.regs[*d as usize * 32..][..32].copy_from_slice(vals);
         }
         Ok(())
-    }
-}
-
-#[inline(always)]
-fn ops_mask(bits: u32) -> u64 {
-    if bits >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    }
-}
-
-/// Warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`, with the
-/// fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating
-/// point type"), groupID = lane/4, threadID_in_group = lane%4:
-/// - A (16x16, 4 x .b32 = a0..a7, a_{2r} in the low half of register r):
-///   row = groupID for a0,a1,a4,a5 and groupID+8 for a2,a3,a6,a7;
-///   col = threadID_in_group*2 + (i&1) for a0..a3, +8 for a4..a7.
-/// - B (16x8, 2 x .b32 = b0..b3): row (k) = threadID_in_group*2 + (i&1) for b0,b1, +8 for
-///   b2,b3; col (n) = groupID.
-/// - C/D (16x8 f32, c0..c3): row = groupID for c0,c1 and groupID+8 for c2,c3;
-///   col = threadID_in_group*2 + (i&1).
-///
-/// Arithmetic: every product of two f16/bf16 values is exact in f32; the products are
-/// added to C in f32 with round-to-nearest, sequentially in order of k (the GPU's
-/// internal accumulation order and precision are unspecified, so results can differ
-/// from hardware in the last bits).
-fn mma_m16n8k16(
-    cta: &Cta,
-    w: &mut Warp,
-    bf16: bool,
-    d: &[crate::ir::Reg; 4],
-    a: &[Src; 4],
-    b: &[Src; 2],
-    c: &[Src; 4],
-) {
-    // Operand rows: one value per lane.
-    let row = |s: Src| -> [u64; 32] {
-        match s {
-            Src::Reg(r) => w.regs[r as usize * 32..][..32].try_into().unwrap(),
-            s => std::array::from_fn(|l| cta.rd(w, s, l)),
-        }
-    };
-    let (ar, br, cr) = (a.map(row), b.map(row), c.map(row));
-    // Both conversions are exact: bf16 is the top half of an f32.
-    let cv = |x: u64| -> f32 {
-        if bf16 {
-            f32::from_bits(((x & 0xFFFF) as u32) << 16)
-        } else {
-            half::f16::from_bits(x as u16).to_f32()
-        }
-    };
-    let mut am = [[0f32; 16]; 16];
-    let mut bm = [[0f32; 8]; 16];
-    let mut dm = [[0f32; 8]; 16];
-    for l in 0..32 {
-        let (g, t) = (l / 4, l % 4);
-        for (r, regs) in ar.iter().enumerate() {
-            let v = regs[l];
-            // Register r holds a_{2r} (low half) and a_{2r+1} (high half).
-            let row = if r % 2 == 0 { g } else { g + 8 };
-            let col = t * 2 + if r >= 2 { 8 } else { 0 };
-            am[row][col] = cv(v);
-            am[row][col + 1] = cv(v >> 16);
-        }
-        for (r, regs) in br.iter().enumerate() {
-            let v = regs[l];
-            let row = t * 2 + if r == 1 { 8 } else { 0 };
-            bm[row][g] = cv(v);
-            bm[row + 1][g] = cv(v >> 16);
-        }
-        for (i, regs) in cr.iter().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            dm[row][t * 2 + (i & 1)] = f32_of(regs[l]);
-        }
-    }
-    // D = C + A.B: for each element, products added in order of k, each sum rounded to
-    // f32 (mul and add are separate: no fused rounding). The j loop vectorizes.
-    for i in 0..16 {
-        let acc = &mut dm[i];
-        for k in 0..16 {
-            let x = am[i][k];
-            let brow = &bm[k];
-            for j in 0..8 {
-                acc[j] += x * brow[j];
-            }
-        }
-    }
-    for l in 0..32 {
-        let (g, t) = (l / 4, l % 4);
-        for (i, r) in d.iter().enumerate() {
-            let row = if i < 2 { g } else { g + 8 };
-            w.regs[*r as usize * 32 + l] = dm[row][t * 2 + (i & 1)].to_bits() as u64;
-        }
-    }
-}
-
-/// Wavefronts of a warp-wide shared access of `bytes` per lane: accesses of up to 4 bytes
-/// are served per warp, 8-byte ones per half-warp and 16-byte ones per quarter-warp;
-/// within a phase each of the 32 four-byte banks serves one distinct word per wavefront
-/// (lanes reading the same word are broadcast). Returns (wavefronts, conflict-free minimum).
-pub(crate) fn wavefronts(accs: &[(usize, u64)], bytes: usize) -> (u64, u64) {
-    let per_phase = match bytes {
-        16 => 8,
-        8 => 16,
-        _ => 32,
-    };
-    let (mut wf, mut ideal) = (0u64, 0u64);
-    for ph in 0..32 / per_phase {
-        let mut words: [[u64; 8]; 32] = [[0; 8]; 32];
-        let mut cnt = [0u8; 32];
-        let mut any = false;
-        for &(l, off) in accs {
-            if l / per_phase != ph {
-                continue;
-            }
-            any = true;
-            let first = off / 4;
-            let last = (off + bytes.max(1) as u64 - 1) / 4;
-            for word in first..=last {
-                let bank = (word % 32) as usize;
-                let n = cnt[bank] as usize;
-                if !words[bank][..n.min(8)].contains(&word) {
-                    if n < 8 {
-                        words[bank][n] = word;
-                    }
-                    cnt[bank] = cnt[bank].saturating_add(1);
-                }
-            }
-        }
-        if any {
-            ideal += 1;
-            wf += *cnt.iter().max().unwrap() as u64;
-        }
-    }
-    (wf, ideal)
-}
-
-fn atom_op(op: AtomOp, ty: AtomTy, old: u64, a: u64, b: u64) -> u64 {
-    match ty {
-        AtomTy::F32 => {
-            let (o, x) = (f32_of(old), f32_of(a));
-            (match op {
-                AtomOp::Add => o + x,
-                AtomOp::Min => ops::fmin(o, x),
-                AtomOp::Max => ops::fmax(o, x),
-                AtomOp::Exch => x,
-                AtomOp::Cas => {
-                    if old as u32 == a as u32 {
-                        f32_of(b)
-                    } else {
-                        o
-                    }
-                }
-                _ => o,
-            })
-            .to_bits() as u64
-        }
-        AtomTy::F64 => {
-            let (o, x) = (f64::from_bits(old), f64::from_bits(a));
-            (match op {
-                AtomOp::Add => o + x,
-                AtomOp::Exch => x,
-                AtomOp::Min => o.min(x),
-                AtomOp::Max => o.max(x),
-                AtomOp::Cas => {
-                    if old == a {
-                        f64::from_bits(b)
-                    } else {
-                        o
-                    }
-                }
-                _ => o,
-            })
-            .to_bits()
-        }
-        _ => {
-            let w64 = matches!(ty, AtomTy::U64 | AtomTy::S64);
-            let m = if w64 { u64::MAX } else { 0xFFFF_FFFF };
-            let signed = matches!(ty, AtomTy::S32 | AtomTy::S64);
-            let sx = |v: u64| {
-                if w64 {
-                    v as i64
-                } else {
-                    v as u32 as i32 as i64
-                }
-            };
-            let (o, x) = (old & m, a & m);
-            (match op {
-                AtomOp::Add => o.wrapping_add(x),
-                AtomOp::Min => {
-                    if signed {
-                        sx(o).min(sx(x)) as u64
-                    } else {
-                        o.min(x)
-                    }
-                }
-                AtomOp::Max => {
-                    if signed {
-                        sx(o).max(sx(x)) as u64
-                    } else {
-                        o.max(x)
-                    }
-                }
-                AtomOp::Exch => x,
-                AtomOp::Cas => {
-                    if o == x {
-                        b
-                    } else {
-                        o
-                    }
-                }
-                AtomOp::And => o & x,
-                AtomOp::Or => o | x,
-                AtomOp::Xor => o ^ x,
-                AtomOp::Inc => {
-                    if o >= x {
-                        0
-                    } else {
-                        o + 1
-                    }
-                }
-                AtomOp::Dec => {
-                    if o == 0 || o > x {
-                        x
-                    } else {
-                        o - 1
-                    }
-                }
-            }) & m
-        }
-    }
-}
-
-fn round(x: f64, r: Rnd) -> f64 {
-    match r {
-        Rnd::Near => x.round_ties_even(),
-        Rnd::Zero => x.trunc(),
-        Rnd::Down => x.floor(),
-        Rnd::Up => x.ceil(),
-    }
-}
-
-/// `cvt` of one value.
-pub(crate) fn cvt(s: &CvtSpec, a: u64) -> u64 {
-    let int_to = |v: i128| -> u64 {
-        match s.dst {
-            NumTy::U(w) => {
-                let max = if w == 64 {
-                    u64::MAX as i128
-                } else {
-                    (1i128 << w) - 1
-                };
-                if s.sat {
-                    v.clamp(0, max) as u64
-                } else {
-                    (v as u64) & ops_mask(w)
-                }
-            }
-            NumTy::S(w) => {
-                let (lo, hi) = (-(1i128 << (w - 1)), (1i128 << (w - 1)) - 1);
-                if s.sat {
-                    (v.clamp(lo, hi) as u64) & ops_mask(w)
-                } else {
-                    (v as u64) & ops_mask(w)
-                }
-            }
-            NumTy::F16 => hf::from(v as f64),
-            NumTy::Bf16 => bf::from(v as f64),
-            NumTy::F32 => (v as f32).to_bits() as u64,
-            NumTy::F64 => (v as f64).to_bits(),
-        }
-    };
-    let float_to = |x: f64, from_f32: Option<f32>| -> u64 {
-        match s.dst {
-            NumTy::U(_) | NumTy::S(_) => {
-                // Float to integer: round per mode, NaN -> 0, saturate to the range.
-                if x.is_nan() {
-                    return 0;
-                }
-                let r = round(x, s.rnd);
-                let (lo, hi) = match s.dst {
-                    NumTy::U(w) => (
-                        0f64,
-                        if w == 64 {
-                            u64::MAX as f64
-                        } else {
-                            ((1u128 << w) - 1) as f64
-                        },
-                    ),
-                    NumTy::S(w) => (-(2f64.powi(w as i32 - 1)), 2f64.powi(w as i32 - 1) - 1.0),
-                    _ => unreachable!(),
-                };
-                let v = if r <= lo {
-                    lo as i128
-                } else if r >= hi {
-                    hi as i128
-                } else {
-                    r as i128
-                };
-                let w = match s.dst {
-                    NumTy::U(w) | NumTy::S(w) => w,
-                    _ => 64,
-                };
-                (v as u64) & ops_mask(w)
-            }
-            NumTy::F16 | NumTy::Bf16 => {
-                let mut y = if s.int_round { round(x, s.rnd) } else { x };
-                if s.sat {
-                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
-                }
-                let bf16 = s.dst == NumTy::Bf16;
-                match from_f32 {
-                    Some(f) if !s.int_round && !s.sat => {
-                        if bf16 {
-                            ops::f32_to_bf16(f) as u64
-                        } else {
-                            ops::f32_to_f16(f) as u64
-                        }
-                    }
-                    _ => {
-                        if bf16 {
-                            bf::from(y)
-                        } else {
-                            hf::from(y)
-                        }
-                    }
-                }
-            }
-            NumTy::F32 => {
-                let mut y = if s.int_round {
-                    round(x, s.rnd) as f32
-                } else {
-                    x as f32
-                };
-                if s.ftz {
-                    y = flush(y);
-                }
-                if s.sat {
-                    y = ops::sat(y);
-                }
-                y.to_bits() as u64
-            }
-            NumTy::F64 => {
-                let mut y = if s.int_round { round(x, s.rnd) } else { x };
-                if s.sat {
-                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
-                }
-                y.to_bits()
-            }
-        }
-    };
-    match s.src {
-        NumTy::U(w) => int_to((a & ops_mask(w)) as i128),
-        NumTy::S(w) => {
-            let sh = 64 - w;
-            int_to((((a << sh) as i64) >> sh) as i128)
-        }
-        NumTy::F16 => float_to(hf::to(a & 0xFFFF), None),
-        NumTy::Bf16 => float_to(bf::to(a & 0xFFFF), None),
-        NumTy::F32 => {
-            let mut x = f32_of(a);
-            if s.ftz {
-                x = flush(x);
-            }
-            float_to(x as f64, Some(x))
-        }
-        NumTy::F64 => float_to(f64::from_bits(a), None),
     }
 }

@@ -226,6 +226,9 @@ pub(crate) enum Op {
     Bar {
         id: Src,
         count: Option<Src>,
+        /// `bar.sync` / `barrier.sync.aligned`: every thread of a warp must wait at the
+        /// same barrier instruction.
+        aligned: bool,
     },
     WarpSync {
         mask: Src,
@@ -250,12 +253,23 @@ pub(crate) enum Op {
     Activemask {
         d: Reg,
     },
+    Redux {
+        op: AtomOp,
+        signed: bool,
+        d: Reg,
+        a: Src,
+        mask: Src,
+    },
+    /// `mma.sync.aligned.m16n8k{8,16}.row.col.{f32,f16}.{bf16,f16}.{bf16,f16}.{f32,f16}`:
+    /// `k` is 8 or 16; A has k/4 registers, B k/8, C and D 4 (f32) or 2 (f16).
     Mma {
         bf16: bool,
-        d: [Reg; 4],
-        a: [Src; 4],
-        b: [Src; 2],
-        c: [Src; 4],
+        k: u8,
+        f16acc: bool,
+        d: Vec<Reg>,
+        a: Vec<Src>,
+        b: Vec<Src>,
+        c: Vec<Src>,
     },
     Ldmatrix {
         num: u8,
@@ -270,6 +284,8 @@ pub(crate) enum Op {
         dst: Addr,
         src: Addr,
         src_size: Option<Src>,
+        /// `ignore-src` predicate: when true, nothing is read and the bytes are zero-filled.
+        ignore_src: Option<Reg>,
     },
     CpCommit,
     CpWait {
@@ -307,6 +323,7 @@ impl Instr {
             self.op,
             Op::Shfl { .. }
                 | Op::Vote { .. }
+                | Op::Redux { .. }
                 | Op::Mma { .. }
                 | Op::Ldmatrix { .. }
                 | Op::WarpSync { .. }
@@ -338,6 +355,8 @@ pub struct Kernel {
     pub(crate) shared_static: u64,
     pub(crate) dyn_shared_offset: u64,
     pub(crate) local_bytes: u64,
+    /// Initial contents of the module `.global`/`.const` variables the kernel uses.
+    pub(crate) global_init: Vec<u8>,
 }
 
 impl Kernel {
@@ -378,6 +397,8 @@ struct Dec<'a> {
     local: HashMap<String, u64>,
     params: HashMap<String, u64>,
     labels: HashMap<String, u32>,
+    globals: HashMap<String, u64>,
+    preds: std::collections::HashSet<Reg>,
     ins: &'a InstrAst,
 }
 
@@ -427,6 +448,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
     let mut shared = HashMap::new();
     let mut local = HashMap::new();
     let mut dyn_syms = Vec::new();
+    let (mut gl, mut globals, mut global_init) = (0u64, HashMap::new(), Vec::<u8>::new());
     let mut dyn_align = 16u64;
     for v in &vars {
         match v.space.as_str() {
@@ -445,13 +467,24 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
                 lo += v.size;
             }
             sp => {
-                if referenced.contains(&v.name) {
+                // Module `.global`/`.const` variables live in a per-launch block of device
+                // memory at `GLOBALS_WINDOW`, initialized from their initializers.
+                if !referenced.contains(&v.name) {
+                    continue;
+                }
+                let Some(init) = &v.init else {
                     return Err(Error::Unsupported {
                         line: v.line,
                         instr: format!("{sp} {}", v.name),
-                        msg: "module-level .global/.const variables are not supported".into(),
+                        msg: "initializers other than numeric literals are not supported".into(),
                     });
-                }
+                };
+                gl = align_up(gl, v.align);
+                globals.insert(v.name.clone(), crate::memory::GLOBALS_WINDOW + gl);
+                global_init.resize((gl + v.size) as usize, 0);
+                let n = init.len().min(v.size as usize);
+                global_init[gl as usize..gl as usize + n].copy_from_slice(&init[..n]);
+                gl += v.size;
             }
         }
     }
@@ -474,6 +507,8 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
         local,
         params: params.iter().map(|p| (p.name.clone(), p.offset)).collect(),
         labels: HashMap::new(),
+        globals,
+        preds: Default::default(),
         ins: &dummy,
     };
     let mut n = 0u32;
@@ -495,10 +530,13 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
             Stmt::ScopeClose => {
                 dec.scopes.pop();
             }
-            Stmt::Reg { names, .. } => {
+            Stmt::Reg { pred, names } => {
                 for nm in names {
                     let r = dec.nregs;
                     dec.nregs += 1;
+                    if *pred {
+                        dec.preds.insert(r);
+                    }
                     dec.scopes.last_mut().unwrap().insert(nm.clone(), r);
                 }
             }
@@ -540,6 +578,7 @@ fn decode_entry(e: &EntryAst, globals: &[VarDecl]) -> Result<Kernel, Error> {
         shared_static: sh,
         dyn_shared_offset,
         local_bytes: lo,
+        global_init,
     })
 }
 
@@ -802,6 +841,8 @@ impl Dec<'_> {
                     Src::Imm(*off)
                 } else if let Some(off) = self.local.get(n) {
                     Src::Imm(*off)
+                } else if let Some(a) = self.globals.get(n) {
+                    Src::Imm(*a)
                 } else if self.params.contains_key(n) {
                     return self.err(format!(
                         "taking the address of parameter {n} is not supported"
@@ -837,6 +878,7 @@ impl Dec<'_> {
                     .get(b)
                     .or_else(|| self.local.get(b))
                     .or_else(|| self.params.get(b))
+                    .or_else(|| self.globals.get(b))
                 {
                     return Ok(Addr {
                         base: None,
@@ -885,7 +927,8 @@ impl Dec<'_> {
     fn space(&self, mods: &[&str]) -> Space {
         for m in mods {
             match *m {
-                "global" => return Space::Global,
+                // `.const` variables live in the module-variable block of global memory.
+                "global" | "const" => return Space::Global,
                 "shared" | "shared::cta" => return Space::Shared,
                 "local" => return Space::Local,
                 "param" => return Space::Param,
@@ -906,8 +949,6 @@ impl Dec<'_> {
         let ops = &ins.operands;
         let ftz = has("ftz");
         let satm = has("sat");
-        let approx_ok = |_: ()| ();
-        approx_ok(());
         match base {
             "mov" => {
                 self.nops(2)?;
@@ -1100,7 +1141,8 @@ impl Dec<'_> {
                 } else {
                     None
                 };
-                Ok((Op::Bar { id, count }, Class::Control))
+                let aligned = base == "bar" || has("aligned");
+                Ok((Op::Bar { id, count, aligned }, Class::Control))
             }
             "membar" | "fence" => Ok((Op::Nop, Class::Control)),
             "shfl" => {
@@ -1162,6 +1204,38 @@ impl Dec<'_> {
                         d: self.dst(&ops[0])?,
                         a,
                         neg,
+                        mask: self.src(&ops[2], false)?,
+                    },
+                    Class::Warp,
+                ))
+            }
+            "redux" => {
+                if !has("sync") {
+                    return self.err("only redux.sync is supported");
+                }
+                self.nops(3)?;
+                let op = [
+                    ("add", AtomOp::Add),
+                    ("min", AtomOp::Min),
+                    ("max", AtomOp::Max),
+                    ("and", AtomOp::And),
+                    ("or", AtomOp::Or),
+                    ("xor", AtomOp::Xor),
+                ]
+                .iter()
+                .find(|(n, _)| has(n))
+                .map(|x| x.1)
+                .ok_or(())
+                .or_else(|_| self.err("unknown redux operation"))?;
+                if !matches!(ty, Some("u32") | Some("s32") | Some("b32")) {
+                    return self.err("redux.sync supports .u32/.s32/.b32 only");
+                }
+                Ok((
+                    Op::Redux {
+                        op,
+                        signed: ty == Some("s32"),
+                        d: self.dst(&ops[0])?,
+                        a: self.src(&ops[1], false)?,
                         mask: self.src(&ops[2], false)?,
                     },
                     Class::Warp,
@@ -1235,9 +1309,6 @@ impl Dec<'_> {
                 }
                 // `.L2::cache_hint` adds a trailing cache-policy operand (a hint: ignored).
                 let nops = ops.len() - usize::from(has("L2::cache_hint"));
-                if has("ignore-src") || mods.iter().any(|m| m.starts_with("ignore")) {
-                    return self.err("cp.async with an ignore-src predicate is not supported");
-                }
                 if !(3..=4).contains(&nops) {
                     return self.err("cp.async needs dst, src, cp-size[, src-size]");
                 }
@@ -1248,11 +1319,15 @@ impl Dec<'_> {
                 if has("cg") && size != 16 {
                     return self.err("cp.async.cg requires cp-size 16");
                 }
-                let src_size = if nops == 4 {
-                    Some(self.src(&ops[3], false)?)
-                } else {
-                    None
-                };
+                // The optional fourth operand is src-size (an integer) or ignore-src (a
+                // predicate register).
+                let (mut src_size, mut ignore_src) = (None, None);
+                if nops == 4 {
+                    match self.src(&ops[3], false)? {
+                        Src::Reg(r) if self.preds.contains(&r) => ignore_src = Some(r),
+                        s => src_size = Some(s),
+                    }
+                }
                 let dst_space = if has("shared") || has("shared::cta") {
                     Space::Shared
                 } else {
@@ -1265,6 +1340,7 @@ impl Dec<'_> {
                         dst: self.addr(&ops[0])?,
                         src: self.addr(&ops[1])?,
                         src_size,
+                        ignore_src,
                     },
                     Class::Memory,
                 ))
@@ -1497,34 +1573,61 @@ impl Dec<'_> {
     }
 
     fn decode_mma(&self, opcode: &str) -> Result<(Op, Class), Error> {
-        let bf16 = match opcode {
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" => true,
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" => false,
-            _ => return self.err(
-                "only mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 is supported",
-            ),
+        let parts: Vec<&str> = opcode.split('.').collect();
+        let bad = || {
+            self.err(
+                "only mma.sync.aligned.m16n8k{8,16}.row.col with f16/bf16 inputs and f32 (or, for f16, f16) accumulators is supported",
+            )
+        };
+        if parts.len() != 10 || parts[1..3] != ["sync", "aligned"] || parts[4..6] != ["row", "col"]
+        {
+            return bad();
+        }
+        let k = match parts[3] {
+            "m16n8k16" => 16u8,
+            "m16n8k8" => 8,
+            _ => return bad(),
+        };
+        let (dt, at, bt, ct) = (parts[6], parts[7], parts[8], parts[9]);
+        let bf16 = match (at, bt) {
+            ("bf16", "bf16") => true,
+            ("f16", "f16") => false,
+            _ => return bad(),
+        };
+        let f16acc = match (dt, ct) {
+            ("f32", "f32") => false,
+            ("f16", "f16") if !bf16 => true,
+            _ => return bad(),
         };
         self.nops(4)?;
         let ops = &self.ins.operands;
         let d = self.vec_dsts(&ops[0])?;
         let a = self.vec_srcs(&ops[1], false)?;
         let b = self.vec_srcs(&ops[2], false)?;
-        let c = self.vec_srcs(&ops[3], true)?;
-        if d.len() != 4
-            || a.len() != 4
-            || b.len() != 2
-            || c.len() != 4
+        let c = self.vec_srcs(&ops[3], !f16acc)?;
+        let nacc = if f16acc { 2 } else { 4 };
+        if d.len() != nacc
+            || a.len() != k as usize / 4
+            || b.len() != k as usize / 8
+            || c.len() != nacc
             || d.iter().any(|x| x.is_none())
         {
-            return self.err("mma.m16n8k16 needs {4 f32} d, {4 b32} a, {2 b32} b, {4 f32} c");
+            return self.err(format!(
+                "{} needs {nacc} d, {} a, {} b and {nacc} c registers",
+                parts[3],
+                k / 4,
+                k / 8
+            ));
         }
         Ok((
             Op::Mma {
                 bf16,
-                d: [d[0].unwrap(), d[1].unwrap(), d[2].unwrap(), d[3].unwrap()],
-                a: [a[0], a[1], a[2], a[3]],
-                b: [b[0], b[1]],
-                c: [c[0], c[1], c[2], c[3]],
+                k,
+                f16acc,
+                d: d.into_iter().map(|x| x.unwrap()).collect(),
+                a,
+                b,
+                c,
             },
             Class::Tensor,
         ))

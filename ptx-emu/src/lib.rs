@@ -25,7 +25,8 @@
 //!
 //! Modules: `parse` (text to syntax tree), `ir` (decoding into
 //! executable instructions), `ops` (scalar semantics), [`memory`] (the device arena),
-//! `exec` (scheduler, instruction semantics and sanitizer), [`report`] (counters).
+//! `exec` (scheduler and instruction semantics), `sanitizer` (shadow state of shared
+//! memory), [`report`] (counters).
 
 #![warn(missing_docs)]
 
@@ -36,9 +37,12 @@ pub mod memory;
 mod ops;
 pub(crate) mod parse;
 pub mod report;
+mod sanitizer;
+mod tensor;
+pub mod toolchain;
 
 pub use error::{Error, ExecError, Fault};
-pub use exec::{LaunchOptions, Param, MAX_SHARED_BYTES};
+pub use exec::{LaunchOptions, Param, DEFAULT_INSTRUCTION_LIMIT, MAX_SHARED_BYTES};
 pub use ir::{Class, Kernel, ParamInfo, NUM_CLASSES};
 pub use memory::{DevPtr, Device};
 pub use report::LaunchReport;

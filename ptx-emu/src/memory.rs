@@ -10,6 +10,9 @@ use crate::error::Error;
 pub const SHARED_WINDOW: u64 = 0x0000_7000_0000_0000;
 /// Generic addresses `[LOCAL_WINDOW, LOCAL_WINDOW + 2^32)` name the thread's local memory.
 pub const LOCAL_WINDOW: u64 = 0x0000_6000_0000_0000;
+/// Addresses `[GLOBALS_WINDOW, GLOBALS_WINDOW + 2^32)` name the module-level `.global` and
+/// `.const` variables of the launched kernel (a fresh, initialized copy per launch).
+pub const GLOBALS_WINDOW: u64 = 0x0000_5000_0000_0000;
 /// First arena address; allocations are 256-byte aligned and separated by unmapped gaps
 /// so that running off the end of one allocation faults instead of hitting the next.
 pub const ARENA_BASE: u64 = 0x0000_0001_0000_0000;

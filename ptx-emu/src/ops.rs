@@ -5,6 +5,8 @@
 
 use half::{bf16, f16};
 
+use crate::ir::{AtomOp, AtomTy, CvtSpec, NumTy, Rnd};
+
 /// Operands and results of one ALU instruction for the 32 lanes of a warp.
 pub(crate) struct Lanes {
     pub a: [u64; 32],
@@ -471,4 +473,246 @@ pub(crate) fn fmul_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, _: u64) -> 
 pub(crate) fn ffma_dir<const M: u8, const FTZ: bool>(a: u64, b: u64, c: u64) -> u64 {
     let (s, e) = two_sum(in32::<FTZ>(a) * in32::<FTZ>(b), in32::<FTZ>(c));
     out32::<FTZ>(round_dir::<M>(s, e))
+}
+
+#[inline(always)]
+pub(crate) fn ops_mask(bits: u32) -> u64 {
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+pub(crate) fn atom_op(op: AtomOp, ty: AtomTy, old: u64, a: u64, b: u64) -> u64 {
+    match ty {
+        AtomTy::F32 => {
+            let (o, x) = (f32_of(old), f32_of(a));
+            (match op {
+                AtomOp::Add => o + x,
+                AtomOp::Min => fmin(o, x),
+                AtomOp::Max => fmax(o, x),
+                AtomOp::Exch => x,
+                AtomOp::Cas => {
+                    if old as u32 == a as u32 {
+                        f32_of(b)
+                    } else {
+                        o
+                    }
+                }
+                _ => o,
+            })
+            .to_bits() as u64
+        }
+        AtomTy::F64 => {
+            let (o, x) = (f64::from_bits(old), f64::from_bits(a));
+            (match op {
+                AtomOp::Add => o + x,
+                AtomOp::Exch => x,
+                AtomOp::Min => o.min(x),
+                AtomOp::Max => o.max(x),
+                AtomOp::Cas => {
+                    if old == a {
+                        f64::from_bits(b)
+                    } else {
+                        o
+                    }
+                }
+                _ => o,
+            })
+            .to_bits()
+        }
+        _ => {
+            let w64 = matches!(ty, AtomTy::U64 | AtomTy::S64);
+            let m = if w64 { u64::MAX } else { 0xFFFF_FFFF };
+            let signed = matches!(ty, AtomTy::S32 | AtomTy::S64);
+            let sx = |v: u64| {
+                if w64 {
+                    v as i64
+                } else {
+                    v as u32 as i32 as i64
+                }
+            };
+            let (o, x) = (old & m, a & m);
+            (match op {
+                AtomOp::Add => o.wrapping_add(x),
+                AtomOp::Min => {
+                    if signed {
+                        sx(o).min(sx(x)) as u64
+                    } else {
+                        o.min(x)
+                    }
+                }
+                AtomOp::Max => {
+                    if signed {
+                        sx(o).max(sx(x)) as u64
+                    } else {
+                        o.max(x)
+                    }
+                }
+                AtomOp::Exch => x,
+                AtomOp::Cas => {
+                    if o == x {
+                        b
+                    } else {
+                        o
+                    }
+                }
+                AtomOp::And => o & x,
+                AtomOp::Or => o | x,
+                AtomOp::Xor => o ^ x,
+                AtomOp::Inc => {
+                    if o >= x {
+                        0
+                    } else {
+                        o + 1
+                    }
+                }
+                AtomOp::Dec => {
+                    if o == 0 || o > x {
+                        x
+                    } else {
+                        o - 1
+                    }
+                }
+            }) & m
+        }
+    }
+}
+
+fn round(x: f64, r: Rnd) -> f64 {
+    match r {
+        Rnd::Near => x.round_ties_even(),
+        Rnd::Zero => x.trunc(),
+        Rnd::Down => x.floor(),
+        Rnd::Up => x.ceil(),
+    }
+}
+
+/// `cvt` of one value.
+pub(crate) fn cvt(s: &CvtSpec, a: u64) -> u64 {
+    let int_to = |v: i128| -> u64 {
+        match s.dst {
+            NumTy::U(w) => {
+                let max = if w == 64 {
+                    u64::MAX as i128
+                } else {
+                    (1i128 << w) - 1
+                };
+                if s.sat {
+                    v.clamp(0, max) as u64
+                } else {
+                    (v as u64) & ops_mask(w)
+                }
+            }
+            NumTy::S(w) => {
+                let (lo, hi) = (-(1i128 << (w - 1)), (1i128 << (w - 1)) - 1);
+                if s.sat {
+                    (v.clamp(lo, hi) as u64) & ops_mask(w)
+                } else {
+                    (v as u64) & ops_mask(w)
+                }
+            }
+            NumTy::F16 => hf::from(v as f64),
+            NumTy::Bf16 => bf::from(v as f64),
+            NumTy::F32 => (v as f32).to_bits() as u64,
+            NumTy::F64 => (v as f64).to_bits(),
+        }
+    };
+    let float_to = |x: f64, from_f32: Option<f32>| -> u64 {
+        match s.dst {
+            NumTy::U(_) | NumTy::S(_) => {
+                // Float to integer: round per mode, NaN -> 0, saturate to the range.
+                if x.is_nan() {
+                    return 0;
+                }
+                let r = round(x, s.rnd);
+                let (lo, hi) = match s.dst {
+                    NumTy::U(w) => (
+                        0f64,
+                        if w == 64 {
+                            u64::MAX as f64
+                        } else {
+                            ((1u128 << w) - 1) as f64
+                        },
+                    ),
+                    NumTy::S(w) => (-(2f64.powi(w as i32 - 1)), 2f64.powi(w as i32 - 1) - 1.0),
+                    _ => unreachable!(),
+                };
+                let v = if r <= lo {
+                    lo as i128
+                } else if r >= hi {
+                    hi as i128
+                } else {
+                    r as i128
+                };
+                let w = match s.dst {
+                    NumTy::U(w) | NumTy::S(w) => w,
+                    _ => 64,
+                };
+                (v as u64) & ops_mask(w)
+            }
+            NumTy::F16 | NumTy::Bf16 => {
+                let mut y = if s.int_round { round(x, s.rnd) } else { x };
+                if s.sat {
+                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
+                }
+                let bf16 = s.dst == NumTy::Bf16;
+                match from_f32 {
+                    Some(f) if !s.int_round && !s.sat => {
+                        if bf16 {
+                            f32_to_bf16(f) as u64
+                        } else {
+                            f32_to_f16(f) as u64
+                        }
+                    }
+                    _ => {
+                        if bf16 {
+                            bf::from(y)
+                        } else {
+                            hf::from(y)
+                        }
+                    }
+                }
+            }
+            NumTy::F32 => {
+                let mut y = if s.int_round {
+                    round(x, s.rnd) as f32
+                } else {
+                    x as f32
+                };
+                if s.ftz {
+                    y = flush(y);
+                }
+                if s.sat {
+                    y = sat(y);
+                }
+                y.to_bits() as u64
+            }
+            NumTy::F64 => {
+                let mut y = if s.int_round { round(x, s.rnd) } else { x };
+                if s.sat {
+                    y = if y.is_nan() { 0.0 } else { y.clamp(0.0, 1.0) };
+                }
+                y.to_bits()
+            }
+        }
+    };
+    match s.src {
+        NumTy::U(w) => int_to((a & ops_mask(w)) as i128),
+        NumTy::S(w) => {
+            let sh = 64 - w;
+            int_to((((a << sh) as i64) >> sh) as i128)
+        }
+        NumTy::F16 => float_to(hf::to(a & 0xFFFF), None),
+        NumTy::Bf16 => float_to(bf::to(a & 0xFFFF), None),
+        NumTy::F32 => {
+            let mut x = f32_of(a);
+            if s.ftz {
+                x = flush(x);
+            }
+            float_to(x as f64, Some(x))
+        }
+        NumTy::F64 => float_to(f64::from_bits(a), None),
+    }
 }

@@ -129,8 +129,9 @@ pub(crate) struct InstrAst {
 pub(crate) enum Stmt {
     Label(String),
     Instr(InstrAst),
-    /// `.reg .type name` or `name<count>` declarations.
+    /// `.reg .type name` or `name<count>` declarations (`pred`: of type `.pred`).
     Reg {
+        pred: bool,
         names: Vec<String>,
     },
     /// A `.shared`, `.local` or `.global` variable.
@@ -148,6 +149,9 @@ pub(crate) struct VarDecl {
     pub size: u64,
     pub extern_: bool,
     pub line: u32,
+    /// Initial bytes (little-endian elements; shorter than `size` means zero-filled);
+    /// `None` if the initializer holds something other than numbers (e.g. addresses).
+    pub init: Option<Vec<u8>>,
 }
 
 /// A `.param` declaration of an entry.
@@ -423,10 +427,38 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
                         p.expect_p(']')?;
                     }
                 }
-                if p.is_p('=') {
-                    return p.err(format!(
-                        "initialized {space} variable {w} is not supported by the emulator"
-                    ));
+                let mut init = Some(Vec::new());
+                if p.eat_p('=') {
+                    // A flat list of numeric literals, each stored as one element.
+                    let mut bytes = Vec::new();
+                    while !p.is_p(';') && p.peek().is_some() {
+                        let neg = p.eat_p('-');
+                        match p.next() {
+                            Some(Tok::Num(n)) => match (parse_imm(&n), init.is_some()) {
+                                (Some(Imm::Int(v)), true) => {
+                                    let v = if neg { v.wrapping_neg() } else { v };
+                                    bytes.extend_from_slice(&v.to_le_bytes()[..elem as usize]);
+                                }
+                                (Some(Imm::F32(b)), true) if elem == 4 => {
+                                    let b = if neg { b ^ 0x8000_0000 } else { b };
+                                    bytes.extend_from_slice(&b.to_le_bytes());
+                                }
+                                (Some(Imm::F64(b)), true) if elem == 8 => {
+                                    let b = if neg { b ^ (1 << 63) } else { b };
+                                    bytes.extend_from_slice(&b.to_le_bytes());
+                                }
+                                _ => init = None,
+                            },
+                            Some(Tok::P('{')) | Some(Tok::P('}')) | Some(Tok::P(',')) => {}
+                            _ => init = None,
+                        }
+                    }
+                    if let Some(i) = &mut init {
+                        *i = bytes;
+                    }
+                    if size == 0 {
+                        size = init.as_ref().map_or(0, |b| b.len() as u64);
+                    }
                 }
                 p.expect_p(';')?;
                 return Ok(VarDecl {
@@ -436,6 +468,7 @@ fn parse_var(p: &mut P) -> Result<VarDecl, Error> {
                     size,
                     extern_,
                     line,
+                    init,
                 });
             }
         }
@@ -517,7 +550,8 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                     body.push(Stmt::Label(w));
                 } else if w == ".reg" {
                     p.i += 1;
-                    p.word()?; // the type: every register is a 64-bit slot
+                    // Every register is a 64-bit slot; only predicates are told apart.
+                    let pred = p.word()? == ".pred";
                     let mut names = Vec::new();
                     loop {
                         let n = p.word()?;
@@ -533,7 +567,7 @@ fn parse_entry(p: &mut P) -> Result<EntryAst, Error> {
                         }
                     }
                     p.expect_p(';')?;
-                    body.push(Stmt::Reg { names });
+                    body.push(Stmt::Reg { pred, names });
                 } else if matches!(
                     w.as_str(),
                     ".shared" | ".local" | ".global" | ".const" | ".extern"

@@ -105,3 +105,49 @@ impl std::fmt::Display for LaunchReport {
         )
     }
 }
+
+/// Wavefronts of a warp-wide shared access of `bytes` per lane: accesses of up to 4 bytes
+/// are served per warp, 8-byte ones per half-warp and 16-byte ones per quarter-warp;
+/// within a phase each of the 32 four-byte banks serves one distinct word per wavefront
+/// (lanes reading the same word are broadcast). Returns (wavefronts, conflict-free minimum).
+pub(crate) fn wavefronts(accs: &[(usize, u64)], bytes: usize) -> (u64, u64) {
+    let per_phase = match bytes {
+        16 => 8,
+        8 => 16,
+        _ => 32,
+    };
+    let (mut wf, mut ideal) = (0u64, 0u64);
+    let mut words = [0u64; 160];
+    for ph in 0..32 / per_phase {
+        // Distinct 4-byte words touched in this phase, then the busiest bank.
+        let mut n = 0;
+        for &(l, off) in accs {
+            if l / per_phase != ph {
+                continue;
+            }
+            let last = (off + bytes.max(1) as u64 - 1) / 4;
+            for word in off / 4..=last {
+                if n < words.len() {
+                    words[n] = word;
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let ws = &mut words[..n];
+        ws.sort_unstable();
+        let mut cnt = [0u8; 32];
+        let mut prev = None;
+        for &w in ws.iter() {
+            if prev != Some(w) {
+                cnt[(w % 32) as usize] += 1;
+                prev = Some(w);
+            }
+        }
+        ideal += 1;
+        wf += *cnt.iter().max().unwrap() as u64;
+    }
+    (wf, ideal)
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{compile, Rng};
+use common::{compile, compile_with, Rng};
 use half::{bf16, f16};
 use ptx_emu::{Device, Fault, LaunchOptions, Module, Param};
 
@@ -514,8 +514,62 @@ fn misc_cuda_operations() {
             "ballot/any [{i}]"
         );
         assert_eq!(g[22], x + y.max(x), "fminf NaN / fmaxf [{i}]");
-        assert_eq!(g[23], 0.0);
+        assert_eq!(
+            g[23],
+            [0.5, 1.5, 2.5, 3.5][i & 3],
+            "__constant__ table [{i}]"
+        );
     }
     assert_eq!(dev.read_u32(pc, 2).unwrap(), vec![n as u32, n as u32 - 1]);
     assert_eq!(dev.read_f32(pf, 1).unwrap(), vec![n as f32]);
+}
+
+#[test]
+fn flash_attention_without_the_tail_barrier_is_reported() {
+    // Without the __syncthreads() at the end of the key loop, a warp's cp.async for the
+    // next-but-one tile overwrites a K/V buffer other warps may still be reading.
+    let Some(ptx) = compile_with("flash_attn", &["-DFA_BUG_NO_TAIL_SYNC"]) else {
+        return;
+    };
+    let m = Module::parse(&ptx).unwrap();
+    let kern = m.kernel("flash_attn_fwd").unwrap();
+    let (n_q, n_k, d) = (64usize, 256usize, 64usize);
+    let mut dev = Device::new();
+    let q = dev.alloc_bf16(&vec![bf16::from_f32(0.5); n_q * d]);
+    let k = dev.alloc_bf16(&vec![bf16::from_f32(0.25); n_k * d]);
+    let v = dev.alloc_bf16(&vec![bf16::from_f32(1.0); n_k * d]);
+    let o = dev.alloc(n_q * d * 4);
+    let params = [
+        Param::Ptr(q),
+        Param::Ptr(k),
+        Param::Ptr(v),
+        Param::Ptr(o),
+        Param::I32(n_q as i32),
+        Param::I32(n_k as i32),
+        Param::F32(0.18),
+    ];
+    let e = dev
+        .launch(kern, (1, 1, 1), (128, 1, 1), 0, &params)
+        .unwrap_err();
+    eprintln!("{e}");
+    assert!(
+        matches!(
+            e.fault(),
+            Some(Fault::SharedRace) | Some(Fault::AsyncCopyPending)
+        ),
+        "{e}"
+    );
+    // The unchecked run still produces the right numbers here (the emulator runs warps in
+    // order): only the sanitizer sees the bug.
+    let opts = LaunchOptions {
+        sanitize: false,
+        ..Default::default()
+    };
+    dev.launch_with(kern, (1, 1, 1), (128, 1, 1), 0, &params, &opts)
+        .unwrap();
+    assert!(dev
+        .read_f32(o, n_q * d)
+        .unwrap()
+        .iter()
+        .all(|x| (x - 1.0).abs() < 1e-6));
 }

@@ -277,3 +277,94 @@ fn published_numpy_example_reproduced() {
         assert_eq!(got.join(", "), *want, "row {i}");
     }
 }
+
+/// The other supported shapes/accumulators with register-level fragments: m16n8k8 (A: 2
+/// registers = a0..a3, B: 1 register = b0, b1) and f16 accumulators (C/D: 2 `.f16x2`
+/// registers, (c0, c1) and (c2, c3)), built from the same ISA formulas.
+fn mma_variant(bf: bool, k: usize, f16acc: bool) {
+    let ty = if bf { "bf16" } else { "f16" };
+    let acc = if f16acc { "f16" } else { "f32" };
+    let (na, nb, nc) = (k / 4, k / 8, if f16acc { 2 } else { 4 });
+    let regs = |p: &str, n: usize, base: usize| -> String {
+        (0..n)
+            .map(|i| format!("%{p}{}", base + i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut body = String::from("mul.wide.u32 %rd10, %r0, 48; add.s64 %rd11, %rd1, %rd10;\n");
+    for i in 0..na {
+        body += &format!("ld.global.u32 %r{}, [%rd11+{}];\n", 10 + i, 4 * i);
+    }
+    for i in 0..nb {
+        body += &format!("ld.global.u32 %r{}, [%rd11+{}];\n", 20 + i, 16 + 4 * i);
+    }
+    for i in 0..nc {
+        body += &format!("ld.global.u32 %r{}, [%rd11+{}];\n", 30 + i, 32 + 4 * i);
+    }
+    body += &format!(
+        "mma.sync.aligned.m16n8k{k}.row.col.{acc}.{ty}.{ty}.{acc} {{{}}}, {{{}}}, {{{}}}, {{{}}};\n",
+        regs("r", nc, 40),
+        regs("r", na, 10),
+        regs("r", nb, 20),
+        regs("r", nc, 30)
+    );
+    body += "mul.wide.u32 %rd12, %r0, 16; add.s64 %rd13, %rd2, %rd12;\n";
+    for i in 0..nc {
+        body += &format!("st.global.u32 [%rd13+{}], %r{};\n", 4 * i, 40 + i);
+    }
+    let mut r = Rng(k as u64 * 7 + bf as u64 + 2 * f16acc as u64);
+    let mut small = || (r.next_u32() % 9) as f32 - 4.0;
+    let a: Vec<Vec<f32>> = (0..16)
+        .map(|_| (0..16).map(|_| small()).collect())
+        .collect();
+    let b: Vec<Vec<f32>> = (0..16).map(|_| (0..8).map(|_| small()).collect()).collect();
+    let c: Vec<Vec<f32>> = (0..16)
+        .map(|_| (0..8).map(|_| small() * 0.5).collect())
+        .collect();
+    let h = |x: f32| f16::from_f32(x).to_bits() as u32;
+    let mut words = vec![0u32; 32 * 12];
+    for lane in 0..32 {
+        let w = &mut words[lane * 12..][..12];
+        for reg in 0..na {
+            let (lo, hi) = (a_pos(lane, 2 * reg), a_pos(lane, 2 * reg + 1));
+            w[reg] = to16(a[lo.0][lo.1], bf) as u32 | (to16(a[hi.0][hi.1], bf) as u32) << 16;
+        }
+        for reg in 0..nb {
+            let (lo, hi) = (b_pos(lane, 2 * reg), b_pos(lane, 2 * reg + 1));
+            w[4 + reg] = to16(b[lo.0][lo.1], bf) as u32 | (to16(b[hi.0][hi.1], bf) as u32) << 16;
+        }
+        for i in 0..4 {
+            let (row, col) = c_pos(lane, i);
+            if f16acc {
+                w[8 + i / 2] |= h(c[row][col]) << (16 * (i % 2));
+            } else {
+                w[8 + i] = c[row][col].to_bits();
+            }
+        }
+    }
+    let (o, _) =
+        common::run_words("", &body, 32, &words, 128).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    for lane in 0..32 {
+        for i in 0..4 {
+            let (row, col) = c_pos(lane, i);
+            let want = c[row][col] + (0..k).map(|kk| a[row][kk] * b[kk][col]).sum::<f32>();
+            let got = if f16acc {
+                f16::from_bits((o[lane * 4 + i / 2] >> (16 * (i % 2))) as u16).to_f32()
+            } else {
+                f32::from_bits(o[lane * 4 + i])
+            };
+            assert_eq!(
+                got, want,
+                "m16n8k{k} {ty} acc {acc}: D[{row}][{col}] (lane {lane}, d{i})"
+            );
+        }
+    }
+}
+
+#[test]
+fn mma_m16n8k8_and_f16_accumulators() {
+    mma_variant(true, 8, false);
+    mma_variant(false, 8, false);
+    mma_variant(false, 16, true);
+    mma_variant(false, 8, true);
+}

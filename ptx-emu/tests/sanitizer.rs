@@ -234,3 +234,16 @@ fn cp_async_cache_hint_operand_is_ignored() {
     let o = run_words(SM, body, 1, &[1, 2, 3, 4], 8).unwrap().0;
     assert_eq!(o, vec![1, 2, 3, 4, 1, 0, 0, 0]);
 }
+
+#[test]
+fn cp_async_ignore_src_predicate() {
+    // The fourth operand may be an ignore-src predicate: when true the source is not read
+    // and the destination is zero-filled.
+    let body = "mov.u32 %r1, sm; setp.eq.u32 %p1, %r0, 0; setp.ne.u32 %p2, %r0, 0;
+        cp.async.ca.shared.global [%r1], [%rd1], 8, %p1;
+        cp.async.ca.shared.global [%r1+8], [%rd1], 8, %p2;
+        cp.async.wait_all;
+        ld.shared.v4.u32 {%r2, %r3, %r4, %r5}, [%r1]; st.global.v4.u32 [%rd2], {%r2, %r3, %r4, %r5};";
+    let o = run_words(SM, body, 1, &[5, 6], 4).unwrap().0;
+    assert_eq!(o, vec![0, 0, 5, 6]);
+}

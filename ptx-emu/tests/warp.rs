@@ -306,3 +306,46 @@ fn a_warp_spinning_on_another_warps_flag_makes_progress() {
     .unwrap();
     assert_eq!(&dev.read_u32(pout, 64).unwrap()[..32], &[7; 32]);
 }
+
+#[test]
+fn redux_sync() {
+    let body = "
+        sub.s32 %r1, %r0, 10;              // -10 .. 21
+        redux.sync.add.s32 %r2, %r1, -1;
+        redux.sync.min.s32 %r3, %r1, -1;
+        redux.sync.max.u32 %r4, %r1, -1;   // unsigned: -1 is the largest
+        redux.sync.or.b32 %r5, %r0, 0xffffffff;
+        redux.sync.xor.b32 %r6, %r0, -1;
+        mul.wide.u32 %rd10, %r0, 32; add.s64 %rd11, %rd2, %rd10;
+        st.global.v4.u32 [%rd11], {%r2, %r3, %r4, %r5};
+        st.global.u32 [%rd11+16], %r6;";
+    let o = run_words("", body, 32, &[], 32 * 8).unwrap().0;
+    let vals: Vec<i32> = (0..32).map(|l| l - 10).collect();
+    for l in 0..32 {
+        let g = &o[l * 8..][..5];
+        assert_eq!(g[0] as i32, vals.iter().sum::<i32>());
+        assert_eq!(g[1] as i32, -10);
+        assert_eq!(g[2], u32::MAX);
+        assert_eq!(g[3], 31);
+        assert_eq!(g[4], (0..32u32).fold(0, |a, b| a ^ b));
+    }
+}
+
+#[test]
+fn bar_sync_from_two_instructions_in_one_warp_is_an_error() {
+    // bar.sync is barrier.sync.aligned: all threads of a warp must use the same instruction.
+    let body = "
+        setp.lt.u32 %p1, %r0, 16;
+        @%p1 bra $A;
+        bar.sync 0;
+        bra.uni $J;
+    $A:
+        bar.sync 0;
+    $J:
+        st.global.u32 [%rd5], %r0;";
+    let e = run_words("", body, 64, &[], 64).unwrap_err();
+    assert_eq!(e.fault(), Some(Fault::DivergentCollective), "{e}");
+    // barrier.sync (not .aligned) allows it.
+    let ok = body.replace("bar.sync 0;", "barrier.sync 0;");
+    run_words("", &ok, 64, &[], 64).unwrap();
+}

@@ -2,44 +2,32 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// nvcc from PATH, else `$CUDA_HOME/bin`, else the cache of `scripts/cuda-toolchain.sh`.
+/// nvcc (see [`ptx_emu::toolchain::find_nvcc`]).
 pub fn nvcc() -> Option<PathBuf> {
-    let works = |p: &Path| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    let mut cands = vec![PathBuf::from("nvcc")];
-    if let Ok(h) = std::env::var("CUDA_HOME") {
-        cands.push(Path::new(&h).join("bin/nvcc"));
-    }
-    if let Ok(d) = std::env::var("KSA_CUDA_DIR") {
-        cands.push(Path::new(&d).join("nvidia/cu13/bin/nvcc"));
-    }
-    if let Ok(h) = std::env::var("HOME") {
-        cands.push(Path::new(&h).join(".cache/ksa-cuda/nvidia/cu13/bin/nvcc"));
-    }
-    cands.into_iter().find(|p| works(p))
+    ptx_emu::toolchain::find_nvcc()
 }
 
 /// Compiles `tests/kernels/<name>.cu` with `nvcc --ptx -O3 -arch=compute_80` and returns
 /// the PTX text, or prints a skip message and returns `None` when nvcc is not available.
 pub fn compile(name: &str) -> Option<String> {
+    compile_with(name, &[])
+}
+
+/// [`compile`] with extra nvcc arguments (e.g. `-DNAME`).
+pub fn compile_with(name: &str, extra: &[&str]) -> Option<String> {
     static CACHE: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, ptx)) = cache.iter().find(|(n, _)| n == name) {
+    let key = format!("{name} {}", extra.join(" "));
+    if let Some((_, ptx)) = cache.iter().find(|(n, _)| *n == key) {
         return Some(ptx.clone());
     }
-    let ptx = compile_uncached(name)?;
-    cache.push((name.to_string(), ptx.clone()));
+    let ptx = compile_uncached(name, extra)?;
+    cache.push((key, ptx.clone()));
     Some(ptx)
 }
 
-fn compile_uncached(name: &str) -> Option<String> {
+fn compile_uncached(name: &str, extra: &[&str]) -> Option<String> {
     let Some(nvcc) = nvcc() else {
         eprintln!("skipped: nvcc not found, run scripts/cuda-toolchain.sh (eval \"$(bash scripts/cuda-toolchain.sh)\")");
         return None;
@@ -47,20 +35,16 @@ fn compile_uncached(name: &str) -> Option<String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/kernels")
         .join(format!("{name}.cu"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.ptx"));
-    let o = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-arch=compute_80", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("running nvcc");
-    assert!(
-        o.status.success(),
-        "nvcc failed on {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Some(std::fs::read_to_string(&out).unwrap())
+    let tag: String = extra
+        .concat()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}{tag}.ptx"));
+    match ptx_emu::toolchain::compile_ptx(&nvcc, &src, &out, "compute_80", extra) {
+        Ok(ptx) => Some(ptx),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// A deterministic pseudo-random generator (xorshift) for test data.

@@ -1,10 +1,12 @@
 // A mix of what CUDA C++ code typically compiles to: libdevice math (expf, logf, tanhf,
 // rsqrtf), fast intrinsics, f16/bf16 conversions and packed arithmetic, integer division,
-// bit intrinsics, a dynamically indexed local array, float/int atomics, shuffles and votes.
+// bit intrinsics, a dynamically indexed local array, float/int atomics, shuffles and votes,
+// and a __constant__ table.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 constexpr int NOUT = 24;
+__constant__ float ctab[4] = {0.5f, 1.5f, 2.5f, 3.5f};
 
 extern "C" __global__ void misc_ops(const float* __restrict__ xs, const float* __restrict__ ys,
                                     float* __restrict__ out, unsigned* __restrict__ counters,
@@ -44,6 +46,6 @@ extern "C" __global__ void misc_ops(const float* __restrict__ xs, const float* _
     unsigned ballot = __ballot_sync(0xffffffffu, x > 0.f);
     o[21] = (float)__popc(ballot) + (__any_sync(0xffffffffu, y > 0.9f) ? 1000.f : 0.f);
     o[22] = fminf(x, __int_as_float(0x7fc00000)) + fmaxf(y, x);
-    o[23] = (float)atomicAdd(&counters[0], 1u) * 0.f + (float)(atomicMax((int*)&counters[1], i) * 0);
+    o[23] = (float)atomicAdd(&counters[0], 1u) * 0.f + (float)(atomicMax((int*)&counters[1], i) * 0) + ctab[i & 3];
     atomicAdd(fsum, 1.0f);
 }
