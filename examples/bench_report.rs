@@ -212,7 +212,13 @@ fn plot(path: &str, rows: &[Row], window: usize) -> Result<(), Box<dyn std::erro
         .x_desc("text tokens n")
         .y_desc("seconds")
         .x_label_formatter(&|x| format!("{}K", (*x / 1024.0).round()))
-        .y_label_formatter(&|y| format!("{y:.3}"))
+        .y_label_formatter(&|y| {
+            if *y >= 1.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.2}")
+            }
+        })
         .draw()?;
     for (name, color, pick) in [
         (

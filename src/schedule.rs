@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn a_window_beyond_every_chunk_is_the_causal_schedule() {
+        let tiles = TileSizes::default();
+        let layout = Layout::new(KsaConfig::new(8, 1, 1 << 20).unwrap(), 5000).unwrap();
+        let ksa = Schedule::ksa(&layout, tiles).unwrap();
+        let causal = Schedule::causal(5000, tiles).unwrap();
+        assert_eq!(ksa.visited_tiles(), causal.visited_tiles());
+        // Causal: query tile i sees i full tiles' worth of keys and a diagonal edge.
+        assert_eq!(causal.visited_tiles().edge, causal.query_tiles() as u64);
+        // KSA with a window prunes tiles.
+        let narrow = Schedule::ksa(&layout.with_window(4), tiles).unwrap();
+        assert!(narrow.visited_tiles().total() < causal.visited_tiles().total() / 4);
+    }
+
+    #[test]
     fn zero_tile_size_is_an_error() {
         let tiles = TileSizes { query: 0, key: 4 };
         assert!(Schedule::causal(4, tiles).is_err());

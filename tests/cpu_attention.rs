@@ -356,3 +356,49 @@ fn bad_inputs_are_typed_errors() {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+#[test]
+fn progress_counts_up_to_its_total() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let layout = Layout::new(KsaConfig::new(4, 1, 2).unwrap(), 700).unwrap();
+    let (q, k, v) = qkv(2, 4, 2, layout.len(), 16, DType::F32, 9);
+    let (calls, last, total) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let (out, _) = CpuKernel::default()
+        .attention_with_progress(
+            &q,
+            &k,
+            &v,
+            &layout,
+            &AttentionOptions::default(),
+            &|d, t| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                last.fetch_max(d, Ordering::Relaxed);
+                total.store(t, Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+    let (calls, last, total) = (calls.into_inner(), last.into_inner(), total.into_inner());
+    assert!(total > 0 && calls == total && last == total);
+    let want = ksa::attention(&q, &k, &v, &layout).unwrap();
+    assert_eq!(max_rel_err(&out, &want), 0.0);
+}
+
+/// Long enough (2 * n * d * 4 bytes above 4 MiB) that heads run one at a
+/// time, the path long contexts take.
+#[test]
+fn long_sequences_match_the_reference() {
+    let n = 4104;
+    let (q, k, v) = qkv(1, 2, 2, n, 128, DType::F32, 13);
+    let want = reference::causal_attention(&q, &k, &v, None).unwrap();
+    let got = ksa::causal_attention(&q, &k, &v).unwrap();
+    assert!(max_rel_err(&got, &want) <= 2e-4);
+    let layout = Layout::new(KsaConfig::new(8, 1, 16).unwrap(), 3648).unwrap();
+    assert_eq!(layout.len(), n);
+    let want = reference::attention(&q, &k, &v, &layout).unwrap();
+    let got = ksa::attention(&q, &k, &v, &layout).unwrap();
+    assert!(max_rel_err(&got, &want) <= 2e-4);
+}

@@ -5,8 +5,9 @@
 //! chunk-major), so that every query's keys are two dense ranges. Text queries
 //! are processed in tiles of consecutive tokens, all query heads of a GQA
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
-//! [`Schedule`] lists; scores and the value product are GEMMs (the `gemm`
-//! crate's microkernels), the softmax is online (streaming) in f32, and only
+//! [`Schedule`] lists; scores and the value product are register-blocked
+//! GEMM microkernels (AVX2/FMA, `matmul.rs`; the `gemm` crate elsewhere),
+//! the softmax is online (streaming) in f32, and only
 //! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
@@ -303,6 +304,9 @@ enum Task {
 
 const SUMMARY_CHUNKS_PER_TASK: usize = 256;
 
+/// Largest per-head gathered K/V (bytes) for which heads run in parallel.
+const PARALLEL_HEADS_MAX_BYTES: usize = 4 << 20;
+
 #[allow(clippy::too_many_arguments)]
 fn forward<T: Element>(
     q: &[T],
@@ -341,38 +345,48 @@ fn forward<T: Element>(
     };
     let group = hq / hkv;
     let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
-    for bi in 0..batch {
-        for kvh in 0..hkv {
-            let head = (bi * hkv + kvh) * n * d;
-            let kg = gather(&k[head..head + n * d], &slots, d, identity);
-            let vg = gather(&v[head..head + n * d], &slots, d, identity);
-            let ctx = tile::Context {
-                q,
-                k: &kg,
-                v: &vg,
-                schedule,
-                scale,
-                len: n,
-                d,
-                q_heads: hq,
-                batch: bi,
-                first_head: kvh * group,
-                group,
-                fast: matmul::fast_path(d),
-                out: ptr,
-            };
-            tasks.par_iter().for_each_init(
-                || tile::Scratch::new(&ctx),
-                |scratch, task| {
-                    match *task {
-                        Task::Text(t) => tile::text_tile(&ctx, scratch, t),
-                        Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
-                    }
-                    if let Some(report) = progress {
-                        report(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-                    }
-                },
-            );
-        }
+    let fast = matmul::fast_path(d);
+    let run_head = |&(bi, kvh): &(usize, usize)| {
+        let head = (bi * hkv + kvh) * n * d;
+        let kg = gather(&k[head..head + n * d], &slots, d, identity);
+        let vg = gather(&v[head..head + n * d], &slots, d, identity);
+        let ctx = tile::Context {
+            q,
+            k: &kg,
+            v: &vg,
+            schedule,
+            scale,
+            len: n,
+            d,
+            q_heads: hq,
+            batch: bi,
+            first_head: kvh * group,
+            group,
+            fast,
+            out: ptr,
+        };
+        tasks.par_iter().for_each_init(
+            || tile::Scratch::new(&ctx),
+            |scratch, task| {
+                match *task {
+                    Task::Text(t) => tile::text_tile(&ctx, scratch, t),
+                    Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+                }
+                if let Some(report) = progress {
+                    report(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                }
+            },
+        );
+    };
+    let heads: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|bi| (0..hkv).map(move |kvh| (bi, kvh)))
+        .collect();
+    // Short sequences have too few query tiles per head to keep every core
+    // busy, so heads run in parallel too; long ones run one head at a time,
+    // which bounds the gathered K/V in memory to a single head's.
+    if 2 * n * d * std::mem::size_of::<f32>() <= PARALLEL_HEADS_MAX_BYTES {
+        heads.par_iter().for_each(run_head);
+    } else {
+        heads.iter().for_each(run_head);
     }
 }
