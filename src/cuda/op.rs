@@ -6,10 +6,10 @@ use super::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use super::schedule::MaskRule;
 use crate::check::check_qkv;
 use crate::{Error, Result};
-use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
+use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 const MODULE: &str = "ksa_fwd";
