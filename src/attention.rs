@@ -43,6 +43,15 @@ pub fn attention_with(
     }
     match q.device() {
         Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(crate::cuda::op::forward(
+            q,
+            k,
+            v,
+            crate::cuda::schedule::MaskRule::Ksa(*layout),
+            options.scale,
+        )?
+        .0),
         device => Err(unsupported("ksa::attention", device)),
     }
 }
@@ -64,6 +73,15 @@ pub fn causal_attention_with(
     check_qkv(q, k, v, "ksa::causal_attention")?;
     match q.device() {
         Device::Cpu => op::apply(q, k, v, Mask::Causal, options.scale),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(crate::cuda::op::forward(
+            q,
+            k,
+            v,
+            crate::cuda::schedule::MaskRule::Causal { len: q.dims()[2] },
+            options.scale,
+        )?
+        .0),
         device => Err(unsupported("ksa::causal_attention", device)),
     }
 }
@@ -78,11 +96,7 @@ fn unsupported(op: &'static str, device: &Device) -> Error {
         _ => Error::UnsupportedDevice {
             op,
             device: "CUDA".into(),
-            reason: if cfg!(feature = "cuda") {
-                "the CUDA kernel is not part of this build yet"
-            } else {
-                "ksa was built without the `cuda` feature"
-            },
+            reason: "ksa was built without the `cuda` feature",
         },
     }
 }

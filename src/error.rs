@@ -130,6 +130,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The head dimension is not one the operation has a kernel for.
+    #[error("{op} supports head_dim {supported}, got {got}")]
+    UnsupportedHeadDim {
+        op: &'static str,
+        got: usize,
+        supported: &'static str,
+    },
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

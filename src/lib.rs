@@ -34,6 +34,7 @@ mod backward;
 mod check;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 mod error;
 pub mod layer;
 pub mod layout;

@@ -1,0 +1,326 @@
+//! The launch of the forward kernel as one piece of data: kernel name, grid,
+//! block, dynamic shared memory and the argument list in the kernel's order.
+//! The candle/cudarc path and the emulator tests both drive exactly this.
+
+use super::schedule::{MaskRule, Schedule, BLOCK_Q};
+use crate::{Error, Result};
+
+/// Threads per CTA (4 warps).
+pub const THREADS: u32 = 128;
+
+/// Element type of q, k, v and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl Elem {
+    fn name(self) -> &'static str {
+        match self {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
+/// Strides in elements of the batch and head dimensions of a `[b, h, N, d]`
+/// tensor whose rows are contiguous (row stride `d`, element stride 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strides {
+    /// Elements between batches.
+    pub batch: u64,
+    /// Elements between heads.
+    pub head: u64,
+}
+
+impl Strides {
+    /// Strides of a contiguous `[b, heads, len, d]` tensor.
+    pub fn contiguous(heads: usize, len: usize, head_dim: usize) -> Self {
+        Self {
+            batch: (heads * len * head_dim) as u64,
+            head: (len * head_dim) as u64,
+        }
+    }
+}
+
+/// Everything about one forward call except the device pointers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FwdProblem {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads (`o` and `lse` have as many).
+    pub q_heads: usize,
+    /// Key/value heads (`q_heads % kv_heads == 0`).
+    pub kv_heads: usize,
+    /// Head dimension: 64 or 128.
+    pub head_dim: usize,
+    /// Element type.
+    pub elem: Elem,
+    /// Softmax scale (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+    /// Strides of q, k, v and o.
+    pub q: Strides,
+    /// Strides of k.
+    pub k: Strides,
+    /// Strides of v.
+    pub v: Strides,
+    /// Strides of o (`lse` is always a contiguous `[b, q_heads, N]` f32).
+    pub o: Strides,
+    /// Query heads per CTA (1, 2 or 4; must divide `q_heads / kv_heads`).
+    /// `None`: the largest that divides the GQA group, so one K/V tile load
+    /// feeds that many heads (query tiles then have 64 / heads rows).
+    pub heads_per_cta: Option<usize>,
+}
+
+impl FwdProblem {
+    /// A problem whose four tensors are contiguous `[b, h, len, d]`.
+    pub fn contiguous(
+        batch: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        len: usize,
+        head_dim: usize,
+        elem: Elem,
+    ) -> Self {
+        let qs = Strides::contiguous(q_heads, len, head_dim);
+        let ks = Strides::contiguous(kv_heads, len, head_dim);
+        Self {
+            batch,
+            q_heads,
+            kv_heads,
+            head_dim,
+            elem,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            q: qs,
+            k: ks,
+            v: ks,
+            o: qs,
+            heads_per_cta: None,
+        }
+    }
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// A device pointer or 64-bit integer.
+    U64(u64),
+    /// A 32-bit integer.
+    U32(u32),
+    /// A 32-bit float.
+    F32(f32),
+}
+
+/// Device addresses of the seven buffers of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FwdPointers {
+    /// `q: [b, hq, N, d]`.
+    pub q: u64,
+    /// `k: [b, hkv, N, d]`.
+    pub k: u64,
+    /// `v: [b, hkv, N, d]`.
+    pub v: u64,
+    /// `o: [b, hq, N, d]` (written).
+    pub o: u64,
+    /// `lse: [b, hq, N]` f32 (written).
+    pub lse: u64,
+    /// The schedule's `tiles` table (u32).
+    pub tiles: u64,
+    /// The schedule's `entries` table (u32).
+    pub entries: u64,
+}
+
+/// A complete launch description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FwdLaunch {
+    /// Entry point in [`super::ptx::FWD`] (`ksa_fwd_{bf16,f16}_d{64,128}`).
+    pub kernel: String,
+    /// Grid: (query tiles, query heads / heads per CTA, batch).
+    pub grid: (u32, u32, u32),
+    /// Block: (128, 1, 1).
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes (Q tile + two K and two V stages).
+    pub shared_bytes: u32,
+    /// Query heads per CTA.
+    pub heads_per_cta: usize,
+    /// The tile schedule the tables come from.
+    pub schedule: Schedule,
+    /// The `tiles` table to upload.
+    pub tiles: Vec<u32>,
+    /// The `entries` table to upload.
+    pub entries: Vec<u32>,
+    scalars: Vec<Arg>,
+}
+
+impl FwdLaunch {
+    /// The launch of `problem` under the mask `rule` (builds its schedule).
+    pub fn new(rule: MaskRule, problem: &FwdProblem) -> Result<Self> {
+        let p = problem;
+        if p.head_dim != 64 && p.head_dim != 128 {
+            return Err(Error::UnsupportedHeadDim {
+                op: "ksa CUDA attention",
+                got: p.head_dim,
+                supported: "64, 128",
+            });
+        }
+        if p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 {
+            return Err(Error::HeadsNotDivisible {
+                q_heads: p.q_heads,
+                kv_heads: p.kv_heads,
+            });
+        }
+        let too_large = |what, got: usize, limit: usize| {
+            if got > limit {
+                Err(Error::TooLarge { what, got, limit })
+            } else {
+                Ok(())
+            }
+        };
+        too_large("query heads of a CUDA launch", p.q_heads, 65_535)?;
+        too_large("batch of a CUDA launch", p.batch, 65_535)?;
+        let group = p.q_heads / p.kv_heads;
+        let hp = match p.heads_per_cta {
+            None => [4, 2, 1].into_iter().find(|h| group % h == 0).unwrap_or(1),
+            Some(h) if matches!(h, 1 | 2 | 4) && group % h == 0 => h,
+            Some(h) => {
+                return Err(Error::InvalidConfig(format!(
+                    "{h} query heads per CTA: must be 1, 2 or 4 and divide the GQA group of {group}"
+                )))
+            }
+        };
+        let schedule = Schedule::with_block_q(rule, BLOCK_Q / hp)?;
+        let rule = &rule;
+        let (n_sum, chunk, summaries, window, mode) = match rule {
+            MaskRule::Ksa(l) => {
+                let c = l.config();
+                (
+                    l.summary_len(),
+                    c.chunk_size(),
+                    c.summaries(),
+                    // The kernel only compares the window with chunk indices.
+                    c.window().min(l.chunks()),
+                    0u32,
+                )
+            }
+            MaskRule::Causal { .. } => (0, 1, 1, 0, 1u32),
+        };
+        let (tiles, entries) = schedule.gpu_tables();
+        let d = p.head_dim as u32;
+        let shared_bytes = 5 * BLOCK_Q as u32 * d * 2;
+        let scalars = vec![
+            Arg::U64(p.q.batch),
+            Arg::U64(p.q.head),
+            Arg::U64(p.k.batch),
+            Arg::U64(p.k.head),
+            Arg::U64(p.v.batch),
+            Arg::U64(p.v.head),
+            Arg::U64(p.o.batch),
+            Arg::U64(p.o.head),
+            Arg::U32(rule.len() as u32),
+            Arg::U32(n_sum as u32),
+            Arg::U32(chunk as u32),
+            Arg::U32(summaries as u32),
+            Arg::U32(window as u32),
+            Arg::U32(mode),
+            Arg::U32(p.q_heads as u32),
+            Arg::U32(group as u32),
+            Arg::U32(hp.trailing_zeros()),
+            Arg::F32(p.scale * std::f32::consts::LOG2_E),
+        ];
+        Ok(Self {
+            kernel: format!("ksa_fwd_{}_d{}", p.elem.name(), p.head_dim),
+            grid: (
+                schedule.query_tiles().len() as u32,
+                (p.q_heads / hp) as u32,
+                p.batch as u32,
+            ),
+            block: (THREADS, 1, 1),
+            shared_bytes,
+            heads_per_cta: hp,
+            schedule,
+            tiles,
+            entries,
+            scalars,
+        })
+    }
+
+    /// Whether the grid is empty (nothing to launch).
+    pub fn is_empty(&self) -> bool {
+        self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
+    }
+
+    /// The kernel's arguments, in its order.
+    pub fn args(&self, ptrs: &FwdPointers) -> Vec<Arg> {
+        let mut args = vec![
+            Arg::U64(ptrs.q),
+            Arg::U64(ptrs.k),
+            Arg::U64(ptrs.v),
+            Arg::U64(ptrs.o),
+            Arg::U64(ptrs.lse),
+            Arg::U64(ptrs.tiles),
+            Arg::U64(ptrs.entries),
+        ];
+        args.extend_from_slice(&self.scalars);
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KsaConfig, Layout};
+
+    fn rule() -> MaskRule {
+        MaskRule::Ksa(Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
+    }
+
+    #[test]
+    fn grid_args_and_packing() {
+        let n = rule().len();
+        let p = FwdProblem::contiguous(2, 32, 8, n, 128, Elem::Bf16);
+        let l = FwdLaunch::new(rule(), &p).unwrap();
+        assert_eq!(l.kernel, "ksa_fwd_bf16_d128");
+        assert_eq!(l.heads_per_cta, 4);
+        assert_eq!(l.schedule.block_q(), 16);
+        assert_eq!(l.grid, (l.schedule.query_tiles().len() as u32, 8, 2));
+        assert_eq!(l.block, (128, 1, 1));
+        assert_eq!(l.shared_bytes, 5 * 64 * 128 * 2);
+        let ptrs = FwdPointers {
+            q: 1,
+            k: 2,
+            v: 3,
+            o: 4,
+            lse: 5,
+            tiles: 6,
+            entries: 7,
+        };
+        let args = l.args(&ptrs);
+        assert_eq!(args.len(), 7 + 8 + 9 + 1);
+        assert_eq!(args[0], Arg::U64(1));
+        assert_eq!(args[6], Arg::U64(7));
+        assert_eq!(args[22], Arg::U32(4)); // group
+        assert_eq!(args[23], Arg::U32(2)); // log2(heads per CTA)
+        let mut p3 = FwdProblem::contiguous(1, 6, 2, n, 64, Elem::F16);
+        assert_eq!(FwdLaunch::new(rule(), &p3).unwrap().heads_per_cta, 1);
+        p3.heads_per_cta = Some(2);
+        assert!(FwdLaunch::new(rule(), &p3).is_err());
+    }
+
+    #[test]
+    fn typed_errors() {
+        let n = rule().len();
+        let p = FwdProblem::contiguous(1, 2, 1, n, 96, Elem::Bf16);
+        assert!(matches!(
+            FwdLaunch::new(rule(), &p),
+            Err(Error::UnsupportedHeadDim { got: 96, .. })
+        ));
+        let p = FwdProblem::contiguous(1, 3, 2, n, 64, Elem::Bf16);
+        assert!(matches!(
+            FwdLaunch::new(rule(), &p),
+            Err(Error::HeadsNotDivisible { .. })
+        ));
+    }
+}

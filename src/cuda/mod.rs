@@ -1,0 +1,21 @@
+//! The CUDA path: the fused block-sparse prefill kernel (`kernels/ksa_fwd.cu`),
+//! its tile [`schedule`], the [`launch`] description shared by the candle op
+//! and the emulator tests, and (feature `ptx`) the embedded PTX.
+//!
+//! The schedule and launch are plain Rust and always compiled (the GPU report
+//! and the CPU can use them without a CUDA toolkit).
+
+pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod op;
+pub mod schedule;
+
+#[cfg(feature = "ptx")]
+pub mod ptx {
+    //! PTX compiled from `kernels/` by build.rs (`nvcc --ptx -O3 -arch=compute_80`).
+
+    /// The forward kernels `ksa_fwd_{bf16,f16}_d{64,128}`.
+    pub const FWD: &str = include_str!(concat!(env!("OUT_DIR"), "/ksa_fwd.ptx"));
+    /// The nvcc that built [`FWD`] (its directory holds `ptxas`).
+    pub const NVCC: &str = env!("KSA_NVCC");
+}

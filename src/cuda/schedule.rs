@@ -1,0 +1,481 @@
+//! The GPU launch schedule: which key tiles each query tile of the kernel
+//! visits, and which of them need the element mask (edge tiles).
+//!
+//! Built on the crate's shared tile schedule ([`crate::schedule`], also used
+//! by the CPU path) for the text queries (all queries in causal mode), and
+//! extended with what the GPU needs on top: tiles of summary queries (the
+//! shared schedule lists their few keys per chunk), one row space for queries
+//! and keys, heaviest-first ordering and the two tables the kernel reads.
+//!
+//! Rows are in *gathered* coordinates: under [`MaskRule::Ksa`] row `g <
+//! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
+//! n_sum` is text token `g - n_sum`; under [`MaskRule::Causal`] `g` is the slot.
+//! Queries and keys use the same coordinates. Every query's keys are then two
+//! dense ranges of `g` ([`MaskRule::row_ranges`], the closed form of
+//! [`Layout::key_ranges`] that the kernel's edge mask mirrors).
+
+use crate::layout::Layout;
+use crate::schedule::{KeySpace, Schedule as TextSchedule, TileSizes};
+use crate::{Error, Result};
+use std::ops::Range;
+
+/// Query rows per tile by default (one CTA: 4 warps x 16 rows). With GQA
+/// packing a CTA serves 2 or 4 query heads of 32 or 16 rows each
+/// ([`Schedule::with_block_q`]).
+pub const BLOCK_Q: usize = 64;
+/// Key rows per tile.
+pub const BLOCK_K: usize = 64;
+
+/// Which mask a schedule serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskRule {
+    /// The KSA rule of `layout`, in gathered coordinates.
+    Ksa(Layout),
+    /// Plain causal attention over `len` positions (the full-attention baseline).
+    Causal {
+        /// Number of positions.
+        len: usize,
+    },
+}
+
+impl MaskRule {
+    /// Number of rows (queries = keys).
+    pub fn len(&self) -> usize {
+        match self {
+            MaskRule::Ksa(l) => l.len(),
+            MaskRule::Causal { len } => *len,
+        }
+    }
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Rows of the summary region (`S*floor(n/C)` under KSA, 0 when causal).
+    pub fn summary_rows(&self) -> usize {
+        match self {
+            MaskRule::Ksa(l) => l.summary_len(),
+            MaskRule::Causal { .. } => 0,
+        }
+    }
+    /// Slot (position in the tensors) of gathered row `g < len`.
+    pub fn slot(&self, g: usize) -> usize {
+        match self {
+            MaskRule::Ksa(l) => {
+                let (c, s, ns) = (
+                    l.config().chunk_size(),
+                    l.config().summaries(),
+                    l.summary_len(),
+                );
+                if g < ns {
+                    g + (g / s + 1) * c
+                } else {
+                    let t = g - ns;
+                    t + (t / c) * s
+                }
+            }
+            MaskRule::Causal { .. } => g,
+        }
+    }
+    /// Allowed keys of query row `g` as two disjoint ranges of gathered rows
+    /// (either may be empty): `[summaries, text]` under KSA, `[0..=g, empty]`
+    /// when causal. Rows `>= len` get two empty ranges.
+    pub fn row_ranges(&self, g: usize) -> [Range<usize>; 2] {
+        if g >= self.len() {
+            return [0..0, 0..0];
+        }
+        match self {
+            MaskRule::Ksa(l) => {
+                let (c, s, w, ns) = (
+                    l.config().chunk_size(),
+                    l.config().summaries(),
+                    l.config().window(),
+                    l.summary_len(),
+                );
+                if g < ns {
+                    let chunk = g / s;
+                    [chunk * s..g + 1, ns + chunk * c..ns + chunk * c + c]
+                } else {
+                    let t = g - ns;
+                    let w0 = (t / c).saturating_sub(w);
+                    [0..w0 * s, ns + w0 * c..g + 1]
+                }
+            }
+            MaskRule::Causal { .. } => [0..g + 1, 0..0],
+        }
+    }
+    /// Whether query row `qg` may attend to key row `kg` (both gathered).
+    pub fn allowed(&self, qg: usize, kg: usize) -> bool {
+        self.row_ranges(qg).iter().any(|r| r.contains(&kg))
+    }
+    /// The tiles (of `block` rows) of `[0, len)`: each region starts a new tile.
+    fn tiles(&self, block: usize) -> Vec<Range<usize>> {
+        let (n, ns) = (self.len(), self.summary_rows());
+        let mut out = Vec::with_capacity(n.div_ceil(block) + 1);
+        for region in [0..ns, ns..n] {
+            let mut a = region.start;
+            while a < region.end {
+                let b = (a + block).min(region.end);
+                out.push(a..b);
+                a = b;
+            }
+        }
+        out
+    }
+}
+
+/// One key tile visited by a query tile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVisit {
+    /// Gathered key rows of the tile (at most [`BLOCK_K`]).
+    pub keys: Range<usize>,
+    /// Whether some (valid query, key) pair of the tile is masked, so the
+    /// element mask must run. `false`: every pair is allowed.
+    pub edge: bool,
+}
+
+/// One query tile and the key tiles it visits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryTile {
+    /// Gathered query rows of the tile (at most [`BLOCK_Q`]).
+    pub rows: Range<usize>,
+    /// Its visits, as a range of [`Schedule::visits`].
+    pub visits: Range<usize>,
+}
+
+/// The block-sparse schedule of one mask: query tiles (heaviest first, so a
+/// GPU starts the long tiles early) and, per tile, the key tiles it visits in
+/// ascending key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    rule: MaskRule,
+    block_q: usize,
+    query_tiles: Vec<QueryTile>,
+    visits: Vec<KeyVisit>,
+}
+
+impl Schedule {
+    /// Builds the schedule of `rule` with [`BLOCK_Q`]-row query tiles. Fails
+    /// if the rows do not fit the kernels' 31-bit row indices.
+    pub fn new(rule: MaskRule) -> Result<Self> {
+        Self::with_block_q(rule, BLOCK_Q)
+    }
+
+    /// [`Schedule::new`] with `block_q` query rows per tile (16, 32 or 64).
+    pub fn with_block_q(rule: MaskRule, block_q: usize) -> Result<Self> {
+        if !matches!(block_q, 16 | 32 | 64) {
+            return Err(Error::InvalidConfig(format!(
+                "query tile of {block_q} rows (supported: 16, 32, 64)"
+            )));
+        }
+        let n = rule.len();
+        if n >= 1 << 31 {
+            return Err(Error::TooLarge {
+                what: "rows of a GPU attention schedule",
+                got: n,
+                limit: (1 << 31) - 1,
+            });
+        }
+        let ns = rule.summary_rows();
+        let mut tiles: Vec<(Range<usize>, Vec<KeyVisit>)> = Vec::new();
+
+        // Text queries (all queries when causal): the crate's shared schedule
+        // (`crate::schedule`), mapped to gathered rows. A key tile shorter than
+        // BLOCK_K is an edge tile here: the kernel zero-fills the rest of its
+        // shared tile and only the element mask keeps those rows out.
+        let sizes = TileSizes {
+            query: block_q,
+            key: BLOCK_K,
+        };
+        let text = match rule {
+            MaskRule::Ksa(layout) => TextSchedule::ksa(&layout, sizes)?,
+            MaskRule::Causal { len } => TextSchedule::causal(len, sizes)?,
+        };
+        let mut buf = Vec::new();
+        for t in 0..text.query_tiles() {
+            let q = text.query_tile(t);
+            text.key_tiles(t, &mut buf);
+            let visits = buf
+                .iter()
+                .map(|k| {
+                    let base = match k.space {
+                        KeySpace::Summary => 0,
+                        KeySpace::Text => ns,
+                    };
+                    KeyVisit {
+                        keys: base + k.start..base + k.end,
+                        edge: !k.full || k.len() < BLOCK_K,
+                    }
+                })
+                .collect();
+            tiles.push((ns + q.start..ns + q.end, visits));
+        }
+
+        // Summary queries (KSA): the shared schedule lists their keys per
+        // chunk; the GPU tiles them too, `block_q` summaries per tile, each
+        // visiting the key tiles of a fixed grid its rows can see.
+        if ns > 0 {
+            let ktiles = rule.tiles(BLOCK_K);
+            let ns_tiles = ns.div_ceil(BLOCK_K);
+            let tile_of = |g: usize| {
+                if g < ns {
+                    g / BLOCK_K
+                } else {
+                    ns_tiles + (g - ns) / BLOCK_K
+                }
+            };
+            let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
+            let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
+            for rows in rule.tiles(block_q).into_iter().filter(|r| r.start < ns) {
+                row_ranges.clear();
+                row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
+                spans.clear();
+                spans.extend(
+                    row_ranges
+                        .iter()
+                        .flatten()
+                        .filter(|r| !r.is_empty())
+                        .cloned(),
+                );
+                spans.sort_unstable_by_key(|r| r.start);
+                let mut visits = Vec::new();
+                let mut next_tile = 0usize; // first key tile not yet visited
+                let mut i = 0;
+                while i < spans.len() {
+                    // Merge overlapping or adjacent spans.
+                    let (a, mut b) = (spans[i].start, spans[i].end);
+                    i += 1;
+                    while i < spans.len() && spans[i].start <= b {
+                        b = b.max(spans[i].end);
+                        i += 1;
+                    }
+                    let (first, last) = (tile_of(a).max(next_tile), tile_of(b - 1));
+                    for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
+                        let keys = keys.clone();
+                        let full = keys.len() == BLOCK_K
+                            && row_ranges.iter().all(|rr| {
+                                rr.iter()
+                                    .any(|r| r.start <= keys.start && keys.end <= r.end)
+                            });
+                        visits.push(KeyVisit { keys, edge: !full });
+                        next_tile = t + 1;
+                    }
+                }
+                tiles.push((rows, visits));
+            }
+        }
+        // Heaviest first (stable: equal tiles keep their order).
+        tiles.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        let mut query_tiles = Vec::with_capacity(tiles.len());
+        let mut visits = Vec::new();
+        for (rows, v) in tiles {
+            let start = visits.len();
+            visits.extend(v);
+            query_tiles.push(QueryTile {
+                rows,
+                visits: start..visits.len(),
+            });
+        }
+        Ok(Self {
+            rule,
+            block_q,
+            query_tiles,
+            visits,
+        })
+    }
+
+    /// The KSA schedule of `layout`.
+    pub fn ksa(layout: &Layout) -> Result<Self> {
+        Self::new(MaskRule::Ksa(*layout))
+    }
+
+    /// The full causal schedule over `len` positions.
+    pub fn causal(len: usize) -> Result<Self> {
+        Self::new(MaskRule::Causal { len })
+    }
+
+    /// The mask this schedule serves.
+    pub fn rule(&self) -> &MaskRule {
+        &self.rule
+    }
+    /// Query rows per tile.
+    pub fn block_q(&self) -> usize {
+        self.block_q
+    }
+    /// Query tiles, heaviest first.
+    pub fn query_tiles(&self) -> &[QueryTile] {
+        &self.query_tiles
+    }
+    /// All visits; each query tile owns a range of them.
+    pub fn visits(&self) -> &[KeyVisit] {
+        &self.visits
+    }
+    /// The visits of one query tile, in ascending key order.
+    pub fn visits_of(&self, tile: &QueryTile) -> &[KeyVisit] {
+        &self.visits[tile.visits.clone()]
+    }
+    /// Number of (query tile, key tile) visits.
+    pub fn tiles_visited(&self) -> usize {
+        self.visits.len()
+    }
+    /// Number of visits that run the element mask.
+    pub fn edge_tiles(&self) -> usize {
+        self.visits.iter().filter(|v| v.edge).count()
+    }
+    /// Query-key pairs the visited tiles compute (`block_q x BLOCK_K` each).
+    pub fn computed_pairs(&self) -> u64 {
+        self.visits.len() as u64 * (self.block_q * BLOCK_K) as u64
+    }
+
+    /// The two tables the GPU kernel reads: `tiles` (4 `u32` per query tile:
+    /// `q_begin, q_end, visit_begin, visit_end`) and `entries` (2 `u32` per
+    /// visit: `k_begin, k_end | edge << 31`).
+    pub fn gpu_tables(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut tiles = Vec::with_capacity(4 * self.query_tiles.len());
+        for t in &self.query_tiles {
+            tiles.extend([
+                t.rows.start as u32,
+                t.rows.end as u32,
+                t.visits.start as u32,
+                t.visits.end as u32,
+            ]);
+        }
+        let mut entries = Vec::with_capacity(2 * self.visits.len());
+        for v in &self.visits {
+            entries.extend([
+                v.keys.start as u32,
+                v.keys.end as u32 | (u32::from(v.edge) << 31),
+            ]);
+        }
+        (tiles, entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::SlotKind;
+    use crate::KsaConfig;
+
+    fn layouts() -> Vec<Layout> {
+        let mut out = Vec::new();
+        for (c, s, w, n) in [
+            (2, 1, 1, 7),
+            (4, 1, 0, 300),
+            (4, 2, 3, 301),
+            (8, 1, 16, 700),
+            (16, 4, 1, 333),
+            (64, 2, 1000, 200),
+            (8, 1, 3, 5),
+            (3, 2, 2, 500),
+        ] {
+            out.push(Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn row_ranges_are_key_ranges_in_gathered_coordinates() {
+        for l in layouts() {
+            let rule = MaskRule::Ksa(l);
+            let ns = l.summary_len();
+            let mut seen = vec![false; l.len()];
+            for g in 0..l.len() {
+                let slot = rule.slot(g);
+                assert!(!seen[slot], "slot {slot} twice");
+                seen[slot] = true;
+                match l.slot_kind(slot).unwrap() {
+                    SlotKind::Summary { chunk, index } => {
+                        assert_eq!(chunk * l.config().summaries() + index, g)
+                    }
+                    SlotKind::Text { token } => assert_eq!(token + ns, g),
+                }
+                let kr = l.key_ranges(slot).unwrap();
+                let [a, b] = rule.row_ranges(g);
+                assert_eq!(a, kr.summaries);
+                assert_eq!(b, kr.text.start + ns..kr.text.end + ns);
+            }
+        }
+    }
+
+    fn check(s: &Schedule) {
+        let rule = s.rule();
+        let n = rule.len();
+        let mut covered = vec![0u8; 0];
+        let mut rows_seen = vec![false; n];
+        for t in s.query_tiles() {
+            assert!(t.rows.len() <= s.block_q() && !t.rows.is_empty());
+            let mut last_end = 0;
+            for v in s.visits_of(t) {
+                assert!(v.keys.len() <= BLOCK_K && !v.keys.is_empty());
+                assert!(v.keys.start >= last_end, "visits ascending, disjoint");
+                last_end = v.keys.end;
+                let mut any = false;
+                let mut all = v.keys.len() == BLOCK_K;
+                for q in t.rows.clone() {
+                    for k in v.keys.clone() {
+                        let ok = rule.allowed(q, k);
+                        any |= ok;
+                        all &= ok;
+                    }
+                }
+                assert!(any, "a visit with no allowed pair");
+                assert_eq!(v.edge, !all);
+            }
+            for q in t.rows.clone() {
+                assert!(!rows_seen[q]);
+                rows_seen[q] = true;
+                covered.clear();
+                covered.resize(n, 0);
+                for v in s.visits_of(t) {
+                    for k in v.keys.clone() {
+                        covered[k] += 1;
+                    }
+                }
+                for r in rule.row_ranges(q) {
+                    for k in r {
+                        assert_eq!(covered[k], 1, "query {q} key {k}");
+                    }
+                }
+            }
+        }
+        assert!(rows_seen.iter().all(|&x| x));
+        let (tiles, entries) = s.gpu_tables();
+        assert_eq!(tiles.len(), 4 * s.query_tiles().len());
+        assert_eq!(entries.len(), 2 * s.tiles_visited());
+    }
+
+    #[test]
+    fn every_allowed_pair_is_visited_once_and_edges_are_exact() {
+        for l in layouts() {
+            for bq in [16, 32, 64] {
+                check(&Schedule::with_block_q(MaskRule::Ksa(l), bq).unwrap());
+                check(&Schedule::with_block_q(MaskRule::Causal { len: l.len() }, bq).unwrap());
+            }
+        }
+        assert!(Schedule::with_block_q(MaskRule::Causal { len: 5 }, 48).is_err());
+        check(&Schedule::causal(0).unwrap());
+    }
+
+    #[test]
+    fn tiles_are_heaviest_first() {
+        let l = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 2000).unwrap();
+        let s = Schedule::ksa(&l).unwrap();
+        let lens: Vec<usize> = s.query_tiles().iter().map(|t| t.visits.len()).collect();
+        assert!(lens.windows(2).all(|w| w[0] >= w[1]));
+    }
+
+    #[test]
+    fn ksa_visits_track_allowed_pairs_at_long_context() {
+        // C = 8, S = 1, W = 128 at 32K text: tiles visited vs full causal is
+        // within 10% of the allowed-pair ratio.
+        let l = Layout::new(KsaConfig::new(8, 1, 128).unwrap(), 32 * 1024).unwrap();
+        let ksa = Schedule::ksa(&l).unwrap();
+        let full = Schedule::causal(l.text_len()).unwrap();
+        let tile_ratio = full.tiles_visited() as f64 / ksa.tiles_visited() as f64;
+        let pair_ratio = l.causal_text_pairs() as f64 / l.pair_counts().total() as f64;
+        assert!(
+            (tile_ratio / pair_ratio - 1.0).abs() < 0.10,
+            "tiles {tile_ratio:.3} vs pairs {pair_ratio:.3}"
+        );
+    }
+}
