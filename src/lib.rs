@@ -31,9 +31,11 @@
 
 mod attention;
 mod backward;
+pub mod cache;
 mod check;
 pub mod config;
 pub mod cpu;
+pub mod decode;
 mod error;
 pub mod layer;
 pub mod layout;
@@ -47,6 +49,7 @@ pub mod schedule;
 pub use attention::{
     attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
 };
+pub use cache::{KsaCache, Logits};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
 pub use layer::{SummaryAttention, SummaryAttentionConfig};
