@@ -37,6 +37,7 @@ pub mod config;
 pub mod cpu;
 pub mod decode;
 mod error;
+pub mod generate;
 pub mod layer;
 pub mod layout;
 pub mod mask;
@@ -52,6 +53,7 @@ pub use attention::{
 pub use cache::{KsaCache, Logits};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Sampling};
 pub use layer::{SummaryAttention, SummaryAttentionConfig};
 pub use layout::{Layout, SlotKind};
 pub use mask::{KeyRanges, PairCounts};
