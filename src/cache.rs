@@ -119,15 +119,38 @@ impl Rows {
         }
     }
 
-    /// Appends row `row` of `staged` (`[heads, rows, d]` K and V).
+    /// Makes room for `rows` live rows in all: drops dead rows first, then
+    /// grows to exactly that (a prompt's rows are known before they come).
+    fn reserve(&mut self, rows: usize, d: usize) {
+        if self.k[0].capacity() < rows * d {
+            self.compact(d);
+            for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+                b.reserve_exact(rows * d - b.len());
+            }
+        }
+    }
+
+    fn compact(&mut self, d: usize) {
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            b.drain(..self.dead * d);
+        }
+        self.len -= self.dead;
+        self.dead = 0;
+    }
+
+    /// Appends row `row` of `staged` (`[heads, rows, d]` K and V). Dead rows
+    /// are reclaimed when the buffer is full or half dead; a full buffer
+    /// without dead rows grows by a quarter (amortized O(1), little slack).
     fn push(&mut self, k: &[f32], v: &[f32], rows: usize, row: usize, d: usize) {
         let full = self.k[0].len() + d > self.k[0].capacity();
         if self.dead > 0 && (full || self.dead >= self.live()) {
+            self.compact(d);
+        }
+        if self.k[0].len() + d > self.k[0].capacity() {
+            let grow = (self.len / 4).max(16) * d;
             for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-                b.drain(..self.dead * d);
+                b.reserve_exact(grow);
             }
-            self.len -= self.dead;
-            self.dead = 0;
         }
         for (h, (kb, vb)) in self.k.iter_mut().zip(self.v.iter_mut()).enumerate() {
             let at = (h * rows + row) * d;
@@ -700,7 +723,16 @@ impl KsaCache {
     fn commit(&mut self, plan: &Plan, staged: Vec<Staged>) {
         let d = self.spec.head_dim;
         let seq = &mut self.seqs[plan.seq];
+        let c = self.spec.ksa.chunk_size();
         for (l, (store, st)) in seq.layers.iter_mut().zip(staged).enumerate() {
+            // The most text rows live at once during this commit: the window
+            // plus a full current chunk, or everything on a bypass layer.
+            let peak = match self.spec.layers[l] {
+                (LayerKind::Summary, w) => plan.new.min(w.saturating_mul(c).saturating_add(c)),
+                (LayerKind::Bypass, _) => plan.new,
+            };
+            store.text.reserve(peak, d);
+            store.summaries.reserve(store.summaries.live() + st.sum_rows, d);
             for r in 0..st.sum_rows {
                 store
                     .summaries
