@@ -732,7 +732,9 @@ impl KsaCache {
                 (LayerKind::Bypass, _) => plan.new,
             };
             store.text.reserve(peak, d);
-            store.summaries.reserve(store.summaries.live() + st.sum_rows, d);
+            store
+                .summaries
+                .reserve(store.summaries.live() + st.sum_rows, d);
             for r in 0..st.sum_rows {
                 store
                     .summaries
