@@ -358,6 +358,14 @@ impl KsaCache {
         which: Logits,
     ) -> Result<Vec<Tensor>> {
         let plans = self.validate(model, inputs)?;
+        if plans.iter().all(|p| p.rows.is_empty()) {
+            let table = model.summary_embeddings()?;
+            let v = model.config().logits_size();
+            return plans
+                .iter()
+                .map(|_| Ok(Tensor::zeros((0, v), table.dtype(), table.device())?))
+                .collect();
+        }
         let (hidden, staged) = self.compute(model, inputs, &plans)?;
         let logits = self.logits(model, &hidden, &plans, which)?;
         for (plan, staged) in plans.iter().zip(staged) {
@@ -469,9 +477,6 @@ impl KsaCache {
         let mut staged: Vec<Vec<Staged>> = plans.iter().map(|_| Vec::new()).collect();
         let text_idx = Tensor::from_slice(&text_rows, text_rows.len(), &device)?;
         let mut h = model.embed_rows(&Tensor::from_vec(ids, (1, rows), &device)?)?;
-        if rows == 0 {
-            return Ok((h.index_select(&text_idx, 1)?, staged));
-        }
         let text_positions: Vec<u32> = text_rows.iter().map(|&r| positions[r as usize]).collect();
         for (l, layer) in model.layers().iter().enumerate() {
             let attn = layer.attention();

@@ -170,6 +170,10 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         Err(Error::UnknownSequence { index: 5, batch: 2 })
     ));
     assert_eq!(cache, before);
+    // Empty inputs are no-ops with empty logits.
+    let empty = cache.append(&model, &[(1, &[])], Logits::All).unwrap();
+    assert_eq!(empty[0].dims(), &[0, 50]);
+    assert_eq!(cache, before);
     // And the cache still works after the refusals.
     cache.step(&model, &t[..2]).unwrap();
     assert_eq!(cache.seq_len(0).unwrap(), 8);
