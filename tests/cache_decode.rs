@@ -52,10 +52,10 @@ fn config(case: &Case) -> Value {
     c
 }
 
-fn model(config: &Value, seed: u64) -> Qwen3Ksa {
+fn model(config: &Value, seed: u64, dtype: DType) -> Qwen3Ksa {
     let weights = random_weights(&reference_tensors(config), seed);
     let cfg = Qwen3KsaConfig::from_json_str(&config.to_string()).unwrap();
-    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
     Qwen3Ksa::new(&cfg, vb).unwrap()
 }
 
@@ -65,17 +65,15 @@ fn ids(t: &Tensor) -> Vec<u32> {
 
 /// Checks `got: [m, V]` against rows `start..start+m` of `want: [1, n, V]`;
 /// returns the largest difference relative to the logits' scale.
-fn check(got: &Tensor, want: &Tensor, start: usize, what: &str) -> f64 {
+fn check(got: &Tensor, want: &Tensor, start: usize, what: &str, tol: f64) -> f64 {
     let m = got.dim(0).unwrap();
     if m == 0 {
         return 0.0;
     }
     let want = want.squeeze(0).unwrap().narrow(0, start, m).unwrap();
     let diff = max_abs_diff(got, &want) / max_abs(&want).max(1.0);
-    // f32 throughout; the cache's attention sums in another order than the
-    // tiled full forward: measured ~1e-7 relative, allowed 2e-5.
     assert!(
-        diff <= 2e-5,
+        diff <= tol,
         "{what}: tokens {start}..{}: relative diff {diff:.2e}",
         start + m
     );
@@ -101,9 +99,13 @@ fn check_rows(cache: &KsaCache, model: &Qwen3Ksa) {
     }
 }
 
-fn run(case: &Case) -> f64 {
+/// f32: the cache's attention sums in another order than the tiled full
+/// forward; measured ~1e-6 relative, allowed 2e-5.
+const F32_TOL: f64 = 2e-5;
+
+fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
     let cfg = config(case);
-    let model = model(&cfg, case.seed);
+    let model = model(&cfg, case.seed, dtype);
     let batch = case.prompts.len();
     let texts: Vec<Vec<u32>> = (0..batch)
         .map(|b| ids(&token_ids(1, case.totals[b], 50, case.seed * 7 + b as u64)))
@@ -126,7 +128,7 @@ fn run(case: &Case) -> f64 {
         .collect();
     let logits = cache.append(&model, &inputs, Logits::All).unwrap();
     for b in 0..batch {
-        worst = worst.max(check(&logits[b], &want[b], 0, "prompt"));
+        worst = worst.max(check(&logits[b], &want[b], 0, "prompt", tol));
     }
     check_rows(&cache, &model);
     loop {
@@ -150,7 +152,7 @@ fn run(case: &Case) -> f64 {
             cache.append(&model, &inputs, Logits::Last).unwrap()
         };
         for ((&b, &p), l) in active.iter().zip(&pos).zip(&logits) {
-            worst = worst.max(check(l, &want[b], p, "decode"));
+            worst = worst.max(check(l, &want[b], p, "decode", tol));
         }
         check_rows(&cache, &model);
     }
@@ -172,7 +174,7 @@ fn run(case: &Case) -> f64 {
             .collect();
         let logits = cache.append(&model, &inputs, Logits::All).unwrap();
         for ((&(b, _), &p), l) in inputs.iter().zip(&starts).zip(&logits) {
-            worst = worst.max(check(l, &want[b], p, "pieces"));
+            worst = worst.max(check(l, &want[b], p, "pieces", tol));
         }
         check_rows(&cache, &model);
     }
@@ -226,7 +228,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn decode_equals_full_forward(case in case()) {
-        let worst = run(&case);
+        let worst = run(&case, DType::F32, F32_TOL);
         eprintln!("C={} S={} W={:?} bypass={:?}: max relative diff {worst:.2e}", case.c, case.s, case.windows, case.bypass);
     }
 }
@@ -248,6 +250,11 @@ fn long_sequence_small_window() {
         pieces: vec![3, 1, 7],
         seed: 3,
     };
-    let worst = run(&case);
+    let worst = run(&case, DType::F32, F32_TOL);
     eprintln!("long sequence: max relative diff {worst:.2e}");
+    // bf16: both paths attend in f32 over the same bf16 K/V but round their
+    // bf16 outputs after different summation orders, and one-ulp differences
+    // (2^-8) travel through the layers: measured ~3e-3 relative, allowed 2e-2.
+    let worst = run(&case, DType::BF16, 2e-2);
+    eprintln!("long sequence, bf16: max relative diff {worst:.2e}");
 }
