@@ -487,8 +487,7 @@ impl KsaCache {
                     let layer_staged =
                         self.stage(&k, &v, plans, |p| p.rows.clone(), |r| !kinds[r].0.is_text())?;
                     let out = self.attend_layer(l, &q, plans, &layer_staged, true, |p, r| {
-                        let (kind, slot) = kinds[p.rows.start + r];
-                        (kind, slot)
+                        kinds[p.rows.start + r]
                     })?;
                     h = (&h + attn.output(&out)?)?;
                     h = layer.feed_forward(&h)?;

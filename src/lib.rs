@@ -14,6 +14,9 @@
 //! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
 //! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
 //!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
+//! * [`KsaCache`]: the batched decode cache (window text and summary K/V per
+//!   layer, `O(W*C + S*n/C)` per sequence), equal to a full forward at every
+//!   step; [`Qwen3Ksa::generate`] decodes over it, greedy or sampled.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};

@@ -157,8 +157,12 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
         check_rows(&cache, &model);
     }
 
-    // The same texts fed in pieces (continued prompts), sequences interleaved.
-    let mut cache = KsaCache::new(&model, batch).unwrap();
+    // The same texts fed in pieces (continued prompts), sequences interleaved,
+    // into a cache of fixed capacity (window buffers of exactly W*C + C rows,
+    // compacted in place): it must never reallocate.
+    let longest = *case.totals.iter().max().unwrap();
+    let mut cache = KsaCache::with_capacity(&model, batch, longest).unwrap();
+    let bytes = cache.bytes();
     let mut k = 0;
     while (0..batch).any(|b| cache.seq_len(b).unwrap() < case.totals[b]) {
         let mut inputs: Vec<(usize, &[u32])> = vec![];
@@ -177,6 +181,7 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
             worst = worst.max(check(l, &want[b], p, "pieces", tol));
         }
         check_rows(&cache, &model);
+        assert_eq!(cache.bytes(), bytes, "a fixed-capacity cache reallocated");
     }
     worst
 }
