@@ -138,6 +138,36 @@ pub enum Error {
         supported: &'static str,
     },
 
+    /// A cache step names a sequence the cache does not hold.
+    #[error("sequence {index} does not exist (the cache holds {batch})")]
+    UnknownSequence { index: usize, batch: usize },
+
+    /// A cache step names the same sequence twice.
+    #[error("sequence {index} appears more than once in one step")]
+    DuplicateSequence { index: usize },
+
+    /// A token id is not a text token of the model (out of the embedding
+    /// table, or one of the summary rows).
+    #[error("token id {token} is not a text token (text ids are below {vocab}, summary rows {summary_rows:?} excluded)")]
+    TokenOutOfRange {
+        token: u32,
+        vocab: usize,
+        summary_rows: std::ops::Range<usize>,
+    },
+
+    /// A step would grow a sequence past the cache's fixed capacity.
+    #[error("sequence {sequence} holds {len} tokens; {adding} more exceed the cache capacity of {capacity}")]
+    CacheCapacity {
+        sequence: usize,
+        len: usize,
+        adding: usize,
+        capacity: usize,
+    },
+
+    /// A cache was used with a model of another shape than it was built for.
+    #[error("cache and model disagree: {0}")]
+    CacheModelMismatch(String),
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

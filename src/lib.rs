@@ -14,6 +14,9 @@
 //! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
 //! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
 //!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
+//! * [`KsaCache`]: the batched decode cache (window text and summary K/V per
+//!   layer, `O(W*C + S*n/C)` per sequence), equal to a full forward at every
+//!   step; [`Qwen3Ksa::generate`] decodes over it, greedy or sampled.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -31,11 +34,14 @@
 
 mod attention;
 mod backward;
+pub mod cache;
 mod check;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod decode;
 mod error;
+pub mod generate;
 pub mod layer;
 pub mod layout;
 pub mod mask;
@@ -48,8 +54,10 @@ pub mod schedule;
 pub use attention::{
     attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
 };
+pub use cache::{KsaCache, Logits};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Sampling};
 pub use layer::{SummaryAttention, SummaryAttentionConfig};
 pub use layout::{Layout, SlotKind};
 pub use mask::{KeyRanges, PairCounts};

@@ -332,6 +332,13 @@ impl Qwen3Ksa {
         Ok((hidden, layout))
     }
 
+    /// Embedding rows of `ids: [b, m]` as they are, text ids or summary rows
+    /// (`summary_token_begin + j`), without interleaving: `[b, m, hidden]`.
+    /// A decode step embeds its new slots with it.
+    pub fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(ids)?)
+    }
+
     /// Final norm and LM head on the text slots of `h: [b, N, hidden]`:
     /// logits `[b, n, V']` in text order.
     pub fn logits(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {

@@ -1,0 +1,180 @@
+//! Cache memory accounting and bad input: typed errors that leave the cache
+//! exactly as it was.
+
+mod model_common;
+
+use candle_core::{DType, Device};
+use ksa::{Error, KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
+use model_common::*;
+use serde_json::json;
+
+/// C = 4, S = 2; layer 0 has W = 1, layer 1 W = 1000 (whole context).
+fn model(windows: &str, seed: u64) -> Qwen3Ksa {
+    let c = with(
+        &tiny_config(),
+        json!({ "summary_sliding_chunk_num": windows }),
+    );
+    let weights = random_weights(&reference_tensors(&c), seed);
+    let cfg = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    Qwen3Ksa::new(&cfg, vb).unwrap()
+}
+
+fn text(n: usize, seed: u64) -> Vec<u32> {
+    token_ids(1, n, 50, seed)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn memory_follows_window_and_summaries_whatever_the_batch() {
+    let model = model("[1, 1000]", 1);
+    let (c, s, w, kv_row) = (4, 2, 1, 2 * 2 * 8 * 4); // K+V, 2 KV heads of 8, f32
+    let long = text(40, 1);
+    let short = text(9, 2);
+    // Batched: two sequences, one long, one short, stepped together.
+    let mut batched = KsaCache::new(&model, 2).unwrap();
+    batched
+        .append(&model, &[(0, &long[..1]), (1, &short[..1])], Logits::Last)
+        .unwrap();
+    for i in 1..40 {
+        let mut inputs = vec![(0, &long[i..i + 1])];
+        if i < 9 {
+            inputs.push((1, &short[i..i + 1]));
+        }
+        batched.append(&model, &inputs, Logits::Last).unwrap();
+        let n = i + 1;
+        assert_eq!(
+            batched.live_rows(0, 0),
+            Some((n.min(w * c + n % c), s * (n / c)))
+        );
+        assert_eq!(batched.live_rows(1, 0), Some((n, s * (n / c))));
+    }
+    // Allocation (growth by doubling, compaction of text that left the
+    // window) stays within twice the largest live rows.
+    let live = (w * c + c) + s * (40 / c);
+    let alone = |t: &[u32]| {
+        let mut cache = KsaCache::new(&model, 1).unwrap();
+        for i in 0..t.len() {
+            cache
+                .append(&model, &[(0, &t[i..i + 1])], Logits::Last)
+                .unwrap();
+        }
+        cache
+    };
+    let (a, b) = (alone(&long), alone(&short));
+    // Independent of batch composition: each sequence costs what it costs alone.
+    assert_eq!(batched.bytes(), a.bytes() + b.bytes());
+    assert!(a.layer_bytes(0) <= 2 * live.next_power_of_two() * kv_row);
+    eprintln!(
+        "n = 40: layer 0 (W = 1) {} B, layer 1 (whole context) {} B",
+        a.layer_bytes(0),
+        a.layer_bytes(1)
+    );
+}
+
+#[test]
+fn fixed_capacity_never_reallocates_and_refuses_overflow() {
+    let model = model("[1, 1000]", 2);
+    let t = text(21, 3);
+    let mut cache = KsaCache::with_capacity(&model, 1, 20).unwrap();
+    let bytes = cache.bytes();
+    // Window store W*C + C = 8 rows and 10 summaries on layer 0; 20 text rows and 10 summaries on layer 1.
+    assert_eq!(bytes, (8 + 10 + 20 + 10) * 2 * 2 * 8 * 4);
+    cache.append(&model, &[(0, &t[..7])], Logits::Last).unwrap();
+    for i in 7..20 {
+        cache.step(&model, &t[i..i + 1]).unwrap();
+        assert_eq!(cache.bytes(), bytes, "reallocated at n = {}", i + 1);
+    }
+    let before = cache.clone();
+    let err = cache.step(&model, &t[20..21]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::CacheCapacity {
+                sequence: 0,
+                len: 20,
+                adding: 1,
+                capacity: 20
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cache, before);
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_changes_nothing() {
+    let model = model("[1, 2]", 4);
+    let t = text(11, 5);
+    let mut cache = KsaCache::with_capacity(&model, 2, 12).unwrap();
+    cache
+        .append(&model, &[(0, &t[..7]), (1, &t[..3])], Logits::Last)
+        .unwrap();
+    let before = cache.clone();
+    let expect = |result: ksa::Result<Vec<candle_core::Tensor>>, check: &dyn Fn(&Error) -> bool| {
+        let err = result.unwrap_err();
+        assert!(check(&err), "unexpected error: {err}");
+    };
+    expect(
+        cache.append(&model, &[(0, &t[..1]), (2, &t[..1])], Logits::Last),
+        &|e| matches!(e, Error::UnknownSequence { index: 2, batch: 2 }),
+    );
+    expect(
+        cache.append(&model, &[(1, &t[..1]), (1, &t[..1])], Logits::Last),
+        &|e| matches!(e, Error::DuplicateSequence { index: 1 }),
+    );
+    // Valid first input, bad token in the second: nothing of the first is kept.
+    expect(
+        cache.append(&model, &[(0, &t[..2]), (1, &[3, 50])], Logits::Last),
+        &|e| matches!(e, Error::TokenOutOfRange { token: 50, .. }),
+    );
+    expect(cache.append(&model, &[(1, &[52])], Logits::Last), &|e| {
+        matches!(e, Error::TokenOutOfRange { token: 52, .. })
+    });
+    expect(
+        cache.append(&model, &[(1, &t[..2]), (0, &t[..6])], Logits::Last),
+        &|e| {
+            matches!(
+                e,
+                Error::CacheCapacity {
+                    sequence: 0,
+                    len: 7,
+                    adding: 6,
+                    capacity: 12
+                }
+            )
+        },
+    );
+    let other = self::model("[2, 2]", 4);
+    expect(cache.append(&other, &[(0, &t[..1])], Logits::Last), &|e| {
+        matches!(e, Error::CacheModelMismatch(_))
+    });
+    let err = cache.step(&model, &t[..3]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DimMismatch {
+                what: "batch size",
+                a_val: 3,
+                b_val: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        cache.seq_len(5),
+        Err(Error::UnknownSequence { index: 5, batch: 2 })
+    ));
+    assert_eq!(cache, before);
+    // Empty inputs are no-ops with empty logits.
+    let empty = cache.append(&model, &[(1, &[])], Logits::All).unwrap();
+    assert_eq!(empty[0].dims(), &[0, 50]);
+    assert_eq!(cache, before);
+    // And the cache still works after the refusals.
+    cache.step(&model, &t[..2]).unwrap();
+    assert_eq!(cache.seq_len(0).unwrap(), 8);
+}
