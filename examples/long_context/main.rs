@@ -7,6 +7,9 @@
 //!   the interleaved layout of `--len` text tokens; prints time, tokens/s,
 //!   peak memory beyond inputs and outputs, and the per-layer decode KV cache
 //!   of KSA against full attention for the same shapes.
+//! * `model`: a forward pass of a random-weight Qwen3-KSA model (or the
+//!   checkpoint folder given with `--model DIR`) over a long context, with a
+//!   progress bar over layers; see `model.rs` for its options.
 //!
 //! Options (attention mode): `--len N` (text tokens, default 32768; `32K`,
 //! `128K` work), `--chunk C` (8), `--summaries S` (1), `--window W` (128),
@@ -19,6 +22,8 @@ use ksa::{AttentionOptions, KsaConfig, Layout};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+mod model;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -96,19 +101,24 @@ fn parse_attention(args: &[String]) -> Result<AttentionArgs, String> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
+        println!("{USAGE}\n\n{}", model::USAGE);
         return;
     }
     // The first argument names the mode unless it is an option.
+    // `--model DIR` alone selects the model mode too.
     let (mode, rest) = match args.first() {
         Some(m) if !m.starts_with("--") => (m.as_str(), &args[1..]),
+        _ if args.iter().any(|a| a == "--model") => ("model", &args[..]),
         _ => ("attention", &args[..]),
     };
     let result = match mode {
         "attention" => parse_attention(rest)
             .map_err(Into::into)
             .and_then(|a| attention_mode(&a)),
-        other => Err(format!("unknown mode {other:?} (modes: attention)\n{USAGE}").into()),
+        "model" => model::ModelArgs::parse(rest)
+            .map_err(Into::into)
+            .and_then(|a| model::run(&a)),
+        other => Err(format!("unknown mode {other:?} (modes: attention, model)\n{USAGE}").into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
