@@ -9,8 +9,11 @@
 //!
 //! A sequence holds `pairs` key/value pairs, one per chunk at the start (a
 //! key token and its value token at a random offset inside the chunk, filler
-//! around them), then filler, then a query key as the last token: the model
-//! must output that key's value. Loss and accuracy are on the last token only.
+//! around them), then filler, then every key asked once in random order as
+//! `key value` in the last `2 * pairs` tokens: at each asked key the model
+//! must output its value. Loss and accuracy are on those predictions only.
+//! The pairs lie more than `W` chunks before every query, so only summaries
+//! (or full attention) can carry them.
 //!
 //! ```text
 //! cargo run --release --example train_recall -- [--steps 300] [--seed 1] [--len 192]
@@ -82,13 +85,13 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
-    // The query's chunk and the W chunks before it must not hold any pair,
-    // or the task would not test reach beyond the window.
-    let last_chunk = (a.len - 1) / CHUNK;
-    if a.pairs == 0 || a.pairs > KEYS || last_chunk < a.pairs + WINDOW {
+    // The first query's chunk and the W chunks before it must not hold any
+    // pair, or the task would not test reach beyond the window.
+    let first_query_chunk = a.len.saturating_sub(2 * a.pairs) / CHUNK;
+    if a.pairs == 0 || a.pairs > KEYS || first_query_chunk < a.pairs + WINDOW {
         return Err(format!(
-            "need 1 <= pairs <= {KEYS} and len > {} for {} pairs (C = {CHUNK}, W = {WINDOW})",
-            (a.pairs + WINDOW) * CHUNK,
+            "need 1 <= pairs <= {KEYS} and len >= {} for {} pairs (C = {CHUNK}, W = {WINDOW})",
+            (a.pairs + WINDOW) * CHUNK + 2 * a.pairs,
             a.pairs
         ));
     }
@@ -115,7 +118,8 @@ impl Rng {
     }
 }
 
-/// A batch of sequences `[b, len]` and the value each must recall `[b]`.
+/// A batch of sequences `[b, len]` and, for each sequence, the value each
+/// query must recall `[b * pairs]` (query-major within a sequence).
 fn batch(
     rng: &mut Rng,
     b: usize,
@@ -123,7 +127,7 @@ fn batch(
     pairs: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let mut ids = Vec::with_capacity(b * len);
-    let mut targets = Vec::with_capacity(b);
+    let mut targets = Vec::with_capacity(b * pairs);
     for _ in 0..b {
         let mut seq: Vec<u32> = (0..len)
             .map(|_| (KEYS + VALUES + rng.below(FILLER)) as u32)
@@ -139,14 +143,22 @@ fn batch(
             seq[at] = keys[p] as u32;
             seq[at + 1] = (KEYS + value) as u32;
         }
-        let asked = rng.below(pairs);
-        seq[len - 1] = keys[asked] as u32;
-        targets.push((KEYS + values[asked]) as u32);
+        // Every key is asked once, in random order, as `key value` at the end.
+        let mut order: Vec<usize> = (0..pairs).collect();
+        for i in (1..pairs).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for (i, &p) in order.iter().enumerate() {
+            let at = len - 2 * pairs + 2 * i;
+            seq[at] = keys[p] as u32;
+            seq[at + 1] = (KEYS + values[p]) as u32;
+            targets.push((KEYS + values[p]) as u32);
+        }
         ids.extend(seq);
     }
     Ok((
         Tensor::from_vec(ids, (b, len), &Device::Cpu)?,
-        Tensor::from_vec(targets, b, &Device::Cpu)?,
+        Tensor::from_vec(targets, b * pairs, &Device::Cpu)?,
     ))
 }
 
@@ -227,25 +239,30 @@ fn init_model(config: &Qwen3KsaConfig, seed: u64) -> ksa::Result<(Qwen3Ksa, Vec<
     Ok((Qwen3Ksa::new(config, vb)?, vars))
 }
 
-/// Logits of the last token `[b, V']`.
-fn last_logits(model: &Qwen3Ksa, ids: &Tensor) -> ksa::Result<Tensor> {
+/// Logits at the query keys `[b * pairs, V']` (each predicts its value).
+fn query_logits(model: &Qwen3Ksa, ids: &Tensor, pairs: usize) -> ksa::Result<Tensor> {
     let (mut h, layout) = model.embed(ids)?;
     for layer in model.layers() {
         h = layer.forward(&h, &layout)?;
     }
-    let last = layout
-        .text_slot(layout.text_len() - 1)
-        .expect("sequence is not empty");
-    model
-        .head(&h.narrow(1, last, 1)?)?
-        .squeeze(1)
-        .map_err(Into::into)
+    let n = layout.text_len();
+    let slots: Vec<u32> = (0..pairs)
+        .map(|i| {
+            layout
+                .text_slot(n - 2 * pairs + 2 * i)
+                .expect("query inside the sequence") as u32
+        })
+        .collect();
+    let slots = Tensor::from_vec(slots, pairs, ids.device())?;
+    let logits = model.head(&h.index_select(&slots, 1)?)?;
+    let (b, _, v) = logits.dims3()?;
+    Ok(logits.reshape((b * pairs, v))?)
 }
 
-fn accuracy(model: &Qwen3Ksa, data: &[(Tensor, Tensor)]) -> ksa::Result<f64> {
+fn accuracy(model: &Qwen3Ksa, data: &[(Tensor, Tensor)], pairs: usize) -> ksa::Result<f64> {
     let (mut right, mut total) = (0usize, 0usize);
     for (ids, targets) in data {
-        let predicted = last_logits(model, ids)?.argmax(D::Minus1)?;
+        let predicted = query_logits(model, ids, pairs)?.argmax(D::Minus1)?;
         right += predicted
             .eq(targets)?
             .to_dtype(DType::U32)?
@@ -294,7 +311,8 @@ fn train(
         };
         opt.set_learning_rate(lr);
         let (ids, targets) = batch(&mut rng, args.batch, args.len, args.pairs)?;
-        let loss = candle_nn::loss::cross_entropy(&last_logits(&model, &ids)?, &targets)?;
+        let logits = query_logits(&model, &ids, args.pairs)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
         opt.backward_step(&loss)?;
         let loss = loss.to_scalar::<f32>()?;
         losses.push(loss);
@@ -304,7 +322,7 @@ fn train(
     Ok(Run {
         variant,
         losses,
-        accuracy: accuracy(&model, eval)?,
+        accuracy: accuracy(&model, eval, args.pairs)?,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -370,6 +388,16 @@ fn plot(path: &str, runs: &[Run], args: &Args) -> Result<(), Box<dyn std::error:
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
+    // A model that knows the answer is a value but not which one.
+    let chance = (VALUES as f64).ln();
+    let grey = RGBColor(128, 128, 128);
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, chance), (args.steps as f64, chance)],
+            grey.stroke_width(1),
+        ))?
+        .label(format!("ln {VALUES}: a uniform guess among the values"))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerLeft)
