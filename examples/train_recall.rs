@@ -16,7 +16,7 @@
 //! (or full attention) can carry them.
 //!
 //! ```text
-//! cargo run --release --example train_recall -- [--steps 300] [--seed 1] [--len 192]
+//! cargo run --release --example train_recall -- [--steps 600] [--seed 1] [--len 192]
 //!     [--batch 16] [--lr 3e-3] [--pairs 4] [--summaries 1] [--eval 512]
 //!     [--threads 1] [--plot docs/train_recall_loss.svg]
 //! ```
@@ -56,7 +56,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        steps: 300,
+        steps: 600,
         seed: 1,
         len: 192,
         batch: 16,
