@@ -105,6 +105,7 @@ pub struct KsaConfig {
     window: usize,
     text_positions: TextPositions,
     summary_positions: SummaryPositions,
+    summary_reads: bool,
 }
 
 impl KsaConfig {
@@ -138,6 +139,7 @@ impl KsaConfig {
             window,
             text_positions: TextPositions::default(),
             summary_positions: SummaryPositions::default(),
+            summary_reads: true,
         })
     }
 
@@ -156,6 +158,16 @@ impl KsaConfig {
     /// The same config with another window (hybrid models give each layer its own `W`).
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window;
+        self
+    }
+
+    /// The same config with text queries reading old chunks' summaries
+    /// (`true`, KSA and the default) or not (`false`). `false` is an
+    /// **ablation, not part of KSA**: text then sees only its window of raw
+    /// text (pure sliding-chunk attention), while summary slots still exist
+    /// and attend as usual. It lets a training run measure what summaries add.
+    pub fn with_summary_reads(mut self, reads: bool) -> Self {
+        self.summary_reads = reads;
         self
     }
 
@@ -178,6 +190,11 @@ impl KsaConfig {
     /// Position scheme of summary tokens.
     pub fn summary_positions(&self) -> SummaryPositions {
         self.summary_positions
+    }
+    /// Whether text queries read the summaries of chunks older than their
+    /// window (always, except in the [`KsaConfig::with_summary_reads`] ablation).
+    pub fn summary_reads(&self) -> bool {
+        self.summary_reads
     }
     /// `C + S`: slots per complete block.
     pub fn block_size(&self) -> usize {

@@ -6,6 +6,10 @@
 //! chunks `[0, w0)`, the text of chunks `[w0, c)`, and its own chunk's text
 //! causally. For summary `j` of chunk `c`: the `C` text tokens of chunk `c`
 //! and summaries `0..=j` of chunk `c`.
+//!
+//! The [`KsaConfig::with_summary_reads`](crate::KsaConfig::with_summary_reads)
+//! ablation drops the text -> summary pairs and nothing else; every rule here
+//! honours it, so the fast paths, the backward and the pair counts follow.
 
 use crate::layout::{Layout, SlotKind};
 use crate::{Error, Result};
@@ -74,7 +78,7 @@ impl Layout {
                 let chunk = token / c;
                 let w0 = self.window_start(chunk);
                 match k {
-                    SlotKind::Summary { chunk: kc, .. } => kc < w0,
+                    SlotKind::Summary { chunk: kc, .. } => self.config().summary_reads() && kc < w0,
                     SlotKind::Text { token: kt } => kt / c >= w0 && kt <= token,
                 }
             }
@@ -95,8 +99,13 @@ impl Layout {
         Some(match self.slot_kind(query_slot)? {
             SlotKind::Text { token } => {
                 let w0 = self.window_start(token / c);
+                let old_summaries = if self.config().summary_reads() {
+                    w0 * s
+                } else {
+                    0
+                };
                 KeyRanges {
-                    summaries: 0..w0 * s,
+                    summaries: 0..old_summaries,
                     text: w0 * c..token + 1,
                 }
             }

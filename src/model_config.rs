@@ -270,6 +270,11 @@ pub struct Qwen3KsaConfig {
     pub summary_independent_attention_layernorm: bool,
     /// Weight of the summary projections in the blend (0: unused).
     pub mix_coeff: f64,
+    /// Whether text reads old chunks' summaries: always `true` when parsed
+    /// (not a `config.json` field). `false` is the
+    /// [`KsaConfig::with_summary_reads`] ablation (pure sliding-chunk
+    /// attention over text), for measuring what summaries add in training.
+    pub summary_reads: bool,
 }
 
 impl Qwen3KsaConfig {
@@ -337,6 +342,7 @@ impl Qwen3KsaConfig {
             summary_independent_attention_layernorm: f
                 .bool("summary_independent_attention_layernorm")?,
             mix_coeff: f.f64("mix_coeff")?,
+            summary_reads: true,
         };
         config.validate()?;
         Ok(config)
@@ -404,13 +410,15 @@ impl Qwen3KsaConfig {
         Ok(())
     }
 
-    /// The KSA config shared by all layers (`C`, `S`, position schemes), with
-    /// window 0; each layer applies its own `W` with [`crate::Layout::with_window`].
+    /// The KSA config shared by all layers (`C`, `S`, position schemes, the
+    /// summary-reads ablation), with window 0; each layer applies its own `W`
+    /// with [`crate::Layout::with_window`].
     pub fn ksa_config(&self) -> Result<KsaConfig> {
         Ok(
             KsaConfig::new(self.summary_chunk_size, self.summary_token_num, 0)?
                 .with_text_positions(self.text_positions)
-                .with_summary_positions(self.summary_positions),
+                .with_summary_positions(self.summary_positions)
+                .with_summary_reads(self.summary_reads),
         )
     }
 

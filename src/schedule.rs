@@ -164,14 +164,12 @@ impl Schedule {
     /// [`Schedule::text_queries`]), in gathered coordinates.
     pub fn row_keys(&self, query: usize) -> KeyRanges {
         match self.pattern {
-            Pattern::Ksa(layout) => {
-                let (c, s) = (layout.config().chunk_size(), layout.config().summaries());
-                let w0 = layout.window_start(query / c);
-                KeyRanges {
-                    summaries: 0..w0 * s,
-                    text: w0 * c..query + 1,
-                }
-            }
+            // The mask rules live in `Layout::key_ranges` alone, so the fast
+            // paths and the backward follow every variant of them.
+            Pattern::Ksa(layout) => layout
+                .text_slot(query)
+                .and_then(|slot| layout.key_ranges(slot))
+                .expect("query is a text index below n"),
             Pattern::Causal { .. } => KeyRanges {
                 summaries: 0..0,
                 text: 0..query + 1,
@@ -294,8 +292,12 @@ mod tests {
             (4, 3, 0),
             (5, 1, 100),
         ] {
-            for n in [0, 1, 7, 40, 97] {
-                let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+            for (n, reads) in [0, 1, 7, 40, 97]
+                .into_iter()
+                .flat_map(|n| [(n, true), (n, false)])
+            {
+                let config = KsaConfig::new(c, s, w).unwrap().with_summary_reads(reads);
+                let layout = Layout::new(config, n).unwrap();
                 for (q, k) in [(1, 1), (4, 3), (16, 8), (64, 128)] {
                     let tiles = TileSizes { query: q, key: k };
                     let schedule = Schedule::ksa(&layout, tiles).unwrap();
