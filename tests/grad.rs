@@ -5,28 +5,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use ksa::{reference, KsaConfig, Layout};
 use proptest::prelude::*;
 
-/// Deterministic uniform values in [-1, 1), f64.
-fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
-    let len: usize = shape.iter().product();
-    let data: Vec<f64> = (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+#[path = "common/tensors.rs"]
+mod tensors;
+use tensors::flat;
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    tensors::uniform(shape, seed, 1.0)
 }
 
 /// `loss = sum(attention(q, k, v) * w)` and its gradients for q, k, v.

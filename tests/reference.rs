@@ -6,28 +6,12 @@ use candle_core::{DType, Device, Tensor};
 use ksa::{reference, AttentionOptions, KsaConfig, Layout};
 use proptest::prelude::*;
 
-/// Deterministic uniform values in [-2, 2), f64.
-fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let len: usize = shape.iter().product();
-    let data: Vec<f64> = (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+#[path = "common/tensors.rs"]
+mod tensors;
+use tensors::flat;
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    tensors::uniform(shape, seed, 2.0)
 }
 
 /// Softmax attention as plain loops over `allowed(query, key)`, in f64, with
