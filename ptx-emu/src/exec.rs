@@ -414,6 +414,24 @@ impl<'a> Cta<'a> {
         [lin % bx, (lin / bx) % by, lin / (bx * by)]
     }
 
+    /// A `Misaligned` fault unless `addr` is a multiple of `align`; `detail`
+    /// is only built when the check fails.
+    fn check_aligned(
+        &self,
+        addr: u64,
+        align: u64,
+        pc: usize,
+        warp: u32,
+        lane: usize,
+        detail: impl FnOnce() -> String,
+    ) -> Result<(), Error> {
+        if addr % align == 0 {
+            Ok(())
+        } else {
+            Err(self.fault(Fault::Misaligned, pc, warp, lane, Some(addr), detail()))
+        }
+    }
+
     fn fault(
         &self,
         f: Fault,
@@ -1116,16 +1134,9 @@ impl<'a> Cta<'a> {
                 let mut nacc = 0;
                 for l in lanes(exec) {
                     let a = self.addr(w, *addr, l);
-                    if a % vbytes as u64 != 0 {
-                        return Err(self.fault(
-                            Fault::Misaligned,
-                            pc,
-                            w.id,
-                            l,
-                            Some(a),
-                            format!("{vbytes}-byte access not aligned"),
-                        ));
-                    }
+                    self.check_aligned(a, vbytes as u64, pc, w.id, l, || {
+                        format!("{vbytes}-byte access not aligned")
+                    })?;
                     let loc = Self::resolve(*space, a);
                     if let Loc::Shared(o) = loc {
                         accs[nacc] = (l, o);
@@ -1159,16 +1170,9 @@ impl<'a> Cta<'a> {
                 let mut nacc = 0;
                 for l in lanes(exec) {
                     let a = self.addr(w, *addr, l);
-                    if a % vbytes as u64 != 0 {
-                        return Err(self.fault(
-                            Fault::Misaligned,
-                            pc,
-                            w.id,
-                            l,
-                            Some(a),
-                            format!("{vbytes}-byte access not aligned"),
-                        ));
-                    }
+                    self.check_aligned(a, vbytes as u64, pc, w.id, l, || {
+                        format!("{vbytes}-byte access not aligned")
+                    })?;
                     if let Loc::Shared(o) = Self::resolve(*space, a) {
                         accs[nacc] = (l, o);
                         nacc += 1;
@@ -1307,15 +1311,10 @@ impl<'a> Cta<'a> {
             Some(s) => (self.rd(w, s, l) as u32 as usize).min(size),
             None => size,
         };
-        if da % size as u64 != 0 || sa % size as u64 != 0 {
-            return Err(self.fault(
-                Fault::Misaligned,
-                pc,
-                w.id,
-                l,
-                Some(if da % size as u64 != 0 { da } else { sa }),
-                format!("cp.async of {size} bytes needs {size}-byte aligned addresses"),
-            ));
+        for a in [da, sa] {
+            self.check_aligned(a, size as u64, pc, w.id, l, || {
+                format!("cp.async of {size} bytes needs {size}-byte aligned addresses")
+            })?;
         }
         let doff = match Self::resolve(dst_space, da) {
             Loc::Shared(o) => self.shared_check(o, size, pc, w.id, l)?,
@@ -1401,16 +1400,7 @@ impl<'a> Cta<'a> {
             AtomTy::U32 | AtomTy::S32 | AtomTy::F32 => 4,
             _ => 8,
         };
-        if ad % size as u64 != 0 {
-            return Err(self.fault(
-                Fault::Misaligned,
-                pc,
-                w.id,
-                l,
-                Some(ad),
-                "misaligned atomic".into(),
-            ));
-        }
+        self.check_aligned(ad, size as u64, pc, w.id, l, || "misaligned atomic".into())?;
         let (av, bv) = (self.rd(w, a, l), self.rd(w, b, l));
         let compute = |old: u64| -> u64 { atom_op(op, ty, old, av, bv) };
         let old = match Self::resolve(space, ad) {
@@ -1726,16 +1716,9 @@ impl<'a> Cta<'a> {
                         ))
                     }
                 };
-                if off % 16 != 0 {
-                    return Err(self.fault(
-                        Fault::Misaligned,
-                        pc,
-                        w.id,
-                        l,
-                        Some(off),
-                        "ldmatrix row addresses must be 16-byte aligned".into(),
-                    ));
-                }
+                self.check_aligned(off, 16, pc, w.id, l, || {
+                    "ldmatrix row addresses must be 16-byte aligned".into()
+                })?;
                 let o = self.shared_check(off, 16, pc, w.id, l)?;
                 self.san_read(o, 16, pc, w.id, l)?;
                 for (c, x) in row.iter_mut().enumerate() {
