@@ -1,5 +1,5 @@
-//! Compiles `kernels/*.cu` to PTX with nvcc when the `ptx` feature (implied by
-//! `cuda`) is on, and embeds it: `ksa::cuda::ptx::FWD`.
+//! Compiles every `kernels/*.cu` to PTX with nvcc when the `ptx` feature
+//! (implied by `cuda`) is on; `ksa::cuda::ptx` embeds them (`FWD`, `BWD`, `DECODE`).
 //!
 //! nvcc is looked up on PATH, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then the
 //! toolchain `scripts/cuda-toolchain.sh` installs (`$HOME/.cache/ksa-cuda/nvidia/cu13/bin`).
@@ -8,8 +8,6 @@
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const KERNELS: &[&str] = &["ksa_fwd"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -30,14 +28,20 @@ fn main() {
         )
     });
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    for name in KERNELS {
-        let src = Path::new("kernels").join(format!("{name}.cu"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .expect("ksa: kernels/ folder")
+        .map(|e| e.expect("ksa: kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
-        let ptx = out.join(format!("{name}.ptx"));
+        let stem = src.file_stem().expect("kernel file name");
+        let ptx = out.join(stem).with_extension("ptx");
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-arch=compute_80", "-std=c++17", "-o"])
             .arg(&ptx)
-            .arg(&src)
+            .arg(src)
             .status()
             .unwrap_or_else(|e| panic!("ksa: cannot run {}: {e}", nvcc.display()));
         assert!(

@@ -5,6 +5,8 @@
 //! The schedule and launch are plain Rust and always compiled (the GPU report
 //! and the CPU can use them without a CUDA toolkit).
 
+pub mod backward;
+pub mod decode;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod op;
@@ -16,6 +18,10 @@ pub mod ptx {
 
     /// The forward kernels `ksa_fwd_{bf16,f16}_d{64,128}`.
     pub const FWD: &str = include_str!(concat!(env!("OUT_DIR"), "/ksa_fwd.ptx"));
+    /// The backward kernels (`kernels/ksa_bwd.cu`).
+    pub const BWD: &str = include_str!(concat!(env!("OUT_DIR"), "/ksa_bwd.ptx"));
+    /// The split-KV decode and combine kernels (`kernels/ksa_decode.cu`).
+    pub const DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/ksa_decode.ptx"));
     /// The nvcc that built [`FWD`] (its directory holds `ptxas`).
     pub const NVCC: &str = env!("KSA_NVCC");
 }

@@ -1,0 +1,1 @@
+// Placeholder: the bwd kernels land here.

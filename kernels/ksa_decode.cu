@@ -1,0 +1,1 @@
+// Placeholder: the decode kernels land here.

@@ -1,0 +1,1 @@
+//! The split-KV decode kernels' launch (placeholder).
