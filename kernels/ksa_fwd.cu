@@ -200,11 +200,8 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     };
 
     // K ldmatrix: this lane's row inside a 16-key step, (lane & 7) + 8 * (lane >> 4),
-    // as a byte offset, and its swizzled column bits. The empty asm keeps nvcc from
-    // merging the two bit fields with `bfi` (which the project's emulator lacks).
-    int k_lane_hi = (lane >> 4) * 8;
-    asm("" : "+r"(k_lane_hi));
-    const uint32_t k_off = static_cast<uint32_t>(((lane & 7) + k_lane_hi) * CPR * 16);
+    // as a byte offset, and its swizzled column bits.
+    const uint32_t k_off = static_cast<uint32_t>(((lane & 7) + (lane >> 4) * 8) * CPR * 16);
     const int k_x = (lane & 7) ^ ((lane >> 3) & 1);
 
     // ---- Q tile -> shared (group 0)
@@ -261,8 +258,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     cp_async_wait<1>();
     __syncthreads();
     uint32_t qf[KS][4];
-    int q_warp_row = warp * 16;  // opaque to nvcc for the same reason as k_lane_hi
-    asm("" : "+r"(q_warp_row));
+    const int q_warp_row = warp * 16;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
         const int row = q_warp_row + (lane & 15);
@@ -384,10 +380,8 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         lt += __shfl_xor_sync(0xffffffffu, lt, 2);
         const uint32_t g = grow[hh];
         const float inv = g < q1 ? 1.f / lt : 0.f;
-        // == sw(warp * 16 + gid + hh * 8, j) + tig * 4 (row & 7 == gid); the row offset
-        // goes through an empty asm so that nvcc does not emit `bfi` (see k_lane_hi).
-        uint32_t srow_off = static_cast<uint32_t>((warp * 16 + gid + hh * 8) * CPR * 16);
-        asm("" : "+r"(srow_off));
+        // == sw(warp * 16 + gid + hh * 8, j) + tig * 4 (row & 7 == gid).
+        const uint32_t srow_off = static_cast<uint32_t>((warp * 16 + gid + hh * 8) * CPR * 16);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             st_shared_u32(s_q + srow_off + static_cast<uint32_t>(((j ^ gid) << 4) + tig * 4),

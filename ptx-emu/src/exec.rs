@@ -1101,6 +1101,20 @@ impl<'a> Cta<'a> {
                     w.regs[*d as usize * 32 + l] = r;
                 }
             }
+            Op::Bfi {
+                bits,
+                d,
+                a,
+                b,
+                pos,
+                len,
+            } => {
+                for l in lanes(exec) {
+                    let (av, bv) = (self.rd(w, *a, l), self.rd(w, *b, l));
+                    let (p, n) = (self.rd(w, *pos, l), self.rd(w, *len, l));
+                    w.regs[*d as usize * 32 + l] = crate::ops::bfi(*bits, av, bv, p, n);
+                }
+            }
             Op::Pack { d, parts, bits } => {
                 for l in lanes(exec) {
                     let mut v = 0u64;

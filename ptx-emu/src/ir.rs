@@ -201,6 +201,15 @@ pub(crate) enum Op {
         parts: Vec<Src>,
         bits: u32,
     },
+    /// `bfi.b{32,64}`: the only four-source integer instruction, so not an `Alu`.
+    Bfi {
+        bits: u32,
+        d: Reg,
+        a: Src,
+        b: Src,
+        pos: Src,
+        len: Src,
+    },
     Unpack {
         ds: Vec<Option<Reg>>,
         s: Src,
@@ -1346,6 +1355,25 @@ impl Dec<'_> {
                 ))
             }
             "atom" | "red" => self.decode_atom(base == "red", mods),
+            "bfi" => {
+                self.nops(5)?;
+                let bits = match ty {
+                    Some("b32") => 32,
+                    Some("b64") => 64,
+                    _ => return self.err("bfi needs .b32 or .b64"),
+                };
+                Ok((
+                    Op::Bfi {
+                        bits,
+                        d: self.dst(&ops[0])?,
+                        a: self.src(&ops[1], false)?,
+                        b: self.src(&ops[2], false)?,
+                        pos: self.src(&ops[3], false)?,
+                        len: self.src(&ops[4], false)?,
+                    },
+                    Class::Int,
+                ))
+            }
             "call" | "prefetch" | "prefetchu" | "trap" | "brkpt" | "pmevent" => {
                 if base == "prefetch" || base == "prefetchu" {
                     return Ok((Op::Nop, Class::Memory));

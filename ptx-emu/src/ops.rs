@@ -384,6 +384,18 @@ pub(crate) fn bfe<const W: u32, const SIGNED: bool>(a: u64, b: u64, c: u64) -> u
     m::<W>(r)
 }
 
+/// `bfi` (bit field insert) of width `bits`: `b` with bits `pos..pos + len` (both
+/// operands' low 8 bits; clipped at the top bit) replaced by the low `len` bits of `a`.
+pub(crate) fn bfi(bits: u32, a: u64, b: u64, pos: u64, len: u64) -> u64 {
+    let (pos, len) = ((pos & 0xFF) as u32, (len & 0xFF) as u32);
+    if pos >= bits || len == 0 {
+        return b & ops_mask(bits);
+    }
+    let len = len.min(bits - pos);
+    let field = ops_mask(len) << pos;
+    ((b & !field) | ((a << pos) & field)) & ops_mask(bits)
+}
+
 /// Error-free sum: `a + b == s + err` exactly (Knuth's TwoSum).
 #[inline(always)]
 fn two_sum(a: f64, b: f64) -> (f64, f64) {

@@ -106,6 +106,36 @@ fn logic_and_shifts() {
 }
 
 #[test]
+fn bit_field_insert() {
+    // bfi.b32 d, a, b, pos, len: b with bits pos..pos+len replaced by a's low bits;
+    // fields running past bit 31 are clipped, pos >= 32 or len = 0 leave b as is.
+    let body = "
+    ld.global.u32 %r1, [%rd1];
+    ld.global.u32 %r2, [%rd1+4];
+    bfi.b32 %r10, %r1, %r2, 8, 4;    st.global.u32 [%rd2], %r10;
+    bfi.b32 %r10, %r1, %r2, 0, 32;   st.global.u32 [%rd2+4], %r10;
+    bfi.b32 %r10, %r1, %r2, 28, 8;   st.global.u32 [%rd2+8], %r10;
+    bfi.b32 %r10, %r1, %r2, 32, 8;   st.global.u32 [%rd2+12], %r10;
+    bfi.b32 %r10, %r1, %r2, 4, 0;    st.global.u32 [%rd2+16], %r10;
+    bfi.b32 %r10, %r1, %r2, 0x104, 0x208; st.global.u32 [%rd2+20], %r10;
+    ";
+    let (a, b) = (0xF0F0_00A5u32, 0x0FF0_1234u32);
+    let o = alu(body, &[a, b], 6);
+    assert_eq!(o[0], 0x0FF0_1534, "a's low nibble 5 into bits 8..12");
+    assert_eq!(o[1], a, "a whole-word field is a");
+    assert_eq!(
+        o[2], 0x5FF0_1234,
+        "clipped at bit 31: only a's low nibble fits"
+    );
+    assert_eq!(o[3], b);
+    assert_eq!(o[4], b);
+    assert_eq!(
+        o[5], 0x0FF0_1A54,
+        "only the low 8 bits of pos (4) and len (8) count"
+    );
+}
+
+#[test]
 fn float_arithmetic_and_nan_rules() {
     let body = "
     ld.global.f32 %f1, [%rd1];        // 1 + 2^-12
