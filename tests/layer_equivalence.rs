@@ -113,6 +113,22 @@ fn hand_attention(
     proj(&out, g("o_proj"))
 }
 
+/// The layer config of `dims` with the given window and mixing (`Some`:
+/// summary projections with that mixing coefficient; `None`: none).
+fn layer_config(dims: &Dims, window: usize, mix: Option<f64>) -> SummaryAttentionConfig {
+    SummaryAttentionConfig {
+        hidden_size: dims.hidden,
+        num_attention_heads: dims.hq,
+        num_key_value_heads: dims.hkv,
+        head_dim: dims.d,
+        rms_norm_eps: EPS,
+        rope_theta: 10000.0,
+        window,
+        mix_coeff: mix.unwrap_or(0.0),
+        summary_projections: mix.is_some(),
+    }
+}
+
 fn attention_weights(dims: &Dims, summary: bool, seed: u64) -> HashMap<String, Tensor> {
     let (h, q, kv) = (dims.hidden, dims.hq * dims.d, dims.hkv * dims.d);
     let mut names = vec![
@@ -147,17 +163,7 @@ fn summary_attention_equals_hand_composition() {
         (1, None),
         (0, None),
     ] {
-        let config = SummaryAttentionConfig {
-            hidden_size: dims.hidden,
-            num_attention_heads: dims.hq,
-            num_key_value_heads: dims.hkv,
-            head_dim: dims.d,
-            rms_norm_eps: EPS,
-            rope_theta: 10000.0,
-            window,
-            mix_coeff: mix.unwrap_or(0.0),
-            summary_projections: mix.is_some(),
-        };
+        let config = layer_config(&dims, window, mix);
         // Without summary projections the checkpoint does not hold them.
         let weights = attention_weights(&dims, mix.is_some(), 7 + window as u64);
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
@@ -433,17 +439,7 @@ fn gradients_flow_through_the_layer() {
         hkv: 1,
         d: 8,
     };
-    let config = SummaryAttentionConfig {
-        hidden_size: dims.hidden,
-        num_attention_heads: dims.hq,
-        num_key_value_heads: dims.hkv,
-        head_dim: dims.d,
-        rms_norm_eps: EPS,
-        rope_theta: 10000.0,
-        window: 1,
-        mix_coeff: 0.3,
-        summary_projections: true,
-    };
+    let config = layer_config(&dims, 1, Some(0.3));
     let vars: HashMap<String, candle_core::Var> = attention_weights(&dims, true, 4)
         .into_iter()
         .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
@@ -486,17 +482,7 @@ fn projecting_a_run_of_slots_matches_the_full_sequence() {
         hkv: 2,
         d: 8,
     };
-    let config = SummaryAttentionConfig {
-        hidden_size: dims.hidden,
-        num_attention_heads: dims.hq,
-        num_key_value_heads: dims.hkv,
-        head_dim: dims.d,
-        rms_norm_eps: EPS,
-        rope_theta: 10000.0,
-        window: 1,
-        mix_coeff: 0.4,
-        summary_projections: true,
-    };
+    let config = layer_config(&dims, 1, Some(0.4));
     let weights = attention_weights(&dims, true, 12);
     let layer = SummaryAttention::new(
         &config,
