@@ -1,0 +1,67 @@
+//! The backward kernels under the PTX emulator (after the forward kernel made
+//! O and the log-sum-exp) equal candle's f64 autograd through
+//! `ksa::reference`: dq, dk, dv, with the sanitizer on and no shared-memory
+//! bank conflicts in the main kernel. Needs the `ptx` feature (nvcc).
+#![cfg(feature = "ptx")]
+
+mod common;
+#[path = "common/emu_bwd.rs"]
+mod emu_bwd;
+
+use common::emu::{Case, Rng};
+use emu_bwd::check;
+
+#[test]
+fn tails_and_tiny_layouts() {
+    // n < C; a partial tail chunk with W = 0; exactly one chunk.
+    check(&Case::ksa(8, 1, 1, 5));
+    check(&Case::ksa(4, 2, 0, 37));
+    check(&Case::ksa(16, 4, 3, 16).f16());
+}
+
+#[test]
+fn ksa_bf16_d64() {
+    check(&Case::ksa(4, 1, 0, 301));
+    check(&Case::ksa(8, 2, 3, 257));
+}
+
+#[test]
+fn ksa_f16_d64_window_beyond_chunks() {
+    check(&Case::ksa(16, 1, 100_000, 300).f16());
+    check(&Case::ksa(4, 4, 3, 203).f16());
+}
+
+#[test]
+fn ksa_d128() {
+    check(&Case::ksa(16, 4, 1, 333).dim(128));
+    check(&Case::ksa(8, 2, 0, 250).dim(128).f16());
+}
+
+#[test]
+fn gqa_and_batch() {
+    // 4:1 with batch 2 at ~1000 slots; 2:1 at d = 128.
+    check(&Case::ksa(8, 1, 16, 900).heads(2, 4, 1));
+    check(&Case::ksa(4, 2, 3, 200).heads(1, 4, 2).dim(128).f16());
+}
+
+#[test]
+fn causal() {
+    check(&Case::causal(300));
+    check(&Case::causal(150).heads(2, 4, 2).dim(128).f16());
+}
+
+#[test]
+fn random_configurations() {
+    let mut rng = Rng::new(14);
+    for _ in 0..3 {
+        let c = [4, 8, 16][rng.below(3)];
+        let s = [1, 2, 4][rng.below(3)];
+        let w = [0, 1, 3, 100_000][rng.below(4)];
+        let n = 1 + rng.below(250);
+        let mut case = Case::ksa(c, s, w, n).dim([64, 128][rng.below(2)]);
+        if rng.below(2) == 1 {
+            case = case.f16();
+        }
+        check(&case);
+    }
+}
