@@ -319,13 +319,14 @@ mod tests {
         let names: Vec<&str> = steps.iter().map(|s| s.kernel.as_str()).collect();
         assert_eq!(
             names,
-            ["ksa_bwd_prep_bf16_d128", "ksa_bwd_bf16_d128", "ksa_bwd_dq_bf16"]
+            [
+                "ksa_bwd_prep_bf16_d128",
+                "ksa_bwd_bf16_d128",
+                "ksa_bwd_dq_bf16"
+            ]
         );
         assert_eq!(steps[0].grid, (n.div_ceil(4) as u32, 8, 2));
-        assert_eq!(
-            steps[1].grid,
-            (l.schedule.key_tiles().len() as u32, 2, 2)
-        );
+        assert_eq!(steps[1].grid, (l.schedule.key_tiles().len() as u32, 2, 2));
         assert_eq!(steps[1].args.len(), 11 + 8 + 6 + 4);
         assert_eq!(steps[1].args[26], Arg::U32(4)); // group
         assert_eq!(steps[1].shared_bytes, l.main_shared_bytes());

@@ -80,6 +80,27 @@ fn layout_length(rule: &MaskRule, got: usize) -> Result<()> {
     Ok(())
 }
 
+/// The typed checks of the CUDA path on `q, k, v` (shapes already checked by
+/// `check_qkv`): element type, head dim, CUDA device, row strides. The
+/// autograd op (`crate::op`) runs them before recording itself, so its
+/// errors stay typed instead of arriving wrapped in a candle error.
+pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) -> Result<()> {
+    elem_of(q.dtype(), op)?;
+    let d = q.dim(3)?;
+    if d != 64 && d != 128 {
+        return Err(Error::UnsupportedHeadDim {
+            op,
+            got: d,
+            supported: "64, 128",
+        });
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        cuda_device(t, op)?;
+        row_strides(name, t.layout())?;
+    }
+    Ok(())
+}
+
 /// One launch of `kernel` from `ptx` (loaded once per device as `module`).
 #[allow(clippy::too_many_arguments)]
 fn launch(
@@ -172,7 +193,10 @@ pub fn forward_storage(
     let lse = dev.alloc_zeros::<f32>((b * hq * n).max(1))?;
     macro_rules! empty {
         ($t:ty) => {
-            CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<$t>((b * hq * n * d).max(1))?, dev.clone())
+            CudaStorage::wrap_cuda_slice(
+                dev.alloc_zeros::<$t>((b * hq * n * d).max(1))?,
+                dev.clone(),
+            )
         };
     }
     if b == 0 || hq == 0 || n == 0 {
@@ -219,7 +243,16 @@ pub fn forward_storage(
                 });
                 if !plan.is_empty() {
                     let (grid, block, shared) = (plan.grid, plan.block, plan.shared_bytes);
-                    launch(&dev, MODULE, super::ptx::FWD, &plan.kernel, grid, block, shared, &args)?;
+                    launch(
+                        &dev,
+                        MODULE,
+                        super::ptx::FWD,
+                        &plan.kernel,
+                        grid,
+                        block,
+                        shared,
+                        &args,
+                    )?;
                 }
             }
             CudaStorage::wrap_cuda_slice(o, dev.clone())

@@ -279,10 +279,8 @@ impl Schedule {
                         b = b.max(spans[i].end);
                         i += 1;
                     }
-                    let (first, last) = (
-                        rule.key_tile_of(a).max(next_tile),
-                        rule.key_tile_of(b - 1),
-                    );
+                    let (first, last) =
+                        (rule.key_tile_of(a).max(next_tile), rule.key_tile_of(b - 1));
                     for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
                         let keys = keys.clone();
                         let edge = !full_tile(&row_ranges, &keys);
@@ -426,9 +424,13 @@ impl KeyMajorSchedule {
         let mut seen_by: Vec<Vec<usize>> = vec![Vec::new(); grid.len()];
         for (qi, t) in queries.iter().enumerate() {
             for v in forward.visits_of(t) {
-                for kt in rule.key_tile_of(v.keys.start)..=rule.key_tile_of(v.keys.end - 1) {
-                    if seen_by[kt].last() != Some(&qi) {
-                        seen_by[kt].push(qi);
+                let (first, last) = (
+                    rule.key_tile_of(v.keys.start),
+                    rule.key_tile_of(v.keys.end - 1),
+                );
+                for qs in &mut seen_by[first..=last] {
+                    if qs.last() != Some(&qi) {
+                        qs.push(qi);
                     }
                 }
             }
