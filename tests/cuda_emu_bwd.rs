@@ -45,6 +45,13 @@ fn gqa_and_batch() {
 }
 
 #[test]
+fn strided_kv_heads() {
+    // K/V heads 37 (NaN) rows apart: the kernel follows the strides and
+    // never reads the padding.
+    check(&Case::ksa(8, 1, 2, 200).heads(2, 4, 2).pad_rows(37));
+}
+
+#[test]
 fn causal() {
     check(&Case::causal(300));
     check(&Case::causal(150).heads(2, 4, 2).dim(128).f16());
@@ -63,5 +70,41 @@ fn random_configurations() {
             case = case.f16();
         }
         check(&case);
+    }
+}
+
+/// The counters of `docs/cuda.md` (run with `--ignored --nocapture`): forward
+/// and backward on the forward's documented problem (bf16, d = 128, 4 query
+/// heads on 1 KV head, C=8 S=1 W=32, n=4096), KSA and full causal, without the
+/// (slow, dense) reference; O stands in for dO (only the counters matter).
+#[test]
+#[ignore]
+fn counters() {
+    for case in [
+        Case::ksa(8, 1, 32, 4096).heads(1, 4, 1).dim(128),
+        Case::causal(4096).heads(1, 4, 1).dim(128),
+    ] {
+        let (q, k, v) = common::emu::inputs(&case);
+        let fwd = common::emu::run(&case, &q, &k, &v);
+        let run = emu_bwd::run(&case, &q, &k, &v, &fwd.out, &fwd.out, &fwd.lse);
+        let s = &run.launch.schedule;
+        println!(
+            "{}: forward {} visits (heads/CTA {}), mma {}; backward {} key tiles x {} heads, {} visits ({} edge)",
+            case.rule_kind(),
+            fwd.launch.schedule.tiles_visited(),
+            fwd.launch.heads_per_cta,
+            fwd.report.mma,
+            s.key_tiles().len(),
+            case.q_heads,
+            s.tiles_visited(),
+            s.edge_tiles(),
+        );
+        for (name, r) in &run.reports {
+            println!("  {name}: {r}");
+        }
+        println!(
+            "  mma backward / forward = {:.2}",
+            run.main().mma as f64 / fwd.report.mma as f64
+        );
     }
 }

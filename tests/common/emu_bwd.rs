@@ -8,7 +8,7 @@ use crate::common::emu::{self, Case, Rng};
 use candle_core::{DType, Device as Cpu, Tensor, Var};
 use half::{bf16, f16};
 use ksa::cuda::backward::{BwdLaunch, BwdPointers, BwdProblem};
-use ksa::cuda::launch::{Arg, Elem};
+use ksa::cuda::launch::{Arg, Elem, Strides};
 use ksa::cuda::schedule::MaskRule;
 use ptx_emu::{Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
@@ -85,7 +85,7 @@ pub fn run(
     lse: &[f32],
 ) -> BwdRun {
     let n = case.rule.len();
-    let problem = BwdProblem::contiguous(
+    let mut problem = BwdProblem::contiguous(
         case.batch,
         case.q_heads,
         case.kv_heads,
@@ -93,6 +93,28 @@ pub fn run(
         case.head_dim,
         case.elem,
     );
+    // Optionally lay k and v out with `pad_rows` unused (NaN) rows after every
+    // head: non-contiguous head strides the kernel must follow.
+    let (k, v) = if case.pad_rows > 0 {
+        let d = case.head_dim;
+        let hs = (n + case.pad_rows) * d;
+        let pad = |x: &[f32]| -> Vec<f32> {
+            let mut out = vec![f32::NAN; case.batch * case.kv_heads * hs];
+            for (bh, rows) in x.chunks(n * d).enumerate() {
+                out[bh * hs..bh * hs + n * d].copy_from_slice(rows);
+            }
+            out
+        };
+        problem.k = Strides {
+            batch: (case.kv_heads * hs) as u64,
+            head: hs as u64,
+        };
+        problem.v = problem.k;
+        (pad(k), pad(v))
+    } else {
+        (k.to_vec(), v.to_vec())
+    };
+    let (k, v) = (&k[..], &v[..]);
     let launch = BwdLaunch::new(case.rule, &problem).unwrap();
     let mut dev = Device::new();
     let (qp, kp, vp, op, dop) = (
@@ -104,7 +126,7 @@ pub fn run(
     );
     let lp = dev.alloc_f32(lse);
     let q_len = case.batch * case.q_heads * n * case.head_dim;
-    let kv_len = case.batch * case.kv_heads * n * case.head_dim;
+    let kv_len = case.batch * case.kv_heads * n * case.head_dim; // dk, dv: contiguous
     let dsum = nan_buffer(&mut dev, launch.dsum_len() * 4);
     let dq_acc = nan_buffer(&mut dev, launch.dq_acc_len() * 4);
     let dq = nan_buffer(&mut dev, q_len * 2);
