@@ -52,6 +52,19 @@ fn strided_kv_heads() {
 }
 
 #[test]
+fn summary_reads_ablation() {
+    // Text never reads old summaries: the forward schedule has no such
+    // visits, so neither has the key-major one inverted from it.
+    let config = ksa::KsaConfig::new(4, 2, 1)
+        .unwrap()
+        .with_summary_reads(false);
+    let layout = ksa::Layout::new(config, 150).unwrap();
+    let mut case = Case::ksa(4, 2, 1, 150);
+    case.rule = ksa::cuda::schedule::MaskRule::Ksa(layout);
+    check(&case);
+}
+
+#[test]
 fn causal() {
     check(&Case::causal(300));
     check(&Case::causal(150).heads(2, 4, 2).dim(128).f16());
