@@ -6,6 +6,8 @@
 //! extended with what the GPU needs on top: tiles of summary queries (the
 //! shared schedule lists their few keys per chunk), one row space for queries
 //! and keys, heaviest-first ordering and the two tables the kernel reads.
+//! The backward kernel walks the same pairs key-major: [`KeyMajorSchedule`]
+//! inverts a forward [`Schedule`].
 //!
 //! Rows are in *gathered* coordinates: under [`MaskRule::Ksa`] row `g <
 //! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
@@ -390,7 +392,7 @@ pub struct QueryVisit {
 
 /// One key tile of the fixed grid and the query tiles that see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyTile {
+pub struct KeyMajorTile {
     /// Gathered key rows (at most [`BLOCK_K`]; the summary and text regions
     /// start new tiles).
     pub keys: Range<usize>,
@@ -409,7 +411,7 @@ pub struct KeyTile {
 pub struct KeyMajorSchedule {
     rule: MaskRule,
     block_q: usize,
-    key_tiles: Vec<KeyTile>,
+    key_tiles: Vec<KeyMajorTile>,
     visits: Vec<QueryVisit>,
 }
 
@@ -459,7 +461,7 @@ impl KeyMajorSchedule {
         for (keys, v) in tiles {
             let start = visits.len();
             visits.extend(v);
-            key_tiles.push(KeyTile {
+            key_tiles.push(KeyMajorTile {
                 keys,
                 visits: start..visits.len(),
             });
@@ -481,7 +483,7 @@ impl KeyMajorSchedule {
         self.block_q
     }
     /// Key tiles, heaviest first (every key row is in exactly one).
-    pub fn key_tiles(&self) -> &[KeyTile] {
+    pub fn key_tiles(&self) -> &[KeyMajorTile] {
         &self.key_tiles
     }
     /// All visits; each key tile owns a range of them.
@@ -489,7 +491,7 @@ impl KeyMajorSchedule {
         &self.visits
     }
     /// The visits of one key tile, in ascending query order.
-    pub fn visits_of(&self, tile: &KeyTile) -> &[QueryVisit] {
+    pub fn visits_of(&self, tile: &KeyMajorTile) -> &[QueryVisit] {
         &self.visits[tile.visits.clone()]
     }
     /// Number of (key tile, query tile) visits.
