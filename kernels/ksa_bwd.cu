@@ -105,6 +105,7 @@ __device__ __forceinline__ void bwd(
     auto sw = [](int row, int c) -> uint32_t {
         return static_cast<uint32_t>((row * CPR + (c ^ (row & 7))) * 16);
     };
+
     // ---- K, V tile -> shared (group 0)
     const uint16_t* kb = k + b * k_bs + hk * k_hs;
     const uint16_t* vb = v + b * v_bs + hk * v_hs;

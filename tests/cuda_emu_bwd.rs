@@ -13,8 +13,10 @@ use emu_bwd::check;
 
 #[test]
 fn tails_and_tiny_layouts() {
-    // n < C; a partial tail chunk with W = 0; exactly one chunk.
+    // n < C; a single slot (dq, dk vanish); a partial tail chunk with W = 0;
+    // exactly one chunk.
     check(&Case::ksa(8, 1, 1, 5));
+    check(&Case::causal(1).heads(1, 2, 1));
     check(&Case::ksa(4, 2, 0, 37));
     check(&Case::ksa(16, 4, 3, 16).f16());
 }
@@ -83,6 +85,33 @@ fn random_configurations() {
             case = case.f16();
         }
         check(&case);
+    }
+}
+
+/// A longer seeded sweep (run with `--ignored`): random C, S, W, n, head dim,
+/// dtype, batch and GQA group, and some causal cases.
+#[test]
+#[ignore]
+fn random_sweep_long() {
+    let mut rng = Rng::new(41);
+    for _ in 0..30 {
+        let c = [4, 8, 16, 64][rng.below(4)];
+        let s = [1, 2, 4][rng.below(3)];
+        let w = [0, 1, 3, 16, 100_000][rng.below(5)];
+        let n = 1 + rng.below(600);
+        let (hkv, group) = ([1, 2][rng.below(2)], [1, 2, 4][rng.below(3)]);
+        let mut case = Case::ksa(c, s, w, n).dim([64, 128][rng.below(2)]).heads(
+            1 + rng.below(2),
+            hkv * group,
+            hkv,
+        );
+        if rng.below(2) == 1 {
+            case = case.f16();
+        }
+        check(&case);
+        if rng.below(4) == 0 {
+            check(&Case::causal(1 + rng.below(400)).heads(1, 2, 1));
+        }
     }
 }
 

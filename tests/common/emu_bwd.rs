@@ -241,10 +241,12 @@ pub fn grad_tol(elem: Elem) -> f64 {
 }
 
 /// The worst relative error `max |got - want| / max |want|` of one gradient;
-/// fails on any non-finite element.
+/// fails on any non-finite element. `max |want|` is floored at 1e-3 (as in
+/// `tests/grad.rs`): a gradient that vanishes analytically (one key per row:
+/// P = 1, dS = 0) is compared absolutely (the kernel gives ~1e-7 there).
 fn worst(case: &Case, name: &str, got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let top = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-6);
+    let top = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-3);
     let mut worst = 0f64;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!(g.is_finite(), "{case:?}: {name}[{i}] = {g}, want {w}");
