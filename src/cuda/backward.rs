@@ -329,7 +329,13 @@ mod tests {
         assert_eq!(steps[1].grid, (l.schedule.key_tiles().len() as u32, 2, 2));
         assert_eq!(steps[1].args.len(), 11 + 8 + 6 + 4);
         assert_eq!(steps[1].args[26], Arg::U32(4)); // group
-        assert_eq!(steps[1].shared_bytes, l.main_shared_bytes());
+                                                    // K, V + 2 x (Q, dO, 24 B per row) + dS^T: 69.5 KiB at d = 128, 59 KiB at 64.
+        assert_eq!(steps[1].shared_bytes, 71_168);
+        let p64 = BwdProblem::contiguous(1, 1, 1, n, 64, Elem::F16);
+        assert_eq!(
+            BwdLaunch::new(rule(), &p64).unwrap().main_shared_bytes(),
+            60_416
+        );
         assert_eq!(steps[2].args[2], Arg::U64((2 * 8 * n * 128 / 4) as u64));
         assert_eq!(l.dq_acc_len(), 2 * 8 * n * 128);
         let empty = BwdLaunch::new(

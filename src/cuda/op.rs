@@ -7,7 +7,7 @@
 use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
 use super::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use super::schedule::MaskRule;
-use crate::check::check_qkv;
+use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -291,28 +291,34 @@ pub fn backward(
         dims.len,
         dims.head_dim,
     );
+    // o and dout: q's shape, dtype and device; lse: f32 [b, hq, N], contiguous.
     for (name, t) in [("o", o), ("dout", dout)] {
-        if t.dims() != q.dims() {
-            return Err(Error::DimMismatch {
-                what: "shape",
-                a: "q",
-                a_val: q.elem_count(),
-                b: name,
-                b_val: t.elem_count(),
-            });
+        check_eq("rank", "q", 4, name, t.rank())?;
+        for (axis, (&want, &got)) in ["batch", "heads", "slots", "head dim"]
+            .into_iter()
+            .zip(q.dims().iter().zip(t.dims()))
+        {
+            check_eq(axis, "q", want, name, got)?;
         }
-        if t.dtype() != q.dtype() {
-            return Err(Error::DTypeMismatch {
-                a: "q",
-                a_dtype: q.dtype(),
-                b: name,
-                b_dtype: t.dtype(),
-            });
-        }
+        check_same_dtype("q", q, name, t)?;
     }
-    if lse.dims() != [b, hq, n] || lse.dtype() != DType::F32 || !lse.is_contiguous() {
+    check_eq("rank", "q without head dim", 3, "lse", lse.rank())?;
+    for (axis, (want, &got)) in ["batch", "heads", "slots"]
+        .into_iter()
+        .zip([b, hq, n].into_iter().zip(lse.dims()))
+    {
+        check_eq(axis, "q", want, "lse", got)?;
+    }
+    if lse.dtype() != DType::F32 {
+        return Err(Error::UnsupportedDType {
+            op: "ksa CUDA attention backward (lse)",
+            got: lse.dtype(),
+            supported: "f32",
+        });
+    }
+    if !lse.is_contiguous() {
         return Err(Error::NonContiguous {
-            name: "lse (contiguous f32 [b, hq, N])",
+            name: "lse",
             shape: lse.dims().to_vec(),
             strides: lse.stride().to_vec(),
         });
@@ -320,14 +326,7 @@ pub fn backward(
     let elem = elem_of(q.dtype(), OP)?;
     let dev = cuda_device(q, OP)?;
     for (name, t) in [("o", o), ("dout", dout), ("lse", lse)] {
-        if !t.device().same_device(q.device()) {
-            return Err(Error::DeviceMismatch {
-                a: "q",
-                a_device: format!("{:?}", q.device().location()),
-                b: name,
-                b_device: format!("{:?}", t.device().location()),
-            });
-        }
+        check_same_device("q", q, name, t)?;
     }
     if b * hq * n == 0 {
         let zeros = |h| Tensor::zeros((b, h, n, d), q.dtype(), q.device());
