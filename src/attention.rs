@@ -22,9 +22,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<
 }
 
 /// [`attention`] with options. Runs where the tensors live (CPU tensors: the
-/// block-sparse [`crate::cpu`] path, computed in f32) and is differentiable
-/// with candle's autograd; a device this build has no implementation for is
-/// an error, never a silent fallback.
+/// block-sparse [`crate::cpu`] path, computed in f32; CUDA tensors, feature
+/// `cuda`: the fused kernels, bf16/f16, head dim 64/128) and is
+/// differentiable with candle's autograd on both; a device this build has no
+/// implementation for is an error, never a silent fallback.
 pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -44,14 +45,10 @@ pub fn attention_with(
     match q.device() {
         Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(crate::cuda::op::forward(
-            q,
-            k,
-            v,
-            crate::cuda::schedule::MaskRule::Ksa(*layout),
-            options.scale,
-        )?
-        .0),
+        Device::Cuda(_) => {
+            crate::cuda::op::check_inputs(q, k, v, "ksa::attention")?;
+            op::apply(q, k, v, Mask::Ksa(*layout), options.scale)
+        }
         device => Err(unsupported("ksa::attention", device)),
     }
 }
@@ -74,14 +71,10 @@ pub fn causal_attention_with(
     match q.device() {
         Device::Cpu => op::apply(q, k, v, Mask::Causal, options.scale),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(crate::cuda::op::forward(
-            q,
-            k,
-            v,
-            crate::cuda::schedule::MaskRule::Causal { len: q.dims()[2] },
-            options.scale,
-        )?
-        .0),
+        Device::Cuda(_) => {
+            crate::cuda::op::check_inputs(q, k, v, "ksa::causal_attention")?;
+            op::apply(q, k, v, Mask::Causal, options.scale)
+        }
         device => Err(unsupported("ksa::causal_attention", device)),
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! The forward's per-row log-sum-exp is kept inside the op (which the graph
 //! holds) so the backward recomputes probabilities instead of storing them,
-//! as FlashAttention does.
+//! as FlashAttention does. On CUDA tensors (feature `cuda`) both directions
+//! run the fused kernels (`crate::cuda::op`) and the log-sum-exp stays on the
+//! device.
 
 use crate::backward::attention_backward;
 use crate::check::QkvDims;
@@ -26,8 +28,10 @@ pub(crate) enum Mask {
     Causal,
 }
 
-/// Attention of contiguous-made `q, k, v` (already validated) under `mask`,
-/// recorded in candle's graph when any input tracks gradients.
+/// Attention of `q, k, v` (already validated) under `mask`, recorded in
+/// candle's graph when any input tracks gradients. CPU inputs are made
+/// contiguous; CUDA kernels take row-contiguous inputs with any batch/head
+/// strides as they are.
 pub(crate) fn apply(
     q: &Tensor,
     k: &Tensor,
@@ -41,15 +45,42 @@ pub(crate) fn apply(
         scale: scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32,
         lse: Mutex::new(None),
     };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?)
+    let op = Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>);
+    if q.device().is_cpu() {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        Ok(q.apply_op3_arc(&k, &v, op)?)
+    } else {
+        Ok(q.apply_op3_arc(k, v, op)?)
+    }
+}
+
+/// What a forward keeps for the backward: the per-row log-sum-exp `[b, hq, N]`.
+#[derive(Clone)]
+enum Saved {
+    /// From the CPU forward.
+    Cpu(Vec<f32>),
+    /// From the CUDA forward: an f32 tensor on the device.
+    #[cfg(feature = "cuda")]
+    Cuda(Tensor),
 }
 
 struct AttentionOp {
     mask: Mask,
     scale: f32,
-    /// Per-row log-sum-exp `[b, hq, N]` of the last forward, for the backward.
-    lse: Mutex<Option<Vec<f32>>>,
+    /// The log-sum-exp of the last forward, for the backward.
+    lse: Mutex<Option<Saved>>,
+}
+
+#[cfg(feature = "cuda")]
+impl Mask {
+    /// The CUDA schedule's rule for `len` slots.
+    fn rule(self, len: usize) -> crate::cuda::schedule::MaskRule {
+        use crate::cuda::schedule::MaskRule;
+        match self {
+            Mask::Ksa(layout) => MaskRule::Ksa(layout),
+            Mask::Causal => MaskRule::Causal { len },
+        }
+    }
 }
 
 fn dims(q: &StridedLayout, k: &StridedLayout) -> candle_core::Result<QkvDims> {
@@ -88,7 +119,7 @@ impl AttentionOp {
     ) -> candle_core::Result<Vec<T>> {
         let schedule = self.schedule(dims.len).map_err(candle_core::Error::wrap)?;
         let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale, None);
-        *self.lse.lock().expect("lse lock") = Some(lse);
+        *self.lse.lock().expect("lse lock") = Some(Saved::Cpu(lse));
         Ok(out)
     }
 }
@@ -133,6 +164,35 @@ impl CustomOp3 for AttentionOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &StridedLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &StridedLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &StridedLayout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, hq, n, _) = l1.shape().dims4()?;
+        let (out, lse) = crate::cuda::op::forward_storage(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            self.mask.rule(n),
+            Some(f64::from(self.scale)),
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let lse = Tensor::from_storage(
+            candle_core::Storage::Cuda(lse),
+            (b, hq, n),
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        *self.lse.lock().expect("lse lock") = Some(Saved::Cuda(lse));
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -141,14 +201,27 @@ impl CustomOp3 for AttentionOp {
         out: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if !q.device().is_cpu() {
-            return Err(candle_core::Error::BackwardNotSupported {
-                op: "ksa-attention on this device",
-            });
-        }
-        let lse = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
+        let saved = self.lse.lock().expect("lse lock").clone().ok_or_else(|| {
             candle_core::Error::Msg("ksa-attention backward ran without its forward".into())
         })?;
+        let lse = match saved {
+            Saved::Cpu(lse) if q.device().is_cpu() => lse,
+            #[cfg(feature = "cuda")]
+            Saved::Cuda(lse) if q.device().is_cuda() => {
+                // Autograd's output gradient may be any view; the kernels need rows.
+                let dout = dout.contiguous()?;
+                let rule = self.mask.rule(q.dim(2)?);
+                let (dq, dk, dv) =
+                    crate::cuda::op::backward(q, k, v, out, &dout, &lse, rule, self.scale)
+                        .map_err(candle_core::Error::wrap)?;
+                return Ok((Some(dq), Some(dk), Some(dv)));
+            }
+            _ => {
+                return Err(candle_core::Error::BackwardNotSupported {
+                    op: "ksa-attention on this device",
+                })
+            }
+        };
         let f32s = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let (b, hq, n, d) = q.dims4()?;
         let dims = QkvDims {

@@ -1,5 +1,6 @@
-//! `ptxas -v` on the embedded PTX for sm_80 and sm_90: prints registers and
-//! spills per kernel and fails on any spill or a register count above 255.
+//! `ptxas -v` on the embedded PTX (forward and backward kernels) for sm_80 and
+//! sm_90: prints registers and spills per kernel and fails on any spill or a
+//! register count above 255.
 //! Needs the `ptx` feature (nvcc); `ptxas` is taken from nvcc's directory.
 #![cfg(feature = "ptx")]
 
@@ -15,12 +16,23 @@ fn ptxas() -> PathBuf {
 fn no_spills_on_sm80_and_sm90() {
     let dir = std::env::temp_dir().join(format!("ksa-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ptx = dir.join("ksa_fwd.ptx");
-    std::fs::write(&ptx, ksa::cuda::ptx::FWD).unwrap();
+    for (name, ptx, kernels) in [
+        ("ksa_fwd", ksa::cuda::ptx::FWD, 4),
+        ("ksa_bwd", ksa::cuda::ptx::BWD, 10),
+    ] {
+        let path = dir.join(format!("{name}.ptx"));
+        std::fs::write(&path, ptx).unwrap();
+        check(&path, kernels);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `ptxas -v` on one PTX file for both architectures; `kernels` entry points expected.
+fn check(ptx: &std::path::Path, kernels: usize) {
     for arch in ["sm_80", "sm_90"] {
         let out = Command::new(ptxas())
             .args(["-v", &format!("-arch={arch}"), "-o", "/dev/null"])
-            .arg(&ptx)
+            .arg(ptx)
             .output()
             .expect("run ptxas");
         assert!(out.status.success(), "ptxas failed: {out:?}");
@@ -54,7 +66,6 @@ fn no_spills_on_sm80_and_sm90() {
                 seen += 1;
             }
         }
-        assert_eq!(seen, 4, "expected 4 kernels in:\n{text}");
+        assert_eq!(seen, kernels, "expected {kernels} kernels in:\n{text}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,30 +1,38 @@
-//! The candle side of the CUDA path: checks, then one launch of
-//! `ksa_fwd_{bf16,f16}_d{64,128}` on candle's stream, built from the same
-//! [`FwdLaunch`] the emulator tests drive.
+//! The candle side of the CUDA path: checks, then launches on candle's stream
+//! built from the same [`FwdLaunch`] / [`BwdLaunch`] the emulator tests drive:
+//! the forward `ksa_fwd_{bf16,f16}_d{64,128}` ([`forward`], and
+//! [`forward_storage`] for the autograd op in `crate::op`) and the three
+//! backward kernels ([`backward`]).
 
+use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
 use super::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use super::schedule::MaskRule;
-use crate::check::check_qkv;
+use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
 const MODULE: &str = "ksa_fwd";
+const MODULE_BWD: &str = "ksa_bwd";
 
-fn row_strides(name: &'static str, t: &Tensor, layout: &candle_core::Layout) -> Result<Strides> {
+fn row_strides(name: &'static str, layout: &Layout) -> Result<Strides> {
     let st = layout.stride();
-    let d = t.dims()[3];
+    let dims = layout.dims();
     // Rows must be contiguous, and every row 16-byte aligned (cp.async moves
     // 16-byte chunks): start offset and batch/head strides multiples of 8 elements.
-    let aligned =
-        layout.start_offset() % 8 == 0 && st.len() == 4 && st[0] % 8 == 0 && st[1] % 8 == 0;
-    if st.len() != 4 || st[3] != 1 || (st[2] != d && t.dims()[2] > 1) || !aligned {
+    let ok = st.len() == 4
+        && st[3] == 1
+        && (st[2] == dims[3] || dims[2] <= 1)
+        && layout.start_offset() % 8 == 0
+        && st[0] % 8 == 0
+        && st[1] % 8 == 0;
+    if !ok {
         return Err(Error::NonContiguous {
             name,
-            shape: t.dims().to_vec(),
+            shape: dims.to_vec(),
             strides: st.to_vec(),
         });
     }
@@ -34,10 +42,109 @@ fn row_strides(name: &'static str, t: &Tensor, layout: &candle_core::Layout) -> 
     })
 }
 
+fn elem_of(dtype: DType, op: &'static str) -> Result<Elem> {
+    match dtype {
+        DType::BF16 => Ok(Elem::Bf16),
+        DType::F16 => Ok(Elem::F16),
+        got => Err(Error::UnsupportedDType {
+            op,
+            got,
+            supported: "bf16, f16",
+        }),
+    }
+}
+
+fn cuda_device(t: &Tensor, op: &'static str) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        other => Err(Error::UnsupportedDevice {
+            op,
+            device: format!("{:?}", other.location()),
+            reason: "the CUDA kernel needs CUDA tensors",
+        }),
+    }
+}
+
+fn layout_length(rule: &MaskRule, got: usize) -> Result<()> {
+    if got != rule.len() {
+        return Err(Error::LayoutLength {
+            name: "q",
+            expected: rule.len(),
+            got,
+            text_tokens: match rule {
+                MaskRule::Ksa(l) => l.text_len(),
+                MaskRule::Causal { len } => *len,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The typed checks of the CUDA path on `q, k, v` (shapes already checked by
+/// `check_qkv`): element type, head dim, CUDA device, row strides. The
+/// autograd op (`crate::op`) runs them before recording itself, so its
+/// errors stay typed instead of arriving wrapped in a candle error.
+pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) -> Result<()> {
+    elem_of(q.dtype(), op)?;
+    let d = q.dim(3)?;
+    if d != 64 && d != 128 {
+        return Err(Error::UnsupportedHeadDim {
+            op,
+            got: d,
+            supported: "64, 128",
+        });
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        cuda_device(t, op)?;
+        row_strides(name, t.layout())?;
+    }
+    Ok(())
+}
+
+/// One launch of `kernel` from `ptx` (loaded once per device as `module`).
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    dev: &CudaDevice,
+    module: &str,
+    ptx: &str,
+    kernel: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    args: &[Arg],
+) -> Result<()> {
+    let func = dev.get_or_load_custom_func(kernel, module, ptx)?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared_bytes as i32,
+    )
+    .w()?;
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: shared_bytes,
+    };
+    let mut builder = func.builder();
+    for a in args {
+        match a {
+            Arg::U64(x) => builder.arg(x),
+            Arg::U32(x) => builder.arg(x),
+            Arg::F32(x) => builder.arg(x),
+        };
+    }
+    // SAFETY: the argument list is the kernel's (built by FwdLaunch / BwdLaunch
+    // for exactly this entry point), the callers keep every buffer alive and
+    // guarded until the launch is enqueued, and the schedules keep every access
+    // inside those buffers.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}
+
 /// Runs the forward kernel on CUDA tensors `q: [b, hq, N, d]`, `k, v: [b, hkv,
 /// N, d]` (bf16 or f16, d = 64 or 128, rows contiguous) under `rule`; returns
 /// the output `[b, hq, N, d]` and the log-sum-exp `[b, hq, N]` (f32, natural
-/// log of the scaled scores).
+/// log of the scaled scores). Records no backward op: `ksa::attention` does
+/// (through `crate::op`).
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -46,84 +153,74 @@ pub fn forward(
     scale: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let dims = check_qkv(q, k, v, "ksa CUDA attention")?;
-    if dims.len != rule.len() {
-        return Err(Error::LayoutLength {
-            name: "q",
-            expected: rule.len(),
-            got: dims.len,
-            text_tokens: match rule {
-                MaskRule::Ksa(l) => l.text_len(),
-                MaskRule::Causal { len } => len,
-            },
-        });
-    }
-    let elem = match q.dtype() {
-        DType::BF16 => Elem::Bf16,
-        DType::F16 => Elem::F16,
-        got => {
-            return Err(Error::UnsupportedDType {
-                op: "ksa CUDA attention",
-                got,
-                supported: "bf16, f16",
-            })
-        }
-    };
-    let dev = match q.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        other => {
+    layout_length(&rule, dims.len)?;
+    cuda_device(q, "ksa CUDA attention")?;
+    let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
+    let (o, lse) = {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
             return Err(Error::UnsupportedDevice {
                 op: "ksa CUDA attention",
-                device: format!("{:?}", other.location()),
-                reason: "the CUDA kernel needs CUDA tensors",
-            })
-        }
+                device: "non-CUDA storage".into(),
+                reason: "q, k and v must all live on the CUDA device",
+            });
+        };
+        forward_storage((qs, ql), (ks, kl), (vs, vl), rule, scale)?
     };
-    let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
-    if b == 0 || hq == 0 || n == 0 {
-        let o = Tensor::zeros((b, hq, n, d), q.dtype(), q.device())?;
-        let lse = Tensor::zeros((b, hq, n), DType::F32, q.device())?;
-        return Ok((o, lse));
+    let o = Tensor::from_storage(Storage::Cuda(o), (b, hq, n, d), BackpropOp::none(), false);
+    let lse = Tensor::from_storage(Storage::Cuda(lse), (b, hq, n), BackpropOp::none(), false);
+    Ok((o, lse))
+}
+
+/// [`forward`] on candle storages (as `CustomOp3::cuda_fwd` receives them;
+/// shapes already checked by the caller): the output `[b, hq, N, d]` and the
+/// log-sum-exp `[b, hq, N]` f32 storages, both contiguous.
+pub fn forward_storage(
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+    rule: MaskRule,
+    scale: Option<f64>,
+) -> Result<(CudaStorage, CudaStorage)> {
+    use candle_core::backend::BackendStorage;
+    let (b, hq, n, d) = ql.shape().dims4()?;
+    layout_length(&rule, n)?;
+    let hkv = kl.shape().dims4()?.1;
+    let elem = elem_of(qs.dtype(), "ksa CUDA attention")?;
+    let dev = qs.device.clone();
+    let lse = dev.alloc_zeros::<f32>((b * hq * n).max(1))?;
+    macro_rules! empty {
+        ($t:ty) => {
+            CudaStorage::wrap_cuda_slice(
+                dev.alloc_zeros::<$t>((b * hq * n * d).max(1))?,
+                dev.clone(),
+            )
+        };
     }
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let mut problem = FwdProblem::contiguous(b, hq, dims.kv_heads, n, d, elem);
-    problem.q = row_strides("q", q, ql)?;
-    problem.k = row_strides("k", k, kl)?;
-    problem.v = row_strides("v", v, vl)?;
+    if b == 0 || hq == 0 || n == 0 {
+        let o = match elem {
+            Elem::Bf16 => empty!(half::bf16),
+            Elem::F16 => empty!(half::f16),
+        };
+        return Ok((o, CudaStorage::wrap_cuda_slice(lse, dev.clone())));
+    }
+    let mut problem = FwdProblem::contiguous(b, hq, hkv, n, d, elem);
+    problem.q = row_strides("q", ql)?;
+    problem.k = row_strides("k", kl)?;
+    problem.v = row_strides("v", vl)?;
     if let Some(s) = scale {
         problem.scale = s as f32;
     }
-    let launch = FwdLaunch::new(rule, &problem)?;
-
-    let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
-        return Err(Error::UnsupportedDevice {
-            op: "ksa CUDA attention",
-            device: "non-CUDA storage".into(),
-            reason: "q, k and v must all live on the CUDA device",
-        });
-    };
+    let plan = FwdLaunch::new(rule, &problem)?;
     let stream = dev.cuda_stream();
-    let o_elems = b * hq * n * d;
-    let lse_elems = b * hq * n;
-    let lse = dev.alloc_zeros::<f32>(lse_elems.max(1))?;
-    let tiles = dev.clone_htod(&launch.tiles)?;
-    let entries = dev.clone_htod(&launch.entries)?;
-    let func = dev.get_or_load_custom_func(&launch.kernel, MODULE, super::ptx::FWD)?;
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        launch.shared_bytes as i32,
-    )
-    .w()?;
-    let cfg = LaunchConfig {
-        grid_dim: launch.grid,
-        block_dim: launch.block,
-        shared_mem_bytes: launch.shared_bytes,
-    };
+    let tiles = dev.clone_htod(&plan.tiles)?;
+    let entries = dev.clone_htod(&plan.entries)?;
 
     macro_rules! run {
         ($t:ty) => {{
-            let o = dev.alloc_zeros::<$t>(o_elems.max(1))?;
+            let o = dev.alloc_zeros::<$t>(b * hq * n * d)?;
             {
                 let qv = qs.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
                 let kv = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
@@ -135,7 +232,7 @@ pub fn forward(
                 let (lp, _g5) = lse.device_ptr(&stream);
                 let (tp, _g6) = tiles.device_ptr(&stream);
                 let (ep, _g7) = entries.device_ptr(&stream);
-                let args = launch.args(&FwdPointers {
+                let args = plan.args(&FwdPointers {
                     q: qp,
                     k: kp,
                     v: vp,
@@ -144,19 +241,18 @@ pub fn forward(
                     tiles: tp,
                     entries: ep,
                 });
-                if !launch.is_empty() {
-                    let mut builder = func.builder();
-                    for a in &args {
-                        match a {
-                            Arg::U64(x) => builder.arg(x),
-                            Arg::U32(x) => builder.arg(x),
-                            Arg::F32(x) => builder.arg(x),
-                        };
-                    }
-                    // SAFETY: the argument list is the kernel's (FwdLaunch::args), the
-                    // buffers outlive the launch (guards above), and the schedule keeps
-                    // every access inside q/k/v/o/lse.
-                    unsafe { builder.launch(cfg) }.w()?;
+                if !plan.is_empty() {
+                    let (grid, block, shared) = (plan.grid, plan.block, plan.shared_bytes);
+                    launch(
+                        &dev,
+                        MODULE,
+                        super::ptx::FWD,
+                        &plan.kernel,
+                        grid,
+                        block,
+                        shared,
+                        &args,
+                    )?;
                 }
             }
             CudaStorage::wrap_cuda_slice(o, dev.clone())
@@ -166,8 +262,181 @@ pub fn forward(
         Elem::Bf16 => run!(half::bf16),
         Elem::F16 => run!(half::f16),
     };
-    let lse = CudaStorage::wrap_cuda_slice(lse, dev.clone());
-    let o = Tensor::from_storage(Storage::Cuda(o), (b, hq, n, d), BackpropOp::none(), false);
-    let lse = Tensor::from_storage(Storage::Cuda(lse), (b, hq, n), BackpropOp::none(), false);
-    Ok((o, lse))
+    Ok((o, CudaStorage::wrap_cuda_slice(lse, dev.clone())))
+}
+
+/// Gradients `(dq, dk, dv)` of `o = softmax(scale q k^T + mask) v` under
+/// `rule`, given the forward's inputs, its output `o`, the output gradient
+/// `dout` and its log-sum-exp `lse: [b, hq, N]` f32 (as [`forward`] returns
+/// it). CUDA tensors, bf16 or f16, d = 64 or 128, rows contiguous; the
+/// gradients are contiguous and in the input dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    rule: MaskRule,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "ksa CUDA attention backward";
+    let dims = check_qkv(q, k, v, OP)?;
+    layout_length(&rule, dims.len)?;
+    let (b, hq, hkv, n, d) = (
+        dims.batch,
+        dims.q_heads,
+        dims.kv_heads,
+        dims.len,
+        dims.head_dim,
+    );
+    // o and dout: q's shape, dtype and device; lse: f32 [b, hq, N], contiguous.
+    for (name, t) in [("o", o), ("dout", dout)] {
+        check_eq("rank", "q", 4, name, t.rank())?;
+        for (axis, (&want, &got)) in ["batch", "heads", "slots", "head dim"]
+            .into_iter()
+            .zip(q.dims().iter().zip(t.dims()))
+        {
+            check_eq(axis, "q", want, name, got)?;
+        }
+        check_same_dtype("q", q, name, t)?;
+    }
+    check_eq("rank", "q without head dim", 3, "lse", lse.rank())?;
+    for (axis, (want, &got)) in ["batch", "heads", "slots"]
+        .into_iter()
+        .zip([b, hq, n].into_iter().zip(lse.dims()))
+    {
+        check_eq(axis, "q", want, "lse", got)?;
+    }
+    if lse.dtype() != DType::F32 {
+        return Err(Error::UnsupportedDType {
+            op: "ksa CUDA attention backward (lse)",
+            got: lse.dtype(),
+            supported: "f32",
+        });
+    }
+    if !lse.is_contiguous() {
+        return Err(Error::NonContiguous {
+            name: "lse",
+            shape: lse.dims().to_vec(),
+            strides: lse.stride().to_vec(),
+        });
+    }
+    let elem = elem_of(q.dtype(), OP)?;
+    let dev = cuda_device(q, OP)?;
+    for (name, t) in [("o", o), ("dout", dout), ("lse", lse)] {
+        check_same_device("q", q, name, t)?;
+    }
+    if b * hq * n == 0 {
+        let zeros = |h| Tensor::zeros((b, h, n, d), q.dtype(), q.device());
+        return Ok((zeros(hq)?, zeros(hkv)?, zeros(hkv)?));
+    }
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (os, ol) = o.storage_and_layout();
+    let (dos, dol) = dout.storage_and_layout();
+    let (ls, ll) = lse.storage_and_layout();
+    let mut problem = BwdProblem::contiguous(b, hq, hkv, n, d, elem);
+    problem.scale = scale;
+    problem.q = row_strides("q", ql)?;
+    problem.k = row_strides("k", kl)?;
+    problem.v = row_strides("v", vl)?;
+    problem.o = row_strides("o", ol)?;
+    problem.dout = row_strides("dout", dol)?;
+    let plan = BwdLaunch::new(rule, &problem)?;
+    let stream = dev.cuda_stream();
+    let (
+        Storage::Cuda(qs),
+        Storage::Cuda(ks),
+        Storage::Cuda(vs),
+        Storage::Cuda(os),
+        Storage::Cuda(dos),
+        Storage::Cuda(ls),
+    ) = (&*qs, &*ks, &*vs, &*os, &*dos, &*ls)
+    else {
+        return Err(Error::UnsupportedDevice {
+            op: OP,
+            device: "non-CUDA storage".into(),
+            reason: "q, k, v, o, dout and lse must all live on the CUDA device",
+        });
+    };
+    let dsum = dev.alloc_zeros::<f32>(plan.dsum_len())?;
+    let dq_acc = dev.alloc_zeros::<f32>(plan.dq_acc_len())?;
+    let tiles = dev.clone_htod(&plan.tiles)?;
+    let entries = dev.clone_htod(&plan.entries)?;
+    let lsev = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+
+    macro_rules! run {
+        ($t:ty) => {{
+            let dq = dev.alloc_zeros::<$t>(b * hq * n * d)?;
+            let dk = dev.alloc_zeros::<$t>(b * hkv * n * d)?;
+            let dv = dev.alloc_zeros::<$t>(b * hkv * n * d)?;
+            {
+                let qv = qs.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
+                let kv = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
+                let vv = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
+                let ov = os.as_cuda_slice::<$t>()?.slice(ol.start_offset()..);
+                let dov = dos.as_cuda_slice::<$t>()?.slice(dol.start_offset()..);
+                let (qp, _g1) = qv.device_ptr(&stream);
+                let (kp, _g2) = kv.device_ptr(&stream);
+                let (vp, _g3) = vv.device_ptr(&stream);
+                let (op, _g4) = ov.device_ptr(&stream);
+                let (dop, _g5) = dov.device_ptr(&stream);
+                let (lp, _g6) = lsev.device_ptr(&stream);
+                let (sp, _g7) = dsum.device_ptr(&stream);
+                let (ap, _g8) = dq_acc.device_ptr(&stream);
+                let (dqp, _g9) = dq.device_ptr(&stream);
+                let (dkp, _g10) = dk.device_ptr(&stream);
+                let (dvp, _g11) = dv.device_ptr(&stream);
+                let (tp, _g12) = tiles.device_ptr(&stream);
+                let (ep, _g13) = entries.device_ptr(&stream);
+                let ptrs = BwdPointers {
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    o: op,
+                    dout: dop,
+                    lse: lp,
+                    dsum: sp,
+                    dq_acc: ap,
+                    dq: dqp,
+                    dk: dkp,
+                    dv: dvp,
+                    tiles: tp,
+                    entries: ep,
+                };
+                for s in plan.steps(&ptrs) {
+                    launch(
+                        &dev,
+                        MODULE_BWD,
+                        super::ptx::BWD,
+                        &s.kernel,
+                        s.grid,
+                        s.block,
+                        s.shared_bytes,
+                        &s.args,
+                    )?;
+                }
+            }
+            (
+                CudaStorage::wrap_cuda_slice(dq, dev.clone()),
+                CudaStorage::wrap_cuda_slice(dk, dev.clone()),
+                CudaStorage::wrap_cuda_slice(dv, dev.clone()),
+            )
+        }};
+    }
+    let (dq, dk, dv) = match elem {
+        Elem::Bf16 => run!(half::bf16),
+        Elem::F16 => run!(half::f16),
+    };
+    let wrap = |s: CudaStorage, shape: Shape| {
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    };
+    Ok((
+        wrap(dq, (b, hq, n, d).into()),
+        wrap(dk, (b, hkv, n, d).into()),
+        wrap(dv, (b, hkv, n, d).into()),
+    ))
 }

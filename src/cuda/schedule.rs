@@ -6,6 +6,8 @@
 //! extended with what the GPU needs on top: tiles of summary queries (the
 //! shared schedule lists their few keys per chunk), one row space for queries
 //! and keys, heaviest-first ordering and the two tables the kernel reads.
+//! The backward kernel walks the same pairs key-major: [`KeyMajorSchedule`]
+//! inverts a forward [`Schedule`].
 //!
 //! Rows are in *gathered* coordinates: under [`MaskRule::Ksa`] row `g <
 //! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
@@ -107,6 +109,34 @@ impl MaskRule {
     pub fn allowed(&self, qg: usize, kg: usize) -> bool {
         self.row_ranges(qg).iter().any(|r| r.contains(&kg))
     }
+    /// Index in [`MaskRule::tiles`]`(BLOCK_K)` of the key tile holding row `g`.
+    fn key_tile_of(&self, g: usize) -> usize {
+        let ns = self.summary_rows();
+        if g < ns {
+            g / BLOCK_K
+        } else {
+            ns.div_ceil(BLOCK_K) + (g - ns) / BLOCK_K
+        }
+    }
+    /// The kernels' layout scalars `[n_slots, n_sum, chunk, summaries, window,
+    /// mode]` (`Geo` in `kernels/ksa_common.cuh`). The window is clamped to the
+    /// chunks: the kernels only compare it with chunk indices.
+    pub(crate) fn geo(&self) -> [u32; 6] {
+        match self {
+            MaskRule::Ksa(l) => {
+                let c = l.config();
+                [
+                    l.len() as u32,
+                    l.summary_len() as u32,
+                    c.chunk_size() as u32,
+                    c.summaries() as u32,
+                    c.window().min(l.chunks()) as u32,
+                    0,
+                ]
+            }
+            MaskRule::Causal { len } => [*len as u32, 0, 1, 1, 0, 1],
+        }
+    }
     /// The tiles (of `block` rows) of `[0, len)`: each region starts a new tile.
     fn tiles(&self, block: usize) -> Vec<Range<usize>> {
         let (n, ns) = (self.len(), self.summary_rows());
@@ -121,6 +151,17 @@ impl MaskRule {
         }
         out
     }
+}
+
+/// Whether a key tile needs no element mask for query rows with these allowed
+/// ranges: it has [`BLOCK_K`] keys (the kernels zero-fill shorter tiles) and
+/// lies inside one range of every row.
+fn full_tile(row_ranges: &[[Range<usize>; 2]], keys: &Range<usize>) -> bool {
+    keys.len() == BLOCK_K
+        && row_ranges.iter().all(|rr| {
+            rr.iter()
+                .any(|r| r.start <= keys.start && keys.end <= r.end)
+        })
 }
 
 /// One key tile visited by a query tile.
@@ -215,14 +256,6 @@ impl Schedule {
         // visiting the key tiles of a fixed grid its rows can see.
         if ns > 0 {
             let ktiles = rule.tiles(BLOCK_K);
-            let ns_tiles = ns.div_ceil(BLOCK_K);
-            let tile_of = |g: usize| {
-                if g < ns {
-                    g / BLOCK_K
-                } else {
-                    ns_tiles + (g - ns) / BLOCK_K
-                }
-            };
             let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
             let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
             for rows in rule.tiles(block_q).into_iter().filter(|r| r.start < ns) {
@@ -248,15 +281,12 @@ impl Schedule {
                         b = b.max(spans[i].end);
                         i += 1;
                     }
-                    let (first, last) = (tile_of(a).max(next_tile), tile_of(b - 1));
+                    let (first, last) =
+                        (rule.key_tile_of(a).max(next_tile), rule.key_tile_of(b - 1));
                     for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
                         let keys = keys.clone();
-                        let full = keys.len() == BLOCK_K
-                            && row_ranges.iter().all(|rr| {
-                                rr.iter()
-                                    .any(|r| r.start <= keys.start && keys.end <= r.end)
-                            });
-                        visits.push(KeyVisit { keys, edge: !full });
+                        let edge = !full_tile(&row_ranges, &keys);
+                        visits.push(KeyVisit { keys, edge });
                         next_tile = t + 1;
                     }
                 }
@@ -344,6 +374,153 @@ impl Schedule {
             entries.extend([
                 v.keys.start as u32,
                 v.keys.end as u32 | (u32::from(v.edge) << 31),
+            ]);
+        }
+        (tiles, entries)
+    }
+}
+
+/// One query tile that sees a key tile (an entry of the [`KeyMajorSchedule`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryVisit {
+    /// Gathered query rows of the tile (a query tile of the forward schedule).
+    pub rows: Range<usize>,
+    /// Whether some (valid query, key) pair of the tile is masked, so the
+    /// element mask must run. `false`: every pair is allowed.
+    pub edge: bool,
+}
+
+/// One key tile of the fixed grid and the query tiles that see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMajorTile {
+    /// Gathered key rows (at most [`BLOCK_K`]; the summary and text regions
+    /// start new tiles).
+    pub keys: Range<usize>,
+    /// Its visits, as a range of [`KeyMajorSchedule::visits`].
+    pub visits: Range<usize>,
+}
+
+/// The forward [`Schedule`] inverted for the backward kernel: per key tile of a
+/// fixed [`BLOCK_K`]-row grid, the forward's query tiles that visit any of its
+/// keys (ascending). A (query tile, key tile) pair is listed exactly when the
+/// forward visits some key of the tile, so no statement of the mask beyond the
+/// forward's is made here; the edge flags are recomputed per pair from
+/// [`MaskRule::row_ranges`] because the forward's text tiles start wherever a
+/// query tile's key run starts, not on the grid. Key tiles are heaviest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMajorSchedule {
+    rule: MaskRule,
+    block_q: usize,
+    key_tiles: Vec<KeyMajorTile>,
+    visits: Vec<QueryVisit>,
+}
+
+impl KeyMajorSchedule {
+    /// Inverts `forward` (any query tile size).
+    pub fn from_forward(forward: &Schedule) -> Self {
+        let rule = *forward.rule();
+        let grid = rule.tiles(BLOCK_K);
+        let queries = forward.query_tiles();
+        // Query tiles per key tile; a query tile's visits ascend, so a repeat
+        // of the same key tile is always the last one pushed.
+        let mut seen_by: Vec<Vec<usize>> = vec![Vec::new(); grid.len()];
+        for (qi, t) in queries.iter().enumerate() {
+            for v in forward.visits_of(t) {
+                let (first, last) = (
+                    rule.key_tile_of(v.keys.start),
+                    rule.key_tile_of(v.keys.end - 1),
+                );
+                for qs in &mut seen_by[first..=last] {
+                    if qs.last() != Some(&qi) {
+                        qs.push(qi);
+                    }
+                }
+            }
+        }
+        let mut tiles: Vec<(Range<usize>, Vec<QueryVisit>)> = Vec::with_capacity(grid.len());
+        let mut row_ranges = Vec::with_capacity(forward.block_q());
+        for (keys, qs) in grid.into_iter().zip(seen_by) {
+            let mut visits: Vec<QueryVisit> = qs
+                .into_iter()
+                .map(|qi| {
+                    let rows = queries[qi].rows.clone();
+                    row_ranges.clear();
+                    row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
+                    QueryVisit {
+                        edge: !full_tile(&row_ranges, &keys),
+                        rows,
+                    }
+                })
+                .collect();
+            visits.sort_unstable_by_key(|v| v.rows.start);
+            tiles.push((keys, visits));
+        }
+        tiles.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        let mut key_tiles = Vec::with_capacity(tiles.len());
+        let mut visits = Vec::new();
+        for (keys, v) in tiles {
+            let start = visits.len();
+            visits.extend(v);
+            key_tiles.push(KeyMajorTile {
+                keys,
+                visits: start..visits.len(),
+            });
+        }
+        Self {
+            rule,
+            block_q: forward.block_q(),
+            key_tiles,
+            visits,
+        }
+    }
+
+    /// The mask this schedule serves.
+    pub fn rule(&self) -> &MaskRule {
+        &self.rule
+    }
+    /// Query rows per query tile (the forward schedule's).
+    pub fn block_q(&self) -> usize {
+        self.block_q
+    }
+    /// Key tiles, heaviest first (every key row is in exactly one).
+    pub fn key_tiles(&self) -> &[KeyMajorTile] {
+        &self.key_tiles
+    }
+    /// All visits; each key tile owns a range of them.
+    pub fn visits(&self) -> &[QueryVisit] {
+        &self.visits
+    }
+    /// The visits of one key tile, in ascending query order.
+    pub fn visits_of(&self, tile: &KeyMajorTile) -> &[QueryVisit] {
+        &self.visits[tile.visits.clone()]
+    }
+    /// Number of (key tile, query tile) visits.
+    pub fn tiles_visited(&self) -> usize {
+        self.visits.len()
+    }
+    /// Number of visits that run the element mask.
+    pub fn edge_tiles(&self) -> usize {
+        self.visits.iter().filter(|v| v.edge).count()
+    }
+
+    /// The two tables the backward kernel reads: `tiles` (4 `u32` per key
+    /// tile: `k_begin, k_end, visit_begin, visit_end`) and `entries` (2 `u32`
+    /// per visit: `q_begin, q_end | edge << 31`).
+    pub fn gpu_tables(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut tiles = Vec::with_capacity(4 * self.key_tiles.len());
+        for t in &self.key_tiles {
+            tiles.extend([
+                t.keys.start as u32,
+                t.keys.end as u32,
+                t.visits.start as u32,
+                t.visits.end as u32,
+            ]);
+        }
+        let mut entries = Vec::with_capacity(2 * self.visits.len());
+        for v in &self.visits {
+            entries.extend([
+                v.rows.start as u32,
+                v.rows.end as u32 | (u32::from(v.edge) << 31),
             ]);
         }
         (tiles, entries)
@@ -477,5 +654,64 @@ mod tests {
             (tile_ratio / pair_ratio - 1.0).abs() < 0.10,
             "tiles {tile_ratio:.3} vs pairs {pair_ratio:.3}"
         );
+    }
+
+    #[test]
+    fn key_major_visits_exactly_the_forward_pairs() {
+        use std::collections::BTreeSet;
+        for l in layouts() {
+            for rule in [MaskRule::Ksa(l), MaskRule::Causal { len: l.len() }] {
+                for bq in [32, 64] {
+                    let fwd = Schedule::with_block_q(rule, bq).unwrap();
+                    let km = KeyMajorSchedule::from_forward(&fwd);
+                    let grid = rule.tiles(BLOCK_K);
+                    let tile_of = |k: usize| grid.iter().position(|t| t.contains(&k)).unwrap();
+                    // (query rows start, key tile start) of the forward: every key visited.
+                    let mut want = BTreeSet::new();
+                    for t in fwd.query_tiles() {
+                        for v in fwd.visits_of(t) {
+                            for k in v.keys.clone() {
+                                want.insert((t.rows.start, grid[tile_of(k)].start));
+                            }
+                        }
+                    }
+                    let mut got = BTreeSet::new();
+                    let mut keys_seen = vec![false; rule.len()];
+                    let mut pairs = 0usize;
+                    for kt in km.key_tiles() {
+                        assert!(grid.contains(&kt.keys));
+                        for k in kt.keys.clone() {
+                            assert!(!keys_seen[k]);
+                            keys_seen[k] = true;
+                        }
+                        let mut last = 0;
+                        for v in km.visits_of(kt) {
+                            assert!(v.rows.start >= last, "ascending, disjoint");
+                            last = v.rows.end;
+                            assert!(got.insert((v.rows.start, kt.keys.start)), "listed twice");
+                            let mut all = kt.keys.len() == BLOCK_K;
+                            for q in v.rows.clone() {
+                                for k in kt.keys.clone() {
+                                    let ok = rule.allowed(q, k);
+                                    all &= ok;
+                                    pairs += usize::from(ok);
+                                }
+                            }
+                            assert_eq!(v.edge, !all, "edge flag exact");
+                        }
+                    }
+                    assert!(keys_seen.iter().all(|&x| x), "the grid covers every key");
+                    assert_eq!(got, want);
+                    // Hence every allowed pair exactly once (the forward's property).
+                    let allowed: usize = (0..rule.len())
+                        .map(|q| rule.row_ranges(q).iter().map(|r| r.len()).sum::<usize>())
+                        .sum();
+                    assert_eq!(pairs, allowed);
+                    let (tiles, entries) = km.gpu_tables();
+                    assert_eq!(tiles.len(), 4 * km.key_tiles().len());
+                    assert_eq!(entries.len(), 2 * km.tiles_visited());
+                }
+            }
+        }
     }
 }

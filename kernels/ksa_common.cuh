@@ -1,0 +1,151 @@
+// Device code shared by the forward (ksa_fwd.cu) and backward (ksa_bwd.cu)
+// kernels: the element-type operations (mma, packing), cp.async/ldmatrix/
+// shared-memory wrappers, exp2/log2, and the layout arithmetic (`Geo`) in
+// gathered coordinates (see ksa_fwd.cu's header comment).
+#pragma once
+
+#include <stdint.h>
+
+// Keys per key tile and threads per CTA (4 warps), in both directions.
+#define KSA_BK 64
+#define KSA_THREADS 128
+
+namespace ksa {
+
+struct Bf16 {};
+struct F16 {};
+
+template <typename T> struct Ops;
+
+template <> struct Ops<Bf16> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // Packs (lo, hi) into two bf16 (lo in the low half), round to nearest even.
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        uint32_t d;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+        return d;
+    }
+    // Unpacks two bf16 (lo in the low half): a bf16 is the high half of an f32.
+    static __device__ __forceinline__ void unpack(uint32_t x, float& lo, float& hi) {
+        lo = __uint_as_float(x << 16);
+        hi = __uint_as_float(x & 0xffff0000u);
+    }
+};
+
+template <> struct Ops<F16> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        uint32_t d;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+        return d;
+    }
+    static __device__ __forceinline__ void unpack(uint32_t x, float& lo, float& hi) {
+        asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;\n}\n"
+            : "=f"(lo), "=f"(hi)
+            : "r"(x));
+    }
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void st_shared_zero16(uint32_t dst) {
+    asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(dst), "r"(0) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t dst, uint32_t x) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(x) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t src) {
+    uint4 x;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
+                 : "r"(src)
+                 : "memory");
+    return x;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float lg2(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The layout arithmetic of one launch (all sizes < 2^31).
+struct Geo {
+    uint32_t n_slots, n_sum, chunk, summaries, window, mode;
+
+    // Slot of gathered row g (query or key).
+    __device__ __forceinline__ uint32_t slot(uint32_t g) const {
+        if (mode != 0) return g;
+        if (g < n_sum) return g + (g / summaries + 1) * chunk;
+        uint32_t t = g - n_sum;
+        return t + (t / chunk) * summaries;
+    }
+    // Allowed keys of query row g: [r[0], r[1]) and [r[2], r[3]) (gathered).
+    // Rows outside the layout get empty ranges.
+    __device__ __forceinline__ void ranges(uint32_t g, uint32_t (&r)[4]) const {
+        r[0] = r[1] = r[2] = r[3] = 0;
+        if (g >= n_slots) return;
+        if (mode != 0) {
+            r[1] = g + 1;
+            return;
+        }
+        if (g < n_sum) {
+            uint32_t c = g / summaries;
+            r[0] = c * summaries;
+            r[1] = g + 1;
+            r[2] = n_sum + c * chunk;
+            r[3] = r[2] + chunk;
+        } else {
+            uint32_t t = g - n_sum;
+            uint32_t c = t / chunk;
+            uint32_t w0 = c > window ? c - window : 0;
+            r[1] = w0 * summaries;
+            r[2] = n_sum + w0 * chunk;
+            r[3] = g + 1;
+        }
+    }
+};
+
+}  // namespace ksa
