@@ -169,40 +169,33 @@ __device__ __forceinline__ void bwd(
 
     // B-operand ldmatrix (non-transposed) of a Q or dO tile, as the forward's K:
     // this lane's row in a 16-row step as a byte offset, and its swizzled column
-    // bits. The empty asm keeps nvcc from merging the bit fields with `bfi`
-    // (which the project's emulator lacks).
-    int b_lane_hi = (lane >> 4) * 8;
-    asm("" : "+r"(b_lane_hi));
-    const uint32_t b_off = static_cast<uint32_t>(((lane & 7) + b_lane_hi) * CPR * 16);
+    // bits.
+    const uint32_t b_off = static_cast<uint32_t>(((lane & 7) + (lane >> 4) * 8) * CPR * 16);
     const int b_x = (lane & 7) ^ ((lane >> 3) & 1);
-    int kw = warp * 16;  // this warp's 16 keys in the tile; opaque for the same reason
-    asm("" : "+r"(kw));
+    const int kw = warp * 16;  // this warp's 16 keys in the tile
     // Loop-invariant parts of the other shared addresses (the k-step's part is added
-    // at the use); opaque for the same reason. dS^T rows are BQ * 2 bytes (8 or 4
-    // chunks): its XOR (row / (8 / SCPR)) puts 8 consecutive rows of one chunk into
-    // 8 distinct 16-byte bank groups, for the stores and for ldmatrix.
+    // at the use). dS^T rows are BQ * 2 bytes (8 or 4 chunks): its XOR
+    // (row / (8 / SCPR)) puts 8 consecutive rows of one chunk into 8 distinct
+    // 16-byte bank groups, for the stores and for ldmatrix.
     // A operand (non-transposed) of K / V: row kw + (lane & 15), chunk 2ks + (lane >> 4).
-    uint32_t a_row = static_cast<uint32_t>((kw + (lane & 15)) * CPR * 16);
-    int a_x = (lane >> 4) ^ (lane & 7);
+    const uint32_t a_row = static_cast<uint32_t>((kw + (lane & 15)) * CPR * 16);
+    const int a_x = (lane >> 4) ^ (lane & 7);
     // Transposed B operand of dO / Q / K: row 16ks + (lane & 7) + 8 ((lane >> 3) & 1),
     // chunk 2j + (lane >> 4).
-    uint32_t t_row = static_cast<uint32_t>(((lane & 7) + ((lane >> 3) & 1) * 8) * CPR * 16);
-    int t_x = (lane >> 4) ^ (lane & 7);
+    const uint32_t t_row = static_cast<uint32_t>(((lane & 7) + ((lane >> 3) & 1) * 8) * CPR * 16);
+    const int t_x = (lane >> 4) ^ (lane & 7);
     // dS^T stores: rows kw + gid and kw + gid + 8 (same swizzle), byte tig * 4 of a chunk.
     const int ds_r = kw + gid;
-    uint32_t ds_st = static_cast<uint32_t>(ds_r * SCPR * 16 + tig * 4);
-    int ds_x = (ds_r / (8 / SCPR)) & (SCPR - 1);
+    const uint32_t ds_st = static_cast<uint32_t>(ds_r * SCPR * 16 + tig * 4);
+    const int ds_x = (ds_r / (8 / SCPR)) & (SCPR - 1);
     // dS^T as the transposed A operand of dQ: row 16ks + (lane & 7) + 8 ((lane >> 4) & 1),
     // chunk 2 rbq + ((lane >> 3) & 1).
     const int rbq = warp % RB, cq = warp / RB;  // dQ: my row block and column part
-    int dsa_hi = ((lane >> 4) & 1) * 8, dsa_c = rbq * 2;
-    asm("" : "+r"(dsa_hi), "+r"(dsa_c));
+    const int dsa_hi = ((lane >> 4) & 1) * 8, dsa_c = rbq * 2;
     const int dsa_r = (lane & 7) + dsa_hi;
-    uint32_t ds_a = static_cast<uint32_t>(
+    const uint32_t ds_a = static_cast<uint32_t>(
         dsa_r * SCPR * 16 +
         (((dsa_c + ((lane >> 3) & 1)) ^ ((dsa_r / (8 / SCPR)) & (SCPR - 1))) << 4));
-    asm("" : "+r"(a_row), "+r"(a_x), "+r"(t_row), "+r"(t_x));
-    asm("" : "+r"(ds_st), "+r"(ds_x), "+r"(ds_a));
     const uint32_t kg0 = k0 + kw + gid;  // my key rows kg0 and kg0 + 8
 
     float dka[NT][4], dva[NT][4];
@@ -368,8 +361,7 @@ __device__ __forceinline__ void bwd(
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         // == sw(kw + gid + hh * 8, j) + tig * 4 (row & 7 == gid)
-        uint32_t srow_off = static_cast<uint32_t>((kw + gid + hh * 8) * CPR * 16);
-        asm("" : "+r"(srow_off));
+        const uint32_t srow_off = static_cast<uint32_t>((kw + gid + hh * 8) * CPR * 16);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             const uint32_t off = srow_off + static_cast<uint32_t>(((j ^ gid) << 4) + tig * 4);
@@ -385,9 +377,8 @@ __device__ __forceinline__ void bwd(
         const uint32_t g = k0 + kw + r;
         if (g < k1) {
             const uint64_t at = (kv_head + geo.slot(g)) * D + c * 8;
-            // == sw(warp * 16 + r, c), the row offset opaque (no `bfi`)
-            uint32_t row_off = static_cast<uint32_t>((warp * 16 + r) * CPR * 16);
-            asm("" : "+r"(row_off));
+            // == sw(warp * 16 + r, c)
+            const uint32_t row_off = static_cast<uint32_t>((warp * 16 + r) * CPR * 16);
             const uint32_t off = row_off + static_cast<uint32_t>((c ^ (r & 7)) << 4);
             *reinterpret_cast<uint4*>(dk + at) = ld_shared_v4(s_k + off);
             *reinterpret_cast<uint4*>(dv + at) = ld_shared_v4(s_v + off);
