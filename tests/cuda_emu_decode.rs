@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use ksa::cuda::decode::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice};
 use ksa::cuda::launch::{Arg, Elem};
 use ksa::decode::{attend, KvSlice};
-use ptx_emu::{Device, DevPtr, LaunchReport, Module, Param};
+use ptx_emu::{DevPtr, Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
 
 fn module() -> &'static Module {
@@ -25,7 +25,11 @@ enum Piece {
     Plain(usize),
     /// A ring of `cap` rows holding `rows` live rows that start at `start`
     /// and wrap past the end: two slices (`[start, cap)` and the rest).
-    Ring { cap: usize, start: usize, rows: usize },
+    Ring {
+        cap: usize,
+        start: usize,
+        rows: usize,
+    },
     /// A slice with no rows.
     Empty,
 }
@@ -246,10 +250,7 @@ fn check(case: &Case) -> Run {
                 .flat_map(|b| {
                     b.parts.iter().map(move |&(r0, n)| {
                         let at = g * b.head_stride + r0 * d;
-                        (
-                            b.k[at..at + n * d].to_vec(),
-                            b.v[at..at + n * d].to_vec(),
-                        )
+                        (b.k[at..at + n * d].to_vec(), b.v[at..at + n * d].to_vec())
                     })
                 })
                 .collect();
@@ -398,5 +399,57 @@ fn random_batches() {
             case = case.ksa_seq(rng.below(150), window, 1 + rng.below(8), window > 8);
         }
         check(&case.split([32, 100, 4096][rng.below(3)]));
+    }
+}
+
+/// Emulator counters of one decode step with KSA-4B-base attention shapes
+/// (32 query / 8 KV heads of 128, bf16, C = 8, S = 1, W = 128) for
+/// docs/decode.md: KSA vs full attention at 16K context, batch 1, and a
+/// ragged batch of four. Run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn counters_16k() {
+    // KSA keys per KV head for the token after n cached ones (n % C == 0):
+    // summaries of the chunks before the window, the window, the new token.
+    let ksa = |case: Case, n: usize| {
+        let (c, w) = (8, 128);
+        let sums = (n / c).saturating_sub(w);
+        let window = n.min(w * c);
+        case.ksa_seq(sums, window, 1 + n % c, window > 8)
+    };
+    let full = |case: Case, n: usize| case.seq(vec![Piece::Plain(n + 1)]);
+    let base = || Case::new(32, 8, 128, Elem::Bf16);
+    let cases = [
+        ("KSA 16K, batch 1", ksa(base(), 16384)),
+        ("full 16K, batch 1", full(base(), 16384)),
+        (
+            "KSA 16K+4K+1K+100, batch 4",
+            ksa(ksa(ksa(ksa(base(), 16384), 4096), 1024), 100),
+        ),
+        (
+            "full 16K+4K+1K+100, batch 4",
+            full(full(full(full(base(), 16384), 4096), 1024), 100),
+        ),
+    ];
+    println!("| step | keys per KV head | work items | split CTAs | global bytes read (split + combine) | minimum | read/min | bytes written | bank conflicts | emulator s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (name, case) in cases {
+        let run = check(&case);
+        let keys: usize = run.launch.keys.iter().sum();
+        // Every K and V byte once per KV head, plus q.
+        let min = (keys * 8 * 128 * 2 * 2 + run.launch.keys.len() * 32 * 128 * 2) as u64;
+        let read = run.split.global_bytes_read + run.combine.global_bytes_read;
+        println!(
+            "| {name} | {:?} | {} | {} | {} + {} | {min} | {:.3} | {} | {} | {:.1} |",
+            run.launch.keys,
+            run.launch.work_items(),
+            run.split.ctas,
+            run.split.global_bytes_read,
+            run.combine.global_bytes_read,
+            read as f64 / min as f64,
+            run.split.global_bytes_written + run.combine.global_bytes_written,
+            run.split.bank_conflicts + run.combine.bank_conflicts,
+            (run.split.wall + run.combine.wall).as_secs_f64(),
+        );
     }
 }

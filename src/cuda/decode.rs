@@ -171,7 +171,10 @@ impl DecodeLaunch {
 
         let mut keys = Vec::with_capacity(seqs.len());
         for (i, slices) in seqs.iter().enumerate() {
-            let bad = |reason: String| Error::DecodeSlices { sequence: i, reason };
+            let bad = |reason: String| Error::DecodeSlices {
+                sequence: i,
+                reason,
+            };
             for s in slices {
                 // The kernel moves 16-byte chunks: rows and heads start aligned.
                 if s.k % 16 != 0 || s.v % 16 != 0 {
@@ -218,12 +221,22 @@ impl DecodeLaunch {
             let last = table.len() / 6;
             for k0 in (0..keys[i]).step_by(split_keys) {
                 let k1 = (k0 + split_keys).min(keys[i]);
-                work.extend_from_slice(&[i as u32, k0 as u32, k1 as u32, first as u32, last as u32]);
+                work.extend_from_slice(&[
+                    i as u32,
+                    k0 as u32,
+                    k1 as u32,
+                    first as u32,
+                    last as u32,
+                ]);
             }
             seq_work.push((work.len() / 5) as u32);
         }
         let n_work = work.len() / 5;
-        too_large("work items of a CUDA decode step", n_work, i32::MAX as usize)?;
+        too_large(
+            "work items of a CUDA decode step",
+            n_work,
+            i32::MAX as usize,
+        )?;
         let elem = match p.elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
