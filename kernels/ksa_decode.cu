@@ -305,8 +305,10 @@ __device__ __forceinline__ void combine(const float* __restrict__ o_part,
 //            work, slices, n_heads, group, head_chunks (u32), scale_log2 (f32)
 //   combine: o_part, lse_part, seq_work, o [n_seq, n_heads, d], lse [n_seq, n_heads] f32,
 //            n_heads, d (u32)
+// At least two CTAs per SM: lets ptxas use up to 255 registers (without the
+// minimum it capped the 4-head kernels at 128 and spilled).
 #define KSA_DEC_SPLIT(NAME, T, D, G)                                                           \
-    extern "C" __global__ void __launch_bounds__(KSA_DEC_THREADS)                              \
+    extern "C" __global__ void __launch_bounds__(KSA_DEC_THREADS, 2)                           \
         NAME(const uint16_t* __restrict__ q, float* __restrict__ o_part,                       \
              float* __restrict__ lse_part, const uint32_t* __restrict__ work,                  \
              const uint64_t* __restrict__ slices, uint32_t n_heads, uint32_t group,            \

@@ -453,3 +453,40 @@ fn counters_16k() {
         );
     }
 }
+
+/// `ptxas -v` on the decode PTX for sm_80 and sm_90: prints registers per
+/// kernel and fails on any spill.
+#[test]
+fn decode_kernels_do_not_spill() {
+    let ptxas = std::path::PathBuf::from(ksa::cuda::ptx::NVCC).with_file_name("ptxas");
+    let ptx = std::env::temp_dir().join(format!("ksa-decode-{}.ptx", std::process::id()));
+    std::fs::write(&ptx, ksa::cuda::ptx::DECODE).unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let out = std::process::Command::new(&ptxas)
+            .args(["-v", &format!("-arch={arch}"), "-o", "/dev/null"])
+            .arg(&ptx)
+            .output()
+            .expect("run ptxas");
+        assert!(out.status.success(), "ptxas failed: {out:?}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        let mut kernel = "";
+        let mut seen = 0;
+        for line in text.lines() {
+            if let Some(i) = line.find("Compiling entry function '") {
+                kernel = line[i + 26..].split('\'').next().unwrap_or("");
+            }
+            if line.contains("spill stores") {
+                assert!(
+                    line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "{kernel} spills on {arch}: {line}"
+                );
+            }
+            if let Some(i) = line.find("Used ") {
+                println!("{arch} {kernel}: {}", &line[i..]);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 18, "16 split + 2 combine kernels in:\n{text}");
+    }
+    let _ = std::fs::remove_file(&ptx);
+}
