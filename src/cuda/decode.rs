@@ -315,6 +315,297 @@ impl DecodeLaunch {
     }
 }
 
+#[cfg(feature = "cuda")]
+pub use self::gpu::{decode_attention, KvRows};
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! The candle side: checks, then both kernels on candle's stream, built
+    //! from the same [`DecodeLaunch`] the emulator tests drive.
+
+    use super::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice, Kernel};
+    use crate::cuda::launch::{Arg, Elem};
+    use crate::{Error, Result};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Storage, Tensor};
+    use std::ops::Range;
+
+    const MODULE: &str = "ksa_decode";
+    const OP: &str = "ksa CUDA decode";
+
+    /// Rows `rows` of cached K and V, `[kv_heads, capacity, head_dim]` CUDA
+    /// tensors in the query's dtype with contiguous rows (the head stride may
+    /// be anything that keeps heads 16-byte aligned): one run of a sequence's
+    /// keys. A ring that wraps is two `KvRows` of the same tensors.
+    #[derive(Debug, Clone)]
+    pub struct KvRows<'a> {
+        /// Keys.
+        pub k: &'a Tensor,
+        /// Values.
+        pub v: &'a Tensor,
+        /// Rows of dimension 1 to attend to (may be empty).
+        pub rows: Range<usize>,
+    }
+
+    /// Attention of one query token per sequence, `q: [n_seq, q_heads,
+    /// head_dim]` (bf16 or f16, contiguous, CUDA), over the keys `seqs[i]` of
+    /// sequence `i` (at least one key each); scale `1/sqrt(head_dim)` unless
+    /// given. Returns `o: [n_seq, q_heads, head_dim]` (q's dtype) and the
+    /// log-sum-exp `[n_seq, q_heads]` (f32, natural log of the scaled scores).
+    pub fn decode_attention(
+        q: &Tensor,
+        seqs: &[Vec<KvRows<'_>>],
+        scale: Option<f64>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n_seq, hq, d) = q.dims3().map_err(|_| Error::Rank {
+            name: "q",
+            expected: 3,
+            layout: "[n_seq, q_heads, head_dim]",
+            got: q.dims().to_vec(),
+        })?;
+        let elem = match q.dtype() {
+            DType::BF16 => Elem::Bf16,
+            DType::F16 => Elem::F16,
+            got => {
+                return Err(Error::UnsupportedDType {
+                    op: OP,
+                    got,
+                    supported: "bf16, f16",
+                })
+            }
+        };
+        let dev = match q.device() {
+            candle_core::Device::Cuda(d) => d.clone(),
+            other => {
+                return Err(Error::UnsupportedDevice {
+                    op: OP,
+                    device: format!("{:?}", other.location()),
+                    reason: "the CUDA decode kernels need CUDA tensors",
+                })
+            }
+        };
+        // q is read in 16-byte chunks from its start.
+        if !q.is_contiguous() || q.layout().start_offset() % 8 != 0 {
+            return Err(Error::NonContiguous {
+                name: "q",
+                shape: q.dims().to_vec(),
+                strides: q.stride().to_vec(),
+            });
+        }
+        let mut kv_heads = None;
+        for rows in seqs.iter().flatten() {
+            for (name, t) in [("k", rows.k), ("v", rows.v)] {
+                let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
+                    name,
+                    expected: 3,
+                    layout: "[kv_heads, capacity, head_dim]",
+                    got: t.dims().to_vec(),
+                })?;
+                let h0 = *kv_heads.get_or_insert(h);
+                for (what, got, want) in [("kv heads", h, h0), ("head_dim", td, d)] {
+                    if got != want {
+                        return Err(Error::DimMismatch {
+                            what,
+                            a: name,
+                            a_val: got,
+                            b: if what == "head_dim" { "q" } else { "k" },
+                            b_val: want,
+                        });
+                    }
+                }
+                if rows.rows.start > rows.rows.end || rows.rows.end > cap {
+                    return Err(Error::DimMismatch {
+                        what: "cached rows",
+                        a: "rows.end",
+                        a_val: rows.rows.end,
+                        b: name,
+                        b_val: cap,
+                    });
+                }
+                if t.dtype() != q.dtype() {
+                    return Err(Error::DTypeMismatch {
+                        a: name,
+                        a_dtype: t.dtype(),
+                        b: "q",
+                        b_dtype: q.dtype(),
+                    });
+                }
+                if !t.device().same_device(q.device()) {
+                    return Err(Error::DeviceMismatch {
+                        a: name,
+                        a_device: format!("{:?}", t.device().location()),
+                        b: "q",
+                        b_device: format!("{:?}", q.device().location()),
+                    });
+                }
+                let st = t.stride();
+                if st[2] != 1 || (st[1] != d && cap > 1) {
+                    return Err(Error::NonContiguous {
+                        name,
+                        shape: t.dims().to_vec(),
+                        strides: st.to_vec(),
+                    });
+                }
+            }
+        }
+        if seqs.len() != n_seq {
+            return Err(Error::DimMismatch {
+                what: "sequences",
+                a: "q",
+                a_val: n_seq,
+                b: "seqs",
+                b_val: seqs.len(),
+            });
+        }
+        let mut problem = DecodeProblem::new(hq, kv_heads.unwrap_or(1), d, elem);
+        if let Some(s) = scale {
+            problem.scale = s as f32;
+        }
+        if n_seq == 0 {
+            let o = Tensor::zeros((0, hq, d), q.dtype(), q.device())?;
+            return Ok((o, Tensor::zeros((0, hq), DType::F32, q.device())?));
+        }
+        match elem {
+            Elem::Bf16 => run::<half::bf16>(&dev, q, seqs, &problem),
+            Elem::F16 => run::<half::f16>(&dev, q, seqs, &problem),
+        }
+    }
+
+    /// Index of `t` in `tensors`, added if new.
+    fn intern<'a>(tensors: &mut Vec<&'a Tensor>, t: &'a Tensor) -> usize {
+        tensors
+            .iter()
+            .position(|u| u.id() == t.id())
+            .unwrap_or_else(|| {
+                tensors.push(t);
+                tensors.len() - 1
+            })
+    }
+
+    /// Uploads the tables, launches both kernels, wraps the outputs. Every
+    /// tensor's storage stays read-locked, and its device pointer's stream
+    /// guard alive, until both launches are enqueued.
+    fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+        dev: &CudaDevice,
+        q: &Tensor,
+        seqs: &[Vec<KvRows<'_>>],
+        problem: &DecodeProblem,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n_seq, hq, d) = q.dims3()?;
+        let stream = dev.cuda_stream();
+        // Distinct tensors (a ring's two runs share one): one lock each.
+        let mut tensors: Vec<&Tensor> = vec![q];
+        let slots: Vec<Vec<(usize, usize)>> = seqs
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (intern(&mut tensors, r.k), intern(&mut tensors, r.v)))
+                    .collect()
+            })
+            .collect();
+        let locked: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let cuda: Vec<&candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> = locked
+            .iter()
+            .map(|(s, _)| match &**s {
+                Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?),
+                _ => Err(Error::UnsupportedDevice {
+                    op: OP,
+                    device: "non-CUDA storage".into(),
+                    reason: "q and the cached K/V must all live on the CUDA device",
+                }),
+            })
+            .collect::<Result<_>>()?;
+        let ptrs: Vec<_> = cuda.iter().map(|s| s.device_ptr(&stream)).collect();
+        // Address of element `offset` of tensor `i` (past its layout's start).
+        let addr = |i: usize, offset: usize| {
+            ptrs[i].0 + ((locked[i].1.start_offset() + offset) * std::mem::size_of::<T>()) as u64
+        };
+        let slices: Vec<Vec<DecodeSlice>> = seqs
+            .iter()
+            .zip(&slots)
+            .map(|(rows, slots)| {
+                rows.iter()
+                    .zip(slots)
+                    .map(|(r, &(ki, vi))| DecodeSlice {
+                        k: addr(ki, r.rows.start * d),
+                        v: addr(vi, r.rows.start * d),
+                        k_head_stride: r.k.stride()[0] as u64,
+                        v_head_stride: r.v.stride()[0] as u64,
+                        rows: r.rows.len(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let launch = DecodeLaunch::new(problem, &slices)?;
+        let o = dev.alloc_zeros::<T>(n_seq * hq * d)?;
+        let lse = dev.alloc_zeros::<f32>(n_seq * hq)?;
+        let o_part = dev.alloc_zeros::<f32>(launch.o_part_len())?;
+        let lse_part = dev.alloc_zeros::<f32>(launch.lse_part_len())?;
+        let work = dev.clone_htod(&launch.work)?;
+        let table = dev.clone_htod(&launch.slices)?;
+        let seq_work = dev.clone_htod(&launch.seq_work)?;
+        {
+            let g = [
+                o.device_ptr(&stream),
+                lse.device_ptr(&stream),
+                o_part.device_ptr(&stream),
+                lse_part.device_ptr(&stream),
+            ];
+            let t = [
+                work.device_ptr(&stream),
+                table.device_ptr(&stream),
+                seq_work.device_ptr(&stream),
+            ];
+            let p = DecodePointers {
+                q: addr(0, 0),
+                o: g[0].0,
+                lse: g[1].0,
+                o_part: g[2].0,
+                lse_part: g[3].0,
+                work: t[0].0,
+                slices: t[1].0,
+                seq_work: t[2].0,
+            };
+            go(dev, &launch.split, &launch.split_args(&p))?;
+            go(dev, &launch.combine, &launch.combine_args(&p))?;
+        }
+        drop(ptrs);
+        let o = CudaStorage::wrap_cuda_slice(o, dev.clone());
+        let lse = CudaStorage::wrap_cuda_slice(lse, dev.clone());
+        Ok((
+            Tensor::from_storage(Storage::Cuda(o), (n_seq, hq, d), BackpropOp::none(), false),
+            Tensor::from_storage(Storage::Cuda(lse), (n_seq, hq), BackpropOp::none(), false),
+        ))
+    }
+
+    fn go(dev: &CudaDevice, kernel: &Kernel, args: &[Arg]) -> Result<()> {
+        let func = dev.get_or_load_custom_func(&kernel.name, MODULE, crate::cuda::ptx::DECODE)?;
+        let mut builder = func.builder();
+        for a in args {
+            match a {
+                Arg::U64(x) => builder.arg(x),
+                Arg::U32(x) => builder.arg(x),
+                Arg::F32(x) => builder.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: kernel.grid,
+            block_dim: kernel.block,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list is the kernel's (DecodeLaunch), the buffers
+        // and their stream guards outlive the enqueue, every slice lies inside
+        // its tensor (rows <= capacity, checked) and DecodeLaunch checked the
+        // alignment of every address and head stride.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
 /// Keys per split: none when one CTA per (sequence, KV head chunk) already
 /// reaches [`TARGET_CTAS`], else the size that spreads all keys over about
 /// that many CTAs, but never below [`MIN_SPLIT_KEYS`]. A sequence no longer
