@@ -14,8 +14,8 @@
 //    row (16 bytes per lane: vectorized 16-byte loads), a batch of U keys per
 //    iteration is in flight per group, consecutive groups take consecutive keys
 //    (a warp reads 32*16 contiguous bytes per load). Each group keeps its own
-//    online softmax (f32, exp2 with log2(e)-prescaled q); the groups are merged
-//    through shared memory at the end. Writes a partial output (f32, already
+//    online softmax (f32, exp2 with log2(e)-prescaled q); at the end the groups
+//    of a warp merge with shuffles, then the 4 warps through shared memory. Writes a partial output (f32, already
 //    normalized) and a partial log-sum-exp (log2 units) per (work item, head).
 //  * ksa_decode_combine_{bf16,f16}: one CTA (one warp) = (query head, sequence);
 //    merges the sequence's splits into O (element type: what the output
@@ -110,9 +110,15 @@ __device__ __forceinline__ void split(const uint16_t* __restrict__ q, float* __r
     __shared__ uint32_t s_work[5];
     __shared__ uint64_t s_tab[KSA_DEC_TAB * 6];
     __shared__ __align__(16) uint16_t s_q[G * D];
-    // Per-group softmax state for the final merge.
-    __shared__ float s_m[NG][G], s_l[NG][G];
-    __shared__ float s_acc[NG][G][D];
+    // Per-warp softmax state for the final merge. Dim c = 8 * sub + i of head h
+    // lives at [h][i * SI + sub]: a warp's writes (fixed i, consecutive sub) and
+    // the merge's reads (consecutive c) both hit 32 distinct banks with
+    // SI = L + 4 (8 * SI is a multiple of 32, and i * SI mod 32 spreads
+    // i = 0..7 over disjoint runs of 4 banks).
+    constexpr int WARPS = KSA_DEC_THREADS / 32;
+    constexpr int SI = L + 4;
+    __shared__ float s_m[WARPS][G], s_l[WARPS][G];
+    __shared__ float s_acc[WARPS][G][8 * SI];
 
     const int tid = threadIdx.x;
     const int grp = tid / L, sub = tid % L;
@@ -228,15 +234,37 @@ __device__ __forceinline__ void split(const uint16_t* __restrict__ q, float* __r
         }
     }
 
-    // ---- merge the NG groups' states (all lanes of a group hold the same m, l).
+    // ---- merge the lane groups: first inside each warp with butterflies (every
+    // lane ends with its warp's state), then the warps through shared memory.
 #pragma unroll
-    for (int h = 0; h < G; ++h) {
-        if (sub == 0) {
-            s_m[grp][h] = m[h];
-            s_l[grp][h] = l[h];
+    for (int off = L; off < 32; off <<= 1) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[h], off);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[h], off);
+            const float mn = fmaxf(m[h], mo);
+            const float ms = mn == -INFINITY ? 0.f : mn;
+            const float a = ex2(m[h] - ms), b = ex2(mo - ms);
+            m[h] = mn;
+            l[h] = l[h] * a + lo * b;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float x = __shfl_xor_sync(0xffffffffu, acc[h][i], off);
+                acc[h][i] = acc[h][i] * a + x * b;
+            }
         }
+    }
+    const int warp = tid / 32;
+    if (tid % 32 < L) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s_acc[grp][h][sub * 8 + i] = acc[h][i];
+        for (int h = 0; h < G; ++h) {
+            if (sub == 0) {
+                s_m[warp][h] = m[h];
+                s_l[warp][h] = l[h];
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s_acc[warp][h][i * SI + sub] = acc[h][i];
+        }
     }
     __syncthreads();
     const uint64_t w = blockIdx.x;
@@ -245,14 +273,15 @@ __device__ __forceinline__ void split(const uint16_t* __restrict__ q, float* __r
         if (static_cast<uint32_t>(h) >= nh) continue;
         float mm = -INFINITY;
 #pragma unroll
-        for (int g = 0; g < NG; ++g) mm = fmaxf(mm, s_m[g][h]);
-        // The work item is never empty, so mm is finite.
+        for (int g = 0; g < WARPS; ++g) mm = fmaxf(mm, s_m[g][h]);
+        // The work item is never empty, so mm is finite; a warp without keys
+        // has m = -inf and weight 0.
         float lt = 0.f, ot = 0.f;
 #pragma unroll
-        for (int g = 0; g < NG; ++g) {
+        for (int g = 0; g < WARPS; ++g) {
             const float wg = ex2(s_m[g][h] - mm);
             lt = fmaf(wg, s_l[g][h], lt);
-            ot = fmaf(wg, s_acc[g][h][c], ot);
+            ot = fmaf(wg, s_acc[g][h][(c % 8) * SI + c / 8], ot);
         }
         const uint64_t row = w * n_heads + h_first + h;
         o_part[row * D + c] = ot / lt;
