@@ -490,3 +490,118 @@ fn decode_kernels_do_not_spill() {
     }
     let _ = std::fs::remove_file(&ptx);
 }
+
+/// `ksa::cuda::decode::decode_attention` (feature `cuda`): typed errors, and
+/// on a real GPU the same comparison with the CPU path (prints `SKIP` and
+/// passes without one).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use candle_core::{DType, Device as Dev, Tensor};
+    use ksa::cuda::decode::{decode_attention, KvRows};
+    use ksa::Error;
+
+    #[test]
+    fn typed_errors_without_a_gpu() {
+        let cpu = Dev::Cpu;
+        let q = Tensor::zeros((2, 4, 64), DType::F32, &cpu).unwrap();
+        assert!(matches!(
+            decode_attention(&q, &[], None),
+            Err(Error::UnsupportedDType { .. })
+        ));
+        let q = q.to_dtype(DType::BF16).unwrap();
+        assert!(matches!(
+            decode_attention(&q, &[], None),
+            Err(Error::UnsupportedDevice { .. })
+        ));
+        let q4 = q.unsqueeze(0).unwrap();
+        assert!(matches!(
+            decode_attention(&q4, &[], None),
+            Err(Error::Rank { name: "q", .. })
+        ));
+    }
+
+    #[test]
+    fn equals_cpu_on_gpu() {
+        let dev = match Dev::new_cuda(0) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("SKIP: no CUDA device ({e})");
+                return;
+            }
+        };
+        // 3 sequences, 8 query / 2 KV heads of 128, bf16; sequence 1's window
+        // is a ring wrapping in a 40-row buffer.
+        let (hq, hkv, d) = (8, 2, 128);
+        let mut rng = Rng::new(5);
+        let mut t = |shape: &[usize]| {
+            let n = shape.iter().product::<usize>();
+            let x: Vec<f32> = (0..n).map(|_| round(Elem::Bf16, rng.normal())).collect();
+            Tensor::from_vec(x, shape, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let q = t(&[3, hq, d]);
+        let (k0, v0) = (t(&[hkv, 300, d]), t(&[hkv, 300, d]));
+        let (k1, v1) = (t(&[hkv, 40, d]), t(&[hkv, 40, d]));
+        let rows = |k, v, r| KvRows { k, v, rows: r };
+        let seqs = vec![
+            vec![rows(&k0, &v0, 0..300)],
+            vec![
+                rows(&k1, &v1, 25..40),
+                rows(&k1, &v1, 0..10),
+                rows(&k0, &v0, 3..3),
+            ],
+            vec![rows(&k0, &v0, 7..8)],
+        ];
+        let (o, lse) = decode_attention(&q, &seqs, None).unwrap();
+        assert_eq!(lse.dims(), &[3, hq]);
+        let host = |x: &Tensor| -> Vec<f32> {
+            x.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (o, qh) = (host(&o), host(&q));
+        let group = hq / hkv;
+        for (s, rs) in seqs.iter().enumerate() {
+            for g in 0..hkv {
+                let kv: Vec<(Vec<f32>, Vec<f32>)> = rs
+                    .iter()
+                    .map(|r| {
+                        let pick = |x: &Tensor| {
+                            host(
+                                &x.get(g)
+                                    .unwrap()
+                                    .narrow(0, r.rows.start, r.rows.len())
+                                    .unwrap(),
+                            )
+                        };
+                        (pick(r.k), pick(r.v))
+                    })
+                    .collect();
+                let slices: Vec<KvSlice> = kv.iter().map(|(k, v)| KvSlice { k, v }).collect();
+                let at = (s * hq + g * group) * d;
+                let mut want = vec![0f32; group * d];
+                let scale = 1.0 / (d as f32).sqrt();
+                attend(
+                    &qh[at..at + group * d],
+                    d,
+                    &slices,
+                    scale,
+                    &mut want,
+                    &mut Vec::new(),
+                );
+                for (w, got) in want.iter().zip(&o[at..at + group * d]) {
+                    assert!(
+                        (w - got).abs() <= 2f32.powi(-8) * w.abs() + 2e-3,
+                        "{got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
