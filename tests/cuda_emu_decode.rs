@@ -238,7 +238,7 @@ fn check(case: &Case) -> Run {
 
     // The CPU decode path on the same rounded values, and the LSE in f64.
     let scale = 1.0 / (d as f32).sqrt();
-    let (mut worst, mut worst_lse) = (0f32, 0f64);
+    let (mut worst, mut worst_ratio, mut worst_lse) = (0f32, 0f32, 0f64);
     let half_ulp = match elem {
         Elem::Bf16 => 2f32.powi(-8),
         Elem::F16 => 2f32.powi(-11),
@@ -269,6 +269,7 @@ fn check(case: &Case) -> Run {
                     "{case:?}\nseq {s} kv head {g}: out[{i}] = {got}, want {w} (|err| {err:.3e} > {tol:.3e})"
                 );
                 worst = worst.max(err);
+                worst_ratio = worst_ratio.max(err / tol);
             }
             for j in 0..group {
                 let qr = &qg[j * d..(j + 1) * d];
@@ -297,11 +298,12 @@ fn check(case: &Case) -> Run {
         }
     }
     eprintln!(
-        "ok {:?} d={d} hq={hq} hkv={hkv} keys {:?}: {} work items ({} keys/split), max |err| out {worst:.2e}, lse {worst_lse:.2e}; global read {} B, {:.2}s + {:.2}s",
+        "ok {:?} d={d} hq={hq} hkv={hkv} keys {:?}: {} work items ({} keys/split), max |err| out {worst:.2e} ({:.0}% of its tolerance), lse {worst_lse:.2e}; global read {} B, {:.2}s + {:.2}s",
         elem,
         launch.keys,
         launch.work_items(),
         launch.split_keys,
+        worst_ratio * 100.0,
         split.global_bytes_read + combine.global_bytes_read,
         split.wall.as_secs_f64(),
         combine.wall.as_secs_f64(),
