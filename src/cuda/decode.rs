@@ -11,6 +11,11 @@
 //! chunk) and writes f32 partial outputs and log-sum-exps; the combine kernel
 //! merges them per (sequence, query head) into `o: [n_seq, hq, d]` (element
 //! type) and `lse: [n_seq, hq]` (f32, natural log of the scaled scores).
+//!
+//! A "sequence" is really one query row with its own key list: the `S`
+//! summary queries of a chunk a step completes (whose keys are the chunk's
+//! text and summaries `0..=j`) can be entries of their own beside the text
+//! query, each reading its keys once per KV head.
 
 use super::launch::{Arg, Elem};
 use crate::{Error, Result};
