@@ -242,6 +242,12 @@ impl DecodeLaunch {
             n_work,
             i32::MAX as usize,
         )?;
+        // The combine kernel indexes the partial LSEs with 32-bit integers.
+        too_large(
+            "work items x query heads of a CUDA decode step",
+            n_work * p.q_heads,
+            u32::MAX as usize,
+        )?;
         let elem = match p.elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
