@@ -1,8 +1,8 @@
 // Split-KV ("flash-decoding") attention of ONE query token per sequence over
-// that sequence's cached K/V, as KsaCache lays them out: a sequence's keys for
-// one KV head are a short list of contiguous row slices (summaries, the window
-// text -- possibly a ring that wraps into two pieces --, the current chunk and
-// the new token). Sequences are ragged.
+// that sequence's cached K/V. A sequence's keys for one KV head are a short
+// list of contiguous row slices, the shape of KsaCache's key lists (summaries,
+// the window text -- two pieces if kept as a ring that wraps --, the current
+// chunk and the new token). Sequences are ragged.
 //
 // Two kernels:
 //  * ksa_decode_{bf16,f16}_d{64,128}_g{1,2,4,8}: one CTA = (work item, KV head,
@@ -15,8 +15,9 @@
 //    iteration is in flight per group, consecutive groups take consecutive keys
 //    (a warp reads 32*16 contiguous bytes per load). Each group keeps its own
 //    online softmax (f32, exp2 with log2(e)-prescaled q); at the end the groups
-//    of a warp merge with shuffles, then the 4 warps through shared memory. Writes a partial output (f32, already
-//    normalized) and a partial log-sum-exp (log2 units) per (work item, head).
+//    of a warp merge with shuffles, then the 4 warps through shared memory.
+//    Writes a partial output (f32, already normalized) and a partial
+//    log-sum-exp (log2 units) per (work item, head).
 //  * ksa_decode_combine_{bf16,f16}: one CTA (one warp) = (query head, sequence);
 //    merges the sequence's splits into O (element type: what the output
 //    projection consumes) and the final LSE (f32, natural log of the scaled
@@ -127,7 +128,7 @@ __device__ __forceinline__ void split(const uint16_t* __restrict__ q, float* __r
     const uint32_t h_first = kvh * group + hc * G;
     const uint32_t nh = min(static_cast<uint32_t>(G), group - hc * G);
 
-    if (tid < 5) s_work[tid] = work[blockIdx.x * 5 + tid];
+    if (tid < 5) s_work[tid] = work[static_cast<uint64_t>(blockIdx.x) * 5 + tid];
     __syncthreads();
     const uint32_t seq = s_work[0], k0 = s_work[1], k1 = s_work[2];
     const uint32_t sl0 = s_work[3], sl1 = s_work[4];
@@ -161,7 +162,7 @@ __device__ __forceinline__ void split(const uint16_t* __restrict__ q, float* __r
     for (uint32_t t0 = sl0; t0 < sl1; t0 += KSA_DEC_TAB) {
         const uint32_t nt = min(sl1 - t0, static_cast<uint32_t>(KSA_DEC_TAB));
         __syncthreads();  // the previous table chunk is no longer read
-        for (uint32_t i = tid; i < nt * 6; i += KSA_DEC_THREADS) s_tab[i] = slices[t0 * 6 + i];
+        for (uint32_t i = tid; i < nt * 6; i += KSA_DEC_THREADS) s_tab[i] = slices[static_cast<uint64_t>(t0) * 6 + i];
         __syncthreads();
         for (uint32_t t = 0; t < nt; ++t) {
             const uint64_t* rec = s_tab + t * 6;

@@ -242,7 +242,13 @@ impl DecodeLaunch {
             n_work,
             i32::MAX as usize,
         )?;
-        // The combine kernel indexes the partial LSEs with 32-bit integers.
+        // Work items name their slices with 32-bit indices, and the combine
+        // kernel indexes the partial LSEs with 32-bit integers.
+        too_large(
+            "key slices of a CUDA decode step",
+            table.len() / 6,
+            u32::MAX as usize,
+        )?;
         too_large(
             "work items x query heads of a CUDA decode step",
             n_work * p.q_heads,
