@@ -107,7 +107,7 @@ pub struct DecodePointers {
 /// One kernel launch: entry point, grid, block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {
-    /// Entry point in [`super::ptx::DECODE`].
+    /// Entry point in `ksa::cuda::ptx::DECODE` (feature `ptx`).
     pub name: String,
     /// Grid dimensions.
     pub grid: (u32, u32, u32),
