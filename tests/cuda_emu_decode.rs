@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use ksa::cuda::decode::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice};
 use ksa::cuda::launch::{Arg, Elem};
 use ksa::decode::{attend, KvSlice};
-use ptx_emu::{DevPtr, Device, LaunchReport, Module, Param};
+use ptx_emu::{Class, DevPtr, Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
 
 fn module() -> &'static Module {
@@ -452,6 +452,18 @@ fn counters_16k() {
             run.split.global_bytes_written + run.combine.global_bytes_written,
             run.split.bank_conflicts + run.combine.bank_conflicts,
             (run.split.wall + run.combine.wall).as_secs_f64(),
+        );
+        // Compute side: split-kernel instructions per (key, KV head), and how
+        // many of them are shuffles, f32 math and conversions.
+        let rows = (keys * 8) as f64;
+        let r = &run.split;
+        eprintln!(
+            "{name}: {:.0} thread instructions per key and KV head: {:.0} shfl, {:.0} f32, {:.0} cvt/mov, {:.0} int",
+            r.thread_instructions as f64 / rows,
+            r.class(Class::Warp) as f64 / rows,
+            r.class(Class::Float) as f64 / rows,
+            (r.class(Class::Convert) + r.class(Class::Move)) as f64 / rows,
+            r.class(Class::Int) as f64 / rows,
         );
     }
 }
