@@ -372,7 +372,7 @@ fn group8_f16_d64_and_group16_chunks() {
 
 #[test]
 fn long_sequence_auto_split() {
-    // 2,100 keys on 2 KV heads: the automatic split spreads them over several
+    // 2,031 keys on 2 KV heads: the automatic split spreads them over several
     // CTAs per head (MIN_SPLIT_KEYS each); the short one stays one item.
     let run = check(
         &Case::new(8, 2, 64, Elem::Bf16)
