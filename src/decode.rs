@@ -3,6 +3,10 @@
 //! query heads of one KV head are processed together so every K and V row is
 //! read once per KV head, and [`crate::KsaCache`] spreads (sequence, KV head)
 //! pairs over rayon's pool.
+//!
+//! [`attend`] is also the reference of the CUDA decode kernels
+//! (`crate::cuda::decode`, `kernels/ksa_decode.cu`), which take the same kind
+//! of slice lists as device addresses.
 
 /// Contiguous K and V rows (`rows * head_dim` values each, row-major) of one
 /// KV head: one run of keys a query may attend to.

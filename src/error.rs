@@ -171,6 +171,11 @@ pub enum Error {
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A CUDA decode step's key/value slice table is unusable (misaligned,
+    /// or a sequence without keys).
+    #[error("decode slices of sequence {sequence}: {reason}")]
+    DecodeSlices { sequence: usize, reason: String },
 }
 
 /// `Result` with [`Error`].
