@@ -1,9 +1,10 @@
-//! The CUDA path: the fused block-sparse prefill kernel (`kernels/ksa_fwd.cu`),
-//! its tile [`schedule`], the [`launch`] description shared by the candle op
-//! and the emulator tests, and (feature `ptx`) the embedded PTX.
+//! The CUDA path: the fused block-sparse prefill kernel (`kernels/ksa_fwd.cu`)
+//! with its tile [`schedule`] and [`launch`], its [`backward`] (key-major
+//! schedule, three kernels), the split-KV [`decode`] kernels, the candle side
+//! (`op`, feature `cuda`) and (feature `ptx`) the embedded PTX.
 //!
-//! The schedule and launch are plain Rust and always compiled (the GPU report
-//! and the CPU can use them without a CUDA toolkit).
+//! Schedules and launches are plain Rust and always compiled: the candle op
+//! and the emulator tests drive the same launch descriptions.
 
 pub mod backward;
 pub mod decode;
