@@ -1,7 +1,8 @@
-//! The kernel on a real GPU through `ksa::attention` (feature `cuda`): equal
-//! to the reference, plus the typed errors of the CUDA path. Without a GPU
-//! every test here prints why it skips and passes; the kernel itself is
-//! proven under the emulator by tests/cuda_emu_fwd.rs.
+//! The kernels on a real GPU through `ksa::attention` (feature `cuda`): the
+//! forward equal to the reference, gradients equal to the CPU backward's, and
+//! the typed errors of the CUDA path. Without a GPU every test here prints why
+//! it skips and passes; the kernels themselves are proven under the emulator
+//! by tests/cuda_emu_fwd.rs and tests/cuda_emu_bwd.rs.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -104,4 +105,50 @@ fn typed_errors_before_launch() {
         .unwrap();
     let e = ksa::attention(&wide, &t(64, DType::BF16), &t(64, DType::BF16), &layout);
     assert!(matches!(e, Err(ksa::Error::NonContiguous { .. })), "{e:?}");
+}
+
+/// `loss.backward()` through `ksa::attention` on the GPU (the CUDA backward
+/// kernels) equals the same graph on the CPU (the CPU backward), which
+/// tests/grad.rs checks against f64 autograd through the reference.
+#[test]
+fn gradients_match_cpu_on_gpu() {
+    let Some(dev) = gpu() else { return };
+    for (c, s, w, n, d, dtype, tol) in [
+        (8, 1, 4, 500, 64, DType::BF16, 2e-2),
+        (4, 2, 0, 301, 128, DType::F16, 3e-3),
+    ] {
+        let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let big = layout.len();
+        let mk = |h| {
+            Tensor::randn(0f32, 1.0, (2, h, big, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (q, k, v, w_out) = (mk(8), mk(2), mk(2), mk(8));
+        let grads = |device: &Device| -> Vec<Tensor> {
+            let vars: Vec<candle_core::Var> = [&q, &k, &v]
+                .iter()
+                .map(|t| candle_core::Var::from_tensor(&t.to_device(device).unwrap()).unwrap())
+                .collect();
+            let out = ksa::attention(&vars[0], &vars[1], &vars[2], &layout).unwrap();
+            // A weighted sum, so dO is not uniform.
+            let loss = (out * w_out.to_device(device).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            vars.iter()
+                .map(|x| g.get(x).unwrap().to_device(&Device::Cpu).unwrap())
+                .collect()
+        };
+        let (cpu, gpu_g) = (grads(&Device::Cpu), grads(&dev));
+        for (name, (want, got)) in ["dq", "dk", "dv"].iter().zip(cpu.iter().zip(&gpu_g)) {
+            let scale = max_diff(want, &want.zeros_like().unwrap()).max(1e-3);
+            let err = max_diff(got, want) / scale;
+            assert!(err <= tol, "{name} C={c} S={s} W={w} n={n} d={d}: {err}");
+        }
+    }
 }
