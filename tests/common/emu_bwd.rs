@@ -1,7 +1,7 @@
 //! Runs the embedded backward PTX under `ptx-emu` through the crate's own
 //! [`BwdLaunch`], after the forward kernel (`common::emu::run`) produced O and
 //! the log-sum-exp, and compares dq, dk, dv with candle's f64 autograd
-//! through `ksa::reference`.
+//! through `ksa::reference` and with the crate's CPU backward.
 #![allow(dead_code)]
 
 use crate::common::emu::{self, Case, Rng};
@@ -184,6 +184,32 @@ pub fn reference_grads(
     v: &[f32],
     dout: &[f32],
 ) -> [Vec<f64>; 3] {
+    autograd_grads(case, q, k, v, dout, DType::F64, |q, k, v| match case.rule {
+        MaskRule::Ksa(layout) => ksa::reference::attention(q, k, v, &layout),
+        MaskRule::Causal { .. } => ksa::reference::causal_attention(q, k, v, None),
+    })
+}
+
+/// The same gradients from the crate's CPU op (`ksa::attention` /
+/// `ksa::causal_attention` in f32, i.e. the CPU backward of `src/backward.rs`).
+pub fn cpu_grads(case: &Case, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> [Vec<f64>; 3] {
+    autograd_grads(case, q, k, v, dout, DType::F32, |q, k, v| match case.rule {
+        MaskRule::Ksa(layout) => ksa::attention(q, k, v, &layout),
+        MaskRule::Causal { .. } => ksa::causal_attention(q, k, v),
+    })
+}
+
+/// Gradients of `sum(attend(q, k, v) * dout)` by candle's autograd, computed in
+/// `dtype`.
+fn autograd_grads(
+    case: &Case,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    dtype: DType,
+    attend: impl Fn(&Tensor, &Tensor, &Tensor) -> ksa::Result<Tensor>,
+) -> [Vec<f64>; 3] {
     let (b, hq, hkv, d, n) = (
         case.batch,
         case.q_heads,
@@ -194,29 +220,23 @@ pub fn reference_grads(
     let var = |x: &[f32], h: usize| {
         let t = Tensor::from_slice(x, (b, h, n, d), &Cpu::Cpu)
             .unwrap()
-            .to_dtype(DType::F64)
+            .to_dtype(dtype)
             .unwrap();
         Var::from_tensor(&t).unwrap()
     };
     let (qv, kv, vv) = (var(q, hq), var(k, hkv), var(v, hkv));
-    let out = match case.rule {
-        MaskRule::Ksa(layout) => {
-            ksa::reference::attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &layout)
-        }
-        MaskRule::Causal { .. } => {
-            ksa::reference::causal_attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), None)
-        }
-    }
-    .unwrap();
+    let out = attend(qv.as_tensor(), kv.as_tensor(), vv.as_tensor()).unwrap();
     let w = Tensor::from_slice(dout, (b, hq, n, d), &Cpu::Cpu)
         .unwrap()
-        .to_dtype(DType::F64)
+        .to_dtype(dtype)
         .unwrap();
     let grads = (out * w).unwrap().sum_all().unwrap().backward().unwrap();
     [&qv, &kv, &vv].map(|x| {
         grads
             .get(x.as_tensor())
             .expect("gradient tracked")
+            .to_dtype(DType::F64)
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f64>()
@@ -256,7 +276,7 @@ fn worst(case: &Case, name: &str, got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// Runs the forward then the backward of `case` under the emulator and checks
-/// dq, dk, dv against the reference gradients.
+/// dq, dk, dv against the reference gradients and against the CPU backward's.
 pub fn check(case: &Case) -> BwdRun {
     let (q, k, v) = emu::inputs(case);
     let fwd = emu::run(case, &q, &k, &v);
@@ -301,6 +321,20 @@ pub fn check(case: &Case) -> BwdRun {
         assert!(
             e <= tol,
             "{case:?}: {name} relative error {e:.3e} > {tol:.1e}"
+        );
+    }
+    // The CPU backward agrees with the reference to f32 rounding (tests/grad.rs),
+    // so the same tolerance holds against it.
+    let [cq, ck, cv] = cpu_grads(case, &q, &k, &v, &dout);
+    for (name, got, want) in [
+        ("dq", &run.dq, &cq),
+        ("dk", &run.dk, &ck),
+        ("dv", &run.dv, &cv),
+    ] {
+        let e = worst(case, name, got, want);
+        assert!(
+            e <= tol,
+            "{case:?}: {name} vs the CPU backward: relative error {e:.3e} > {tol:.1e}"
         );
     }
     assert_eq!(
