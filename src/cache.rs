@@ -123,9 +123,11 @@ impl Kv {
         }
     }
 
-    /// Zeroed `[heads, rows, d]` tensors of `dtype` on `device`.
+    /// Zeroed `[heads, rows, d]` tensors of `dtype` on `device`, at least one
+    /// row: a zero-byte device allocation is not portable (`cuMemAlloc`
+    /// rejects it).
     fn zeros(heads: usize, d: usize, rows: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let z = || Tensor::zeros((heads, rows, d), dtype, device);
+        let z = || Tensor::zeros((heads, rows.max(1), d), dtype, device);
         Ok(Kv::tensor(z()?, z()?))
     }
 
@@ -847,6 +849,10 @@ impl KsaCache {
                 let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
                 let gather = |rows: Vec<u32>| -> Result<Kv> {
                     let n = rows.len();
+                    if n == 0 {
+                        // A view: no zero-size device allocation or launch.
+                        return Ok(Kv::tensor(k.narrow(1, 0, 0)?, v.narrow(1, 0, 0)?));
+                    }
                     let idx = Tensor::from_vec(rows, n, k.device())?;
                     Ok(Kv::tensor(
                         k.index_select(&idx, 1)?,
