@@ -10,9 +10,11 @@
 //! * every summary's K/V (after RoPE), append-only, `S*floor(n/C)` rows.
 //!
 //! Bypass layers (`summary_layer_freq`) hold all text K/V and no summaries.
-//! Each store keeps one contiguous buffer per KV head, so the keys of any new
-//! query are at most four contiguous slices per KV head: old summaries and
-//! window text from the cache, and the step's own new summaries and text.
+//! Each store keeps one contiguous run of rows per KV head ([`Storage`]: f32
+//! host buffers, or `[kv_heads, capacity, d]` tensors on the model's device),
+//! so the keys of any new query are at most four contiguous runs per KV head:
+//! old summaries and window text from the cache, and the step's own new
+//! summaries and text.
 //! Text leaving the window is dropped logically at once and reclaimed by
 //! moving the live rows to the front when the buffer is full or half dead
 //! (amortized O(1) per row), which keeps the window contiguous.
