@@ -242,6 +242,97 @@ fn axpy(p: f32, v: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    /// `attend_rows` over runs of two tensors equals `attend` over the same
+    /// rows as slices; bad inputs are typed errors.
+    #[test]
+    fn attend_rows_matches_attend_and_checks_input() {
+        let (hq, hkv, d, cap) = (4, 2, 8, 5);
+        let val = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+        let (qv, kv, vv) = (
+            val(hq * d, 0.37),
+            val(hkv * cap * d, 0.11),
+            val(hkv * cap * d, 0.23),
+        );
+        let dev = Device::Cpu;
+        let q = Tensor::from_slice(&qv, (1, hq, d), &dev).unwrap();
+        let k = Tensor::from_slice(&kv, (hkv, cap, d), &dev).unwrap();
+        let v = Tensor::from_slice(&vv, (hkv, cap, d), &dev).unwrap();
+        let runs = |a: Range<usize>, b: Range<usize>| {
+            vec![vec![
+                KvRows {
+                    k: &k,
+                    v: &v,
+                    rows: a,
+                },
+                KvRows {
+                    k: &k,
+                    v: &v,
+                    rows: b,
+                },
+            ]]
+        };
+        let got: Vec<f32> = attend_rows(&q, &runs(0..2, 3..5), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let group = hq / hkv;
+        for g in 0..hkv {
+            let at = |r: Range<usize>| (g * cap + r.start) * d..(g * cap + r.end) * d;
+            let slices = [
+                KvSlice {
+                    k: &kv[at(0..2)],
+                    v: &vv[at(0..2)],
+                },
+                KvSlice {
+                    k: &kv[at(3..5)],
+                    v: &vv[at(3..5)],
+                },
+            ];
+            let mut out = vec![0.0; group * d];
+            let qg = &qv[g * group * d..(g + 1) * group * d];
+            attend(
+                qg,
+                d,
+                &slices,
+                1.0 / (d as f32).sqrt(),
+                &mut out,
+                &mut Vec::new(),
+            );
+            assert_eq!(&got[g * group * d..(g + 1) * group * d], &out[..]);
+        }
+        let err = |seqs: &[Vec<KvRows<'_>>], q: &Tensor| attend_rows(q, seqs, None).unwrap_err();
+        assert!(matches!(
+            err(&runs(0..0, 2..2), &q),
+            Error::DecodeSlices { sequence: 0, .. }
+        ));
+        assert!(matches!(
+            err(&runs(0..2, 4..6), &q),
+            Error::DimMismatch {
+                what: "cached rows",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&runs(0..2, 3..5), &q.squeeze(0).unwrap()),
+            Error::Rank { .. }
+        ));
+        assert!(matches!(
+            err(&[], &q),
+            Error::DimMismatch {
+                what: "query rows",
+                ..
+            }
+        ));
+        let q3 = Tensor::zeros((1, 3, d), DType::F32, &dev).unwrap();
+        assert!(matches!(
+            err(&runs(0..2, 3..5), &q3),
+            Error::HeadsNotDivisible { .. }
+        ));
+    }
 
     #[test]
     fn matches_naive_softmax_across_slices() {
