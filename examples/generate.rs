@@ -1,7 +1,7 @@
 //! Incremental decoding with the KSA cache.
 //!
 //! `cargo run --release --example generate -- [--model DIR] [--prompt N]
-//! [--new N] [--batch B] [--window W]`
+//! [--new N] [--batch B] [--window W] [--storage host|tensors]`
 //!
 //! Without `--model`, a small random Qwen3-KSA (C = 8, S = 1, window `W` on
 //! three of four layers, whole context on every 4th) and the same weights
@@ -14,6 +14,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ksa::cache::Storage;
 use ksa::model_config::LayerKind;
 use ksa::{KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
 use std::collections::HashMap;
@@ -27,6 +28,10 @@ struct Args {
     new: usize,
     batch: usize,
     window: usize,
+    /// The cache's storage; default [`KsaCache::default_storage`] (host
+    /// buffers on the CPU). `tensors` on the CPU runs the device path's code
+    /// through `ksa::decode::attend_rows`.
+    storage: Option<Storage>,
 }
 
 fn parse() -> AnyResult<Args> {
@@ -36,6 +41,7 @@ fn parse() -> AnyResult<Args> {
         new: 32,
         batch: 1,
         window: 16,
+        storage: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -46,6 +52,13 @@ fn parse() -> AnyResult<Args> {
             "--new" => a.new = value.parse()?,
             "--batch" => a.batch = value.parse()?,
             "--window" => a.window = value.parse()?,
+            "--storage" => {
+                a.storage = Some(match value.as_str() {
+                    "host" => Storage::Host,
+                    "tensors" => Storage::Tensors,
+                    _ => return Err(format!("--storage is host or tensors, got {value}").into()),
+                })
+            }
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
@@ -125,7 +138,11 @@ fn run(model: &Qwen3Ksa, args: &Args) -> AnyResult<(f64, f64, KsaCache)> {
                 .collect()
         })
         .collect();
-    let mut cache = KsaCache::new(model, args.batch)?;
+    let storage = match args.storage {
+        Some(s) => s,
+        None => KsaCache::default_storage(model)?,
+    };
+    let mut cache = KsaCache::with_storage(model, args.batch, None, storage)?;
     let start = Instant::now();
     let inputs: Vec<(usize, &[u32])> = prompts.iter().map(|p| &p[..]).enumerate().collect();
     let logits = cache.append(model, &inputs, Logits::Last)?;

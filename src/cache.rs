@@ -10,9 +10,11 @@
 //! * every summary's K/V (after RoPE), append-only, `S*floor(n/C)` rows.
 //!
 //! Bypass layers (`summary_layer_freq`) hold all text K/V and no summaries.
-//! Each store keeps one contiguous buffer per KV head, so the keys of any new
-//! query are at most four contiguous slices per KV head: old summaries and
-//! window text from the cache, and the step's own new summaries and text.
+//! Each store keeps one contiguous run of rows per KV head ([`Storage`]: f32
+//! host buffers, or `[kv_heads, capacity, d]` tensors on the model's device),
+//! so the keys of any new query are at most four contiguous runs per KV head:
+//! old summaries and window text from the cache, and the step's own new
+//! summaries and text.
 //! Text leaving the window is dropped logically at once and reclaimed by
 //! moving the live rows to the front when the buffer is full or half dead
 //! (amortized O(1) per row), which keeps the window contiguous.
@@ -21,15 +23,16 @@
 //! cache, and commits the new K/V at the very end: a failed step leaves the
 //! cache exactly as it was.
 
-use crate::decode::{attend, KvSlice};
+use crate::decode::{attend, KvRows, KvSlice};
 use crate::layer::replace_slots;
 use crate::layout::{Layout, SlotKind};
 use crate::model::Qwen3Ksa;
 use crate::model_config::LayerKind;
 use crate::{Error, KsaConfig, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The model shape a cache is built for; a step with another model is an error.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,27 +75,215 @@ impl CacheSpec {
     }
 }
 
-/// K and V rows of one kind for one (layer, sequence): one contiguous buffer
-/// per KV head, `[rows, head_dim]` each. The first `dead` rows are no longer
-/// visible and wait to be reclaimed.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a [`KsaCache`] keeps its K/V, and so how it attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// f32 host buffers, one per KV head, attended on the CPU by
+    /// [`crate::decode::attend`] on rayon. The default on the CPU, and for
+    /// CUDA models the decode kernels cannot take (f32, head_dim other than
+    /// 64 or 128): those copy every layer's new K/V to the host.
+    Host,
+    /// `[kv_heads, capacity, head_dim]` tensors on the model's device in the
+    /// model's dtype, attended per query row over [`KvRows`] lists: by the
+    /// CUDA decode kernels on CUDA (`crate::cuda::decode::decode_attention`,
+    /// one launch per layer for the whole batch), by
+    /// [`crate::decode::attend_rows`] elsewhere. The default for bf16/f16 CUDA
+    /// models with head_dim 64 or 128.
+    Tensors,
+}
+
+/// K and V of one store, `[kv_heads, rows, head_dim]`; the allocation holds
+/// `capacity` rows. Which rows mean what is [`Rows`]' business: `Kv` only
+/// allocates, copies and hands out row runs, so both storages share every
+/// index computation.
+#[derive(Debug, Clone)]
+enum Kv {
+    /// One f32 buffer per KV head (its `Vec` length is the rows written,
+    /// its capacity the allocation).
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// `[kv_heads, capacity, d]` tensors, written in place. Clones of a cache
+    /// share them (cloning is cheap and cannot fail) and hold the same
+    /// `owner`; a shared buffer is copied before its first write.
+    Tensor {
+        k: Tensor,
+        v: Tensor,
+        owner: Arc<()>,
+    },
+}
+
+impl Kv {
+    fn host(heads: usize, d: usize, rows: usize) -> Self {
+        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
+        Kv::Host { k: buf(), v: buf() }
+    }
+
+    fn tensor(k: Tensor, v: Tensor) -> Self {
+        Kv::Tensor {
+            k,
+            v,
+            owner: Arc::new(()),
+        }
+    }
+
+    /// Zeroed `[heads, rows, d]` tensors of `dtype` on `device`, at least one
+    /// row: a zero-byte device allocation is not portable (`cuMemAlloc`
+    /// rejects it).
+    fn zeros(heads: usize, d: usize, rows: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let z = || Tensor::zeros((heads, rows.max(1), d), dtype, device);
+        Ok(Kv::tensor(z()?, z()?))
+    }
+
+    /// Rows the allocation holds.
+    fn capacity(&self, d: usize) -> usize {
+        match self {
+            Kv::Host { k, .. } => k.first().map_or(0, |b| b.capacity() / d.max(1)),
+            Kv::Tensor { k, .. } => k.dims()[1],
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Kv::Host { k, v } => k
+                .iter()
+                .chain(v)
+                .map(|b| b.capacity() * std::mem::size_of::<f32>())
+                .sum(),
+            Kv::Tensor { k, v, .. } => {
+                (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+            }
+        }
+    }
+
+    /// Rows `rows` of KV head `head` (host storage).
+    fn slice(&self, head: usize, rows: Range<usize>, d: usize) -> KvSlice<'_> {
+        let Kv::Host { k, v } = self else {
+            unreachable!("a cache's stores all have the cache's storage")
+        };
+        let r = rows.start * d..rows.end * d;
+        KvSlice {
+            k: &k[head][r.clone()],
+            v: &v[head][r],
+        }
+    }
+
+    /// Rows `rows` of every KV head (tensor storage).
+    fn rows(&self, rows: Range<usize>) -> KvRows<'_> {
+        let Kv::Tensor { k, v, .. } = self else {
+            unreachable!("a cache's stores all have the cache's storage")
+        };
+        KvRows { k, v, rows }
+    }
+
+    /// Whether the first `len` rows (all rows written) are equal.
+    fn same_rows(&self, other: &Self, len: usize) -> bool {
+        match (self, other) {
+            (Kv::Host { k, v }, Kv::Host { k: k2, v: v2 }) => k == k2 && v == v2,
+            (Kv::Tensor { k, v, .. }, Kv::Tensor { k: k2, v: v2, .. }) => {
+                let host = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.narrow(1, 0, len)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?)
+                };
+                [(k, k2), (v, v2)]
+                    .iter()
+                    .all(|(a, b)| matches!((host(a), host(b)), (Ok(a), Ok(b)) if a == b))
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies tensors shared with a clone of the cache before a write.
+    fn own(&mut self) -> Result<()> {
+        if let Kv::Tensor { k, v, owner } = self {
+            if Arc::strong_count(owner) > 1 {
+                *self = Kv::tensor(k.copy()?, v.copy()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes rows `rows` of `src` (same storage) at row `at`, which is the
+    /// number of rows written so far.
+    fn write(&mut self, at: usize, src: &Kv, rows: Range<usize>, d: usize) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.own()?;
+        match (self, src) {
+            (Kv::Host { k, v }, Kv::Host { k: sk, v: sv }) => {
+                for (dst, s) in k.iter_mut().zip(sk).chain(v.iter_mut().zip(sv)) {
+                    debug_assert_eq!(dst.len(), at * d);
+                    dst.extend_from_slice(&s[rows.start * d..rows.end * d]);
+                }
+            }
+            (Kv::Tensor { k, v, .. }, Kv::Tensor { k: sk, v: sv, .. }) => {
+                for (dst, s) in [(k, sk), (v, sv)] {
+                    dst.slice_set(&s.narrow(1, rows.start, rows.len())?.contiguous()?, 1, at)?;
+                }
+            }
+            _ => unreachable!("a cache's stores all have the cache's storage"),
+        }
+        Ok(())
+    }
+
+    /// Moves rows `dead..len` to the front.
+    fn compact(&mut self, dead: usize, len: usize, d: usize) -> Result<()> {
+        self.own()?;
+        match self {
+            Kv::Host { k, v } => {
+                for b in k.iter_mut().chain(v.iter_mut()) {
+                    b.drain(..dead * d);
+                }
+            }
+            Kv::Tensor { k, v, .. } => {
+                // Through a copy: source and destination overlap.
+                for t in [k, v] {
+                    t.slice_set(&t.narrow(1, dead, len - dead)?.force_contiguous()?, 1, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reallocates to `rows` rows, keeping the first `len`.
+    fn grow(&mut self, len: usize, rows: usize, d: usize) -> Result<()> {
+        match self {
+            Kv::Host { k, v } => {
+                for b in k.iter_mut().chain(v.iter_mut()) {
+                    b.reserve_exact(rows * d - b.len());
+                }
+            }
+            Kv::Tensor { k, .. } => {
+                let (heads, dtype, device) = (k.dims()[0], k.dtype(), k.device().clone());
+                let mut grown = Kv::zeros(heads, d, rows, dtype, &device)?;
+                grown.write(0, self, 0..len, d)?;
+                *self = grown;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// K and V rows of one kind for one (layer, sequence). The first `dead` rows
+/// are no longer visible and wait to be reclaimed; rows `dead..len` are live.
+#[derive(Debug, Clone)]
 struct Rows {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    kv: Kv,
     dead: usize,
     len: usize,
 }
 
+impl PartialEq for Rows {
+    fn eq(&self, other: &Self) -> bool {
+        self.dead == other.dead && self.len == other.len && self.kv.same_rows(&other.kv, self.len)
+    }
+}
+
 impl Rows {
-    fn new(heads: usize, head_dim: usize, reserve: usize) -> Self {
-        let buf = || {
-            (0..heads)
-                .map(|_| Vec::with_capacity(reserve * head_dim))
-                .collect()
-        };
+    fn new(kv: Kv) -> Self {
         Self {
-            k: buf(),
-            v: buf(),
+            kv,
             dead: 0,
             len: 0,
         }
@@ -102,67 +293,64 @@ impl Rows {
         self.len - self.dead
     }
 
-    fn bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(&self.v)
-            .map(|b| b.capacity() * std::mem::size_of::<f32>())
-            .sum()
-    }
-
-    /// Live rows `rows` (0 = first live row) of KV head `head`.
-    fn slice(&self, head: usize, rows: Range<usize>, d: usize) -> KvSlice<'_> {
-        let r = (self.dead + rows.start) * d..(self.dead + rows.end) * d;
-        KvSlice {
-            k: &self.k[head][r.clone()],
-            v: &self.v[head][r],
-        }
+    /// Storage rows of live rows `rows` (0 = first live row).
+    fn at(&self, rows: Range<usize>) -> Range<usize> {
+        self.dead + rows.start..self.dead + rows.end
     }
 
     /// Makes room for `rows` live rows in all: drops dead rows first, then
     /// grows to exactly that (a prompt's rows are known before they come).
-    fn reserve(&mut self, rows: usize, d: usize) {
-        if self.k[0].capacity() < rows * d {
-            self.compact(d);
-            for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-                b.reserve_exact(rows * d - b.len());
-            }
+    fn reserve(&mut self, rows: usize, d: usize) -> Result<()> {
+        if self.kv.capacity(d) < rows {
+            self.compact(d)?;
+            self.kv.grow(self.len, rows, d)?;
         }
+        Ok(())
     }
 
-    fn compact(&mut self, d: usize) {
-        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-            b.drain(..self.dead * d);
+    fn compact(&mut self, d: usize) -> Result<()> {
+        if self.dead > 0 {
+            self.kv.compact(self.dead, self.len, d)?;
         }
         self.len -= self.dead;
         self.dead = 0;
+        Ok(())
     }
 
-    /// Appends row `row` of `staged` (`[heads, rows, d]` K and V). Dead rows
-    /// are reclaimed when the buffer is full or half dead; a full buffer
-    /// without dead rows grows by a quarter (amortized O(1), little slack).
-    fn push(&mut self, k: &[f32], v: &[f32], rows: usize, row: usize, d: usize) {
-        let full = self.k[0].len() + d > self.k[0].capacity();
-        if self.dead > 0 && (full || self.dead >= self.live()) {
-            self.compact(d);
-        }
-        if self.k[0].len() + d > self.k[0].capacity() {
-            let grow = (self.len / 4).max(16) * d;
-            for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-                b.reserve_exact(grow);
+    /// Appends rows `rows` of `src` one by one; after each, `evict(row,
+    /// live)` says how many of the oldest live rows leave. Dead rows are
+    /// reclaimed when the buffer is full or half dead; a full buffer without
+    /// dead rows grows by a quarter (amortized O(1), little slack). Rows
+    /// between two such events are copied in one run.
+    fn extend(
+        &mut self,
+        src: &Kv,
+        rows: Range<usize>,
+        d: usize,
+        mut evict: impl FnMut(usize, usize) -> usize,
+    ) -> Result<()> {
+        // Source rows counted in `len` but not yet written.
+        let mut run = rows.start..rows.start;
+        for r in rows {
+            let full = self.len + 1 > self.kv.capacity(d);
+            let reclaim = self.dead > 0 && (full || self.dead >= self.live());
+            if full || reclaim {
+                self.kv.write(self.len - run.len(), src, run.clone(), d)?;
+                run = r..r;
             }
+            if reclaim {
+                self.compact(d)?;
+            }
+            if self.len + 1 > self.kv.capacity(d) {
+                let grow = (self.len / 4).max(16);
+                self.kv.grow(self.len, self.len + grow, d)?;
+            }
+            run.end = r + 1;
+            self.len += 1;
+            self.dead += evict(r, self.live());
+            debug_assert!(self.dead <= self.len);
         }
-        for (h, (kb, vb)) in self.k.iter_mut().zip(self.v.iter_mut()).enumerate() {
-            let at = (h * rows + row) * d;
-            kb.extend_from_slice(&k[at..at + d]);
-            vb.extend_from_slice(&v[at..at + d]);
-        }
-        self.len += 1;
-    }
-
-    fn evict(&mut self, rows: usize) {
-        self.dead += rows;
-        debug_assert!(self.dead <= self.len);
+        self.kv.write(self.len - run.len(), src, run, d)
     }
 }
 
@@ -193,13 +381,17 @@ pub enum Logits {
 /// The batched KSA decode cache: per sequence (each with its own length) and
 /// per layer, the window text K/V and the summary K/V; see the module docs.
 ///
-/// K/V are kept in f32 host memory whatever the model's dtype (the CPU
-/// attention computes in f32 too). Two caches compare equal when they hold
-/// the same rows in the same buffers.
+/// K/V live in f32 host memory or in tensors on the model's device
+/// ([`Storage`]). Two caches compare equal when they hold the same rows in
+/// the same buffers. Cloning is cheap for tensor storage: a clone shares the
+/// tensors until either side writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KsaCache {
     spec: CacheSpec,
     capacity: Option<usize>,
+    storage: Storage,
+    /// Dtype and device of the model, which tensor storage must keep.
+    place: (DType, DeviceLocation),
     seqs: Vec<Sequence>,
 }
 
@@ -216,21 +408,40 @@ struct Plan {
     text_rows: Range<usize>,
 }
 
-/// One sequence's new K/V of one layer, `[kv_heads, rows, d]` per kind.
+/// One sequence's new K/V of one layer, `[kv_heads, rows, d]` per kind, in
+/// the cache's storage.
 struct Staged {
-    text_k: Vec<f32>,
-    text_v: Vec<f32>,
+    text: Kv,
     text_rows: usize,
-    sum_k: Vec<f32>,
-    sum_v: Vec<f32>,
+    sums: Kv,
     sum_rows: usize,
+}
+
+/// Whether the CUDA decode kernels take this model (dtype and head_dim).
+fn kernels_take(model: &Qwen3Ksa, dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::UnsupportedDType {
+            op: "KsaCache tensor storage on CUDA (the decode kernels)",
+            got: dtype,
+            supported: "bf16, f16",
+        });
+    }
+    let d = model.config().head_dim;
+    if d != 64 && d != 128 {
+        return Err(Error::UnsupportedHeadDim {
+            op: "KsaCache tensor storage on CUDA (the decode kernels)",
+            got: d,
+            supported: "64, 128",
+        });
+    }
+    Ok(())
 }
 
 impl KsaCache {
     /// An empty cache for `batch` sequences of `model` that grows as needed
     /// (the window stores stop growing at `W*C + C` rows per layer).
     pub fn new(model: &Qwen3Ksa, batch: usize) -> Result<Self> {
-        Self::build(model, batch, None)
+        Self::with_storage(model, batch, None, Self::default_storage(model)?)
     }
 
     /// An empty cache for `batch` sequences of at most `max_tokens` text
@@ -238,39 +449,88 @@ impl KsaCache {
     /// reallocates, and a step that would pass `max_tokens` is
     /// [`Error::CacheCapacity`].
     pub fn with_capacity(model: &Qwen3Ksa, batch: usize, max_tokens: usize) -> Result<Self> {
-        Self::build(model, batch, Some(max_tokens))
+        Self::with_storage(
+            model,
+            batch,
+            Some(max_tokens),
+            Self::default_storage(model)?,
+        )
     }
 
-    fn build(model: &Qwen3Ksa, batch: usize, capacity: Option<usize>) -> Result<Self> {
+    /// The storage [`KsaCache::new`] and [`KsaCache::with_capacity`] pick:
+    /// [`Storage::Tensors`] for a CUDA model the decode kernels take (bf16 or
+    /// f16, head_dim 64 or 128), else [`Storage::Host`].
+    pub fn default_storage(model: &Qwen3Ksa) -> Result<Storage> {
+        let table = model.summary_embeddings()?;
+        Ok(
+            if table.device().is_cuda() && kernels_take(model, table.dtype()).is_ok() {
+                Storage::Tensors
+            } else {
+                Storage::Host
+            },
+        )
+    }
+
+    /// A cache with the given storage; `max_tokens` as in
+    /// [`KsaCache::with_capacity`] (`None`: grow as needed). Tensor storage on
+    /// CUDA needs what the decode kernels take: a bf16 or f16 model
+    /// ([`Error::UnsupportedDType`]) with head_dim 64 or 128
+    /// ([`Error::UnsupportedHeadDim`]); on other devices it takes any float
+    /// dtype, which is how the tests run it without a GPU.
+    pub fn with_storage(
+        model: &Qwen3Ksa,
+        batch: usize,
+        max_tokens: Option<usize>,
+        storage: Storage,
+    ) -> Result<Self> {
         let spec = CacheSpec::of(model)?;
+        let table = model.summary_embeddings()?;
+        let (dtype, device) = (table.dtype(), table.device().clone());
+        if storage == Storage::Tensors && device.is_cuda() {
+            kernels_take(model, dtype)?;
+        }
         let (c, s) = (spec.ksa.chunk_size(), spec.ksa.summaries());
+        let (hkv, d) = (spec.kv_heads, spec.head_dim);
+        let store = |rows: usize| -> Result<Rows> {
+            Ok(Rows::new(match storage {
+                Storage::Host => Kv::host(hkv, d, rows),
+                Storage::Tensors => Kv::zeros(hkv, d, rows, dtype, &device)?,
+            }))
+        };
         let seqs = (0..batch)
-            .map(|_| Sequence {
-                len: 0,
-                layers: spec
+            .map(|_| {
+                let layers = spec
                     .layers
                     .iter()
                     .map(|&(kind, w)| {
-                        let (text, sums) = match (capacity, kind) {
+                        let (text, sums) = match (max_tokens, kind) {
                             (None, _) => (0, 0),
                             (Some(n), LayerKind::Bypass) => (n, 0),
                             (Some(n), LayerKind::Summary) => {
                                 (n.min(w.saturating_mul(c).saturating_add(c)), (n / c) * s)
                             }
                         };
-                        LayerStore {
-                            text: Rows::new(spec.kv_heads, spec.head_dim, text),
-                            summaries: Rows::new(spec.kv_heads, spec.head_dim, sums),
-                        }
+                        Ok(LayerStore {
+                            text: store(text)?,
+                            summaries: store(sums)?,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_>>()?;
+                Ok(Sequence { len: 0, layers })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Self {
             spec,
-            capacity,
+            capacity: max_tokens,
+            storage,
+            place: (dtype, device.location()),
             seqs,
         })
+    }
+
+    /// Where the K/V live.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// Number of sequences.
@@ -294,12 +554,13 @@ impl KsaCache {
         self.capacity
     }
 
-    /// Bytes of K/V memory allocated (buffer capacities, live or not).
+    /// Bytes of K/V memory allocated (buffer capacities, live or not; f32 on
+    /// the host, the model's dtype for tensor storage).
     pub fn bytes(&self) -> usize {
         self.seqs
             .iter()
             .flat_map(|s| &s.layers)
-            .map(|l| l.text.bytes() + l.summaries.bytes())
+            .map(|l| l.text.kv.bytes() + l.summaries.kv.bytes())
             .sum()
     }
 
@@ -308,7 +569,7 @@ impl KsaCache {
         self.seqs
             .iter()
             .filter_map(|s| s.layers.get(layer))
-            .map(|l| l.text.bytes() + l.summaries.bytes())
+            .map(|l| l.text.kv.bytes() + l.summaries.kv.bytes())
             .sum()
     }
 
@@ -350,7 +611,11 @@ impl KsaCache {
     /// Returns, per input, the logits selected by `which` (`[m, V']` or
     /// `[1, V']`; `[0, V']` for an empty input). Nothing changes on error:
     /// unknown or repeated sequence, token id out of range, capacity
-    /// exceeded, a model of another shape.
+    /// exceeded, a model of another shape, dtype or device (tensor storage),
+    /// or any failure while computing. The one exception is a device failure
+    /// (out of memory while a growing buffer is reallocated, a failed copy)
+    /// during the final writes of tensor storage, which may leave the step
+    /// partly written: drop the cache then.
     pub fn append(
         &mut self,
         model: &Qwen3Ksa,
@@ -369,7 +634,7 @@ impl KsaCache {
         let (hidden, staged) = self.compute(model, inputs, &plans)?;
         let logits = self.logits(model, &hidden, &plans, which)?;
         for (plan, staged) in plans.iter().zip(staged) {
-            self.commit(plan, staged);
+            self.commit(plan, staged)?;
         }
         Ok(logits)
     }
@@ -381,6 +646,14 @@ impl KsaCache {
             return Err(Error::CacheModelMismatch(format!(
                 "the cache was built for {:?}, the model is {:?}",
                 self.spec, spec
+            )));
+        }
+        let table = model.summary_embeddings()?;
+        let place = (table.dtype(), table.device().location());
+        if self.storage == Storage::Tensors && place != self.place {
+            return Err(Error::CacheModelMismatch(format!(
+                "the cache holds {:?} tensors on {:?}, the model is {:?} on {:?}",
+                self.place.0, self.place.1, place.0, place.1
             )));
         }
         let config = model.config();
@@ -521,7 +794,8 @@ impl KsaCache {
     }
 
     /// Splits a layer's new K/V (`[1, kv_heads, R, d]`, R packed rows) into
-    /// each input's text and summary rows, `[kv_heads, rows, d]` each.
+    /// each input's text and summary rows, `[kv_heads, rows, d]` each, in the
+    /// cache's storage.
     fn stage(
         &self,
         k: &Tensor,
@@ -531,38 +805,128 @@ impl KsaCache {
         is_summary: impl Fn(usize) -> bool,
     ) -> Result<Vec<Staged>> {
         let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let total = k.dim(2)?;
-        let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(plans
-            .iter()
-            .map(|p| {
-                let rows = rows_of(p);
-                let mut s = Staged {
-                    text_k: vec![],
-                    text_v: vec![],
-                    text_rows: 0,
-                    sum_k: vec![],
-                    sum_v: vec![],
-                    sum_rows: 0,
-                };
-                for h in 0..hkv {
-                    for r in rows.clone() {
-                        let at = (h * total + r) * d;
-                        let (dk, dv) = if is_summary(r) {
-                            (&mut s.sum_k, &mut s.sum_v)
-                        } else {
-                            (&mut s.text_k, &mut s.text_v)
-                        };
-                        dk.extend_from_slice(&k[at..at + d]);
-                        dv.extend_from_slice(&v[at..at + d]);
+        let split = |p: &Plan| -> (Vec<u32>, Vec<u32>) {
+            rows_of(p)
+                .map(|r| r as u32)
+                .partition(|&r| !is_summary(r as usize))
+        };
+        match self.storage {
+            Storage::Host => {
+                let total = k.dim(2)?;
+                let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let gather = |rows: &[u32]| {
+                    let pick = |x: &[f32]| -> Vec<Vec<f32>> {
+                        (0..hkv)
+                            .map(|h| {
+                                rows.iter()
+                                    .flat_map(|&r| {
+                                        let at = (h * total + r as usize) * d;
+                                        &x[at..at + d]
+                                    })
+                                    .copied()
+                                    .collect()
+                            })
+                            .collect()
+                    };
+                    Kv::Host {
+                        k: pick(&k),
+                        v: pick(&v),
                     }
-                }
-                s.text_rows = s.text_k.len() / (hkv * d).max(1);
-                s.sum_rows = s.sum_k.len() / (hkv * d).max(1);
-                s
-            })
-            .collect())
+                };
+                Ok(plans
+                    .iter()
+                    .map(|p| {
+                        let (text, sums) = split(p);
+                        Staged {
+                            text: gather(&text),
+                            text_rows: text.len(),
+                            sums: gather(&sums),
+                            sum_rows: sums.len(),
+                        }
+                    })
+                    .collect())
+            }
+            Storage::Tensors => {
+                let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
+                let gather = |rows: Vec<u32>| -> Result<Kv> {
+                    let n = rows.len();
+                    if n == 0 {
+                        // A view: no zero-size device allocation or launch.
+                        return Ok(Kv::tensor(k.narrow(1, 0, 0)?, v.narrow(1, 0, 0)?));
+                    }
+                    let idx = Tensor::from_vec(rows, n, k.device())?;
+                    Ok(Kv::tensor(
+                        k.index_select(&idx, 1)?,
+                        v.index_select(&idx, 1)?,
+                    ))
+                };
+                plans
+                    .iter()
+                    .map(|p| {
+                        let (text, sums) = split(p);
+                        let (text_rows, sum_rows) = (text.len(), sums.len());
+                        Ok(Staged {
+                            text: gather(text)?,
+                            text_rows,
+                            sums: gather(sums)?,
+                            sum_rows,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The keys of query row `r` of input `p` on layer `layer` as at most four
+    /// runs of storage rows: cached summaries, the step's new summaries,
+    /// cached window text, the step's new text. Both storages attend over
+    /// exactly these runs.
+    fn key_runs<'a>(
+        &self,
+        store: &'a LayerStore,
+        st: &'a Staged,
+        p: &Plan,
+        layout: &Layout,
+        ksa: bool,
+        (kind, slot): (SlotKind, usize),
+    ) -> Vec<(&'a Kv, Range<usize>)> {
+        let ranges = if ksa {
+            layout.key_ranges(slot).expect("slot in layout")
+        } else {
+            let SlotKind::Text { token } = kind else {
+                unreachable!("bypass layers query text only")
+            };
+            crate::KeyRanges {
+                summaries: 0..0,
+                text: 0..token + 1,
+            }
+        };
+        let (cached_sums, first) = (store.summaries.live(), p.old - store.text.live());
+        debug_assert!(ranges.text.start >= first || ranges.text.is_empty());
+        debug_assert!(ranges.summaries.len() <= cached_sums + st.sum_rows);
+        let mut runs = Vec::with_capacity(4);
+        let sums = ranges.summaries;
+        if sums.start < cached_sums.min(sums.end) {
+            let rows = store.summaries.at(sums.start..sums.end.min(cached_sums));
+            runs.push((&store.summaries.kv, rows));
+        }
+        let (a, b) = (sums.start.max(cached_sums), sums.end);
+        if a < b {
+            runs.push((&st.sums, a - cached_sums..b - cached_sums));
+        }
+        let text = ranges.text;
+        if text.start < text.end.min(p.old) {
+            let rows = store
+                .text
+                .at(text.start - first..text.end.min(p.old) - first);
+            runs.push((&store.text.kv, rows));
+        }
+        let (a, b) = (text.start.max(p.old), text.end);
+        if a < b {
+            runs.push((&st.text, a - p.old..b - p.old));
+        }
+        runs
     }
 
     /// Attention of one layer's new queries `q: [1, hq, R, d]` over the cache
@@ -577,13 +941,36 @@ impl KsaCache {
         ksa: bool,
         query: impl Fn(&Plan, usize) -> (SlotKind, usize) + Sync,
     ) -> Result<Tensor> {
+        let window = self.spec.layers[layer].1;
+        // Query rows of input `i`: its first packed row and how many.
+        let rows_of = |i: usize| {
+            let (p, st) = (&plans[i], &staged[i]);
+            let row0 = if ksa { p.rows.start } else { p.text_rows.start };
+            (row0, st.text_rows + if ksa { st.sum_rows } else { 0 })
+        };
+        if self.storage == Storage::Tensors {
+            // One entry per query row, in packed order (the plans' rows are).
+            let mut entries = Vec::with_capacity(q.dim(2)?);
+            for (i, p) in plans.iter().enumerate() {
+                let store = &self.seqs[p.seq].layers[layer];
+                let layout = p.layout.with_window(window);
+                for r in 0..rows_of(i).1 {
+                    let runs = self.key_runs(store, &staged[i], p, &layout, ksa, query(p, r));
+                    entries.push(runs.into_iter().map(|(kv, rows)| kv.rows(rows)).collect());
+                }
+            }
+            let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            return Ok(attend_entries(&q, &entries)?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()?);
+        }
         let (_, hq, total, d) = q.dims4()?;
         let hkv = self.spec.kv_heads;
         let group = hq / hkv;
         let dtype = q.dtype();
         let device = q.device().clone();
         let qd = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let window = self.spec.layers[layer].1;
         let scale = 1.0 / (d as f32).sqrt();
         let tasks: Vec<(usize, usize)> = (0..plans.len())
             .flat_map(|i| (0..hkv).map(move |g| (i, g)))
@@ -591,69 +978,19 @@ impl KsaCache {
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(i, g)| {
-                let (p, st) = (&plans[i], &staged[i]);
+                let p = &plans[i];
                 let store = &self.seqs[p.seq].layers[layer];
-                let (cached_sums, first) = (store.summaries.live(), p.old - store.text.live());
-                let n_rows = st.text_rows + if ksa { st.sum_rows } else { 0 };
+                let (row0, n_rows) = rows_of(i);
                 let layout = p.layout.with_window(window);
                 let mut out = vec![0.0f32; group * n_rows * d];
                 let (mut qbuf, mut obuf, mut scores) =
                     (vec![0.0f32; group * d], vec![0.0f32; group * d], Vec::new());
-                let row0 = if ksa { p.rows.start } else { p.text_rows.start };
                 for r in 0..n_rows {
-                    let (kind, slot) = query(p, r);
-                    let ranges = if ksa {
-                        layout.key_ranges(slot).expect("slot in layout")
-                    } else {
-                        let SlotKind::Text { token } = kind else {
-                            unreachable!("bypass layers query text only")
-                        };
-                        crate::KeyRanges {
-                            summaries: 0..0,
-                            text: 0..token + 1,
-                        }
-                    };
-                    debug_assert!(ranges.text.start >= first || ranges.text.is_empty());
-                    debug_assert!(ranges.summaries.len() <= cached_sums + st.sum_rows);
-                    let mut slices = Vec::with_capacity(4);
-                    let sums = ranges.summaries;
-                    if sums.start < cached_sums.min(sums.end) {
-                        slices.push(store.summaries.slice(
-                            g,
-                            sums.start..sums.end.min(cached_sums),
-                            d,
-                        ));
-                    }
-                    let (a, b) = (sums.start.max(cached_sums), sums.end);
-                    if a < b {
-                        slices.push(staged_slice(
-                            &st.sum_k,
-                            &st.sum_v,
-                            st.sum_rows,
-                            g,
-                            a - cached_sums..b - cached_sums,
-                            d,
-                        ));
-                    }
-                    let text = ranges.text;
-                    if text.start < text.end.min(p.old) {
-                        slices.push(store.text.slice(
-                            g,
-                            text.start - first..text.end.min(p.old) - first,
-                            d,
-                        ));
-                    }
-                    let (a, b) = (text.start.max(p.old), text.end);
-                    if a < b {
-                        slices.push(staged_slice(
-                            &st.text_k,
-                            &st.text_v,
-                            st.text_rows,
-                            g,
-                            a - p.old..b - p.old,
-                            d,
-                        ));
-                    }
+                    let slices: Vec<KvSlice<'_>> = self
+                        .key_runs(store, &staged[i], p, &layout, ksa, query(p, r))
+                        .into_iter()
+                        .map(|(kv, rows)| kv.slice(g, rows, d))
+                        .collect();
                     for j in 0..group {
                         let at = ((g * group + j) * total + row0 + r) * d;
                         qbuf[j * d..(j + 1) * d].copy_from_slice(&qd[at..at + d]);
@@ -669,9 +1006,7 @@ impl KsaCache {
             .collect();
         let mut out = vec![0.0f32; hq * total * d];
         for (&(i, g), res) in tasks.iter().zip(&results) {
-            let p = &plans[i];
-            let row0 = if ksa { p.rows.start } else { p.text_rows.start };
-            let n_rows = res.len() / (group * d);
+            let (row0, n_rows) = rows_of(i);
             for j in 0..group {
                 let at = ((g * group + j) * total + row0) * d;
                 out[at..at + n_rows * d]
@@ -723,53 +1058,43 @@ impl KsaCache {
     }
 
     /// Appends one input's new K/V to every layer and drops text that left
-    /// the window. Cannot fail: everything was checked and computed before.
-    fn commit(&mut self, plan: &Plan, staged: Vec<Staged>) {
-        let d = self.spec.head_dim;
+    /// the window. Everything was checked and computed before; only a device
+    /// failure of tensor storage can make it fail.
+    fn commit(&mut self, plan: &Plan, staged: Vec<Staged>) -> Result<()> {
+        let (spec, d) = (&self.spec, self.spec.head_dim);
         let seq = &mut self.seqs[plan.seq];
-        let c = self.spec.ksa.chunk_size();
+        let c = spec.ksa.chunk_size();
         for (l, (store, st)) in seq.layers.iter_mut().zip(staged).enumerate() {
             // The most text rows live at once during this commit: the window
             // plus a full current chunk, or everything on a bypass layer.
-            let peak = match self.spec.layers[l] {
+            let peak = match spec.layers[l] {
                 (LayerKind::Summary, w) => plan.new.min(w.saturating_mul(c).saturating_add(c)),
                 (LayerKind::Bypass, _) => plan.new,
             };
-            store.text.reserve(peak, d);
+            store.text.reserve(peak, d)?;
             store
                 .summaries
-                .reserve(store.summaries.live() + st.sum_rows, d);
-            for r in 0..st.sum_rows {
-                store
-                    .summaries
-                    .push(&st.sum_k, &st.sum_v, st.sum_rows, r, d);
-            }
-            for r in 0..st.text_rows {
-                store.text.push(&st.text_k, &st.text_v, st.text_rows, r, d);
+                .reserve(store.summaries.live() + st.sum_rows, d)?;
+            store
+                .summaries
+                .extend(&st.sums, 0..st.sum_rows, d, |_, _| 0)?;
+            store.text.extend(&st.text, 0..st.text_rows, d, |r, live| {
                 let n = plan.old + r + 1;
-                let first = n - store.text.live();
-                let keep = self.spec.window_first(l, n);
-                if keep > first {
-                    store.text.evict(keep - first);
-                }
-            }
+                spec.window_first(l, n).saturating_sub(n - live)
+            })?;
         }
         seq.len = plan.new;
+        Ok(())
     }
 }
 
-/// Rows `rows` of KV head `head` of staged `[heads, total, d]` K and V.
-fn staged_slice<'a>(
-    k: &'a [f32],
-    v: &'a [f32],
-    total: usize,
-    head: usize,
-    rows: Range<usize>,
-    d: usize,
-) -> KvSlice<'a> {
-    let r = (head * total + rows.start) * d..(head * total + rows.end) * d;
-    KvSlice {
-        k: &k[r.clone()],
-        v: &v[r],
+/// Attention of one query row per entry (`q: [n, hq, d]`) over its key runs:
+/// the CUDA decode kernels for CUDA tensors (one launch for all rows), the
+/// CPU implementation of the same interface elsewhere.
+fn attend_entries(q: &Tensor, entries: &[Vec<KvRows<'_>>]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return Ok(crate::cuda::decode::decode_attention(q, entries, None)?.0);
     }
+    crate::decode::attend_rows(q, entries, None)
 }

@@ -6,7 +6,14 @@
 //!
 //! [`attend`] is also the reference of the CUDA decode kernels
 //! (`crate::cuda::decode`, `kernels/ksa_decode.cu`), which take the same kind
-//! of slice lists as device addresses.
+//! of slice lists as device addresses: per query row a list of [`KvRows`]
+//! over cached tensors. [`attend_rows`] is the CPU implementation of exactly
+//! that interface, which a tensor-backed [`crate::KsaCache`] uses off CUDA.
+
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
 
 /// Contiguous K and V rows (`rows * head_dim` values each, row-major) of one
 /// KV head: one run of keys a query may attend to.
@@ -23,6 +30,135 @@ impl KvSlice<'_> {
     pub fn rows(&self, head_dim: usize) -> usize {
         self.k.len() / head_dim
     }
+}
+
+/// Rows `rows` of cached K and V, `[kv_heads, capacity, head_dim]` tensors:
+/// one run of a query row's keys. A ring that wraps is two `KvRows` of the
+/// same tensors. For the CUDA kernels (`crate::cuda::decode::decode_attention`)
+/// the tensors live on the query's CUDA device in its dtype with contiguous
+/// rows (the head stride may be anything that keeps heads 16-byte aligned);
+/// [`attend_rows`] takes any device, dtype and layout.
+#[derive(Debug, Clone)]
+pub struct KvRows<'a> {
+    /// Keys.
+    pub k: &'a Tensor,
+    /// Values.
+    pub v: &'a Tensor,
+    /// Rows of dimension 1 to attend to (may be empty).
+    pub rows: Range<usize>,
+}
+
+/// Attention of one query row per entry, `q: [n, q_heads, head_dim]`, over
+/// the keys `seqs[i]` of entry `i` (at least one key each), on the CPU in f32
+/// with [`attend`]: the inputs and output `o: [n, q_heads, head_dim]` (q's
+/// dtype and device) of `crate::cuda::decode::decode_attention`, for any
+/// device and float dtype. Scale `1/sqrt(head_dim)` unless given.
+pub fn attend_rows(q: &Tensor, seqs: &[Vec<KvRows<'_>>], scale: Option<f64>) -> Result<Tensor> {
+    let (n, hq, d) = q.dims3().map_err(|_| Error::Rank {
+        name: "q",
+        expected: 3,
+        layout: "[n, q_heads, head_dim]",
+        got: q.dims().to_vec(),
+    })?;
+    if seqs.len() != n {
+        return Err(Error::DimMismatch {
+            what: "query rows",
+            a: "q",
+            a_val: n,
+            b: "seqs",
+            b_val: seqs.len(),
+        });
+    }
+    // Every distinct tensor once on the host as f32 (a cache's window and
+    // summaries are shared by all query rows of a sequence).
+    let mut ids = vec![];
+    let mut host: Vec<(Vec<f32>, usize)> = vec![];
+    let mut kv_heads = None;
+    let mut runs: Vec<Vec<(usize, usize, Range<usize>)>> = Vec::with_capacity(n);
+    for (i, entry) in seqs.iter().enumerate() {
+        let mut mine = Vec::with_capacity(entry.len());
+        for r in entry {
+            let mut index = [0; 2];
+            for (slot, (name, t)) in index.iter_mut().zip([("k", r.k), ("v", r.v)]) {
+                let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
+                    name,
+                    expected: 3,
+                    layout: "[kv_heads, capacity, head_dim]",
+                    got: t.dims().to_vec(),
+                })?;
+                let h0 = *kv_heads.get_or_insert(h);
+                for (what, got, want, b) in [("kv heads", h, h0, "k"), ("head_dim", td, d, "q")] {
+                    if got != want {
+                        return Err(Error::DimMismatch {
+                            what,
+                            a: name,
+                            a_val: got,
+                            b,
+                            b_val: want,
+                        });
+                    }
+                }
+                if r.rows.start > r.rows.end || r.rows.end > cap {
+                    return Err(Error::DimMismatch {
+                        what: "cached rows",
+                        a: "rows.end",
+                        a_val: r.rows.end,
+                        b: name,
+                        b_val: cap,
+                    });
+                }
+                *slot = match ids.iter().position(|&id| id == t.id()) {
+                    Some(j) => j,
+                    None => {
+                        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        ids.push(t.id());
+                        host.push((data, cap));
+                        host.len() - 1
+                    }
+                };
+            }
+            mine.push((index[0], index[1], r.rows.clone()));
+        }
+        if mine.iter().all(|(_, _, rows)| rows.is_empty()) {
+            return Err(Error::DecodeSlices {
+                sequence: i,
+                reason: "no keys (a decode query always sees itself)".into(),
+            });
+        }
+        runs.push(mine);
+    }
+    let hkv = kv_heads.unwrap_or(1);
+    if hq % hkv != 0 {
+        return Err(Error::HeadsNotDivisible {
+            q_heads: hq,
+            kv_heads: hkv,
+        });
+    }
+    let group = hq / hkv;
+    let scale = scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32);
+    let qd = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0.0f32; n * hq * d];
+    out.par_chunks_mut(hq * d)
+        .zip(&runs)
+        .enumerate()
+        .for_each(|(i, (o, entry))| {
+            let mut scores = Vec::new();
+            for (g, o) in o.chunks_exact_mut(group * d).enumerate() {
+                let slices: Vec<KvSlice<'_>> = entry
+                    .iter()
+                    .map(|(ki, vi, rows)| {
+                        let at = |cap: usize| (g * cap + rows.start) * d..(g * cap + rows.end) * d;
+                        KvSlice {
+                            k: &host[*ki].0[at(host[*ki].1)],
+                            v: &host[*vi].0[at(host[*vi].1)],
+                        }
+                    })
+                    .collect();
+                let at = (i * hq + g * group) * d;
+                attend(&qd[at..at + group * d], d, &slices, scale, o, &mut scores);
+            }
+        });
+    Ok(Tensor::from_vec(out, (n, hq, d), q.device())?.to_dtype(q.dtype())?)
 }
 
 /// Softmax attention of the `group` query heads sharing one KV head over the
@@ -106,6 +242,97 @@ fn axpy(p: f32, v: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    /// `attend_rows` over runs of two tensors equals `attend` over the same
+    /// rows as slices; bad inputs are typed errors.
+    #[test]
+    fn attend_rows_matches_attend_and_checks_input() {
+        let (hq, hkv, d, cap) = (4, 2, 8, 5);
+        let val = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+        let (qv, kv, vv) = (
+            val(hq * d, 0.37),
+            val(hkv * cap * d, 0.11),
+            val(hkv * cap * d, 0.23),
+        );
+        let dev = Device::Cpu;
+        let q = Tensor::from_slice(&qv, (1, hq, d), &dev).unwrap();
+        let k = Tensor::from_slice(&kv, (hkv, cap, d), &dev).unwrap();
+        let v = Tensor::from_slice(&vv, (hkv, cap, d), &dev).unwrap();
+        let runs = |a: Range<usize>, b: Range<usize>| {
+            vec![vec![
+                KvRows {
+                    k: &k,
+                    v: &v,
+                    rows: a,
+                },
+                KvRows {
+                    k: &k,
+                    v: &v,
+                    rows: b,
+                },
+            ]]
+        };
+        let got: Vec<f32> = attend_rows(&q, &runs(0..2, 3..5), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let group = hq / hkv;
+        for g in 0..hkv {
+            let at = |r: Range<usize>| (g * cap + r.start) * d..(g * cap + r.end) * d;
+            let slices = [
+                KvSlice {
+                    k: &kv[at(0..2)],
+                    v: &vv[at(0..2)],
+                },
+                KvSlice {
+                    k: &kv[at(3..5)],
+                    v: &vv[at(3..5)],
+                },
+            ];
+            let mut out = vec![0.0; group * d];
+            let qg = &qv[g * group * d..(g + 1) * group * d];
+            attend(
+                qg,
+                d,
+                &slices,
+                1.0 / (d as f32).sqrt(),
+                &mut out,
+                &mut Vec::new(),
+            );
+            assert_eq!(&got[g * group * d..(g + 1) * group * d], &out[..]);
+        }
+        let err = |seqs: &[Vec<KvRows<'_>>], q: &Tensor| attend_rows(q, seqs, None).unwrap_err();
+        assert!(matches!(
+            err(&runs(0..0, 2..2), &q),
+            Error::DecodeSlices { sequence: 0, .. }
+        ));
+        assert!(matches!(
+            err(&runs(0..2, 4..6), &q),
+            Error::DimMismatch {
+                what: "cached rows",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&runs(0..2, 3..5), &q.squeeze(0).unwrap()),
+            Error::Rank { .. }
+        ));
+        assert!(matches!(
+            err(&[], &q),
+            Error::DimMismatch {
+                what: "query rows",
+                ..
+            }
+        ));
+        let q3 = Tensor::zeros((1, 3, d), DType::F32, &dev).unwrap();
+        assert!(matches!(
+            err(&runs(0..2, 3..5), &q3),
+            Error::HeadsNotDivisible { .. }
+        ));
+    }
 
     #[test]
     fn matches_naive_softmax_across_slices() {

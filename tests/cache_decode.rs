@@ -3,10 +3,17 @@
 //! plus decode steps or as several continued pieces; logits at every token equal
 //! `Qwen3Ksa::forward` over the whole text, and the cache holds exactly
 //! `min(n, W*C + n % C)` text and `S*floor(n/C)` summary rows per KSA layer.
+//!
+//! Both storages: host f32 buffers and tensors (here CPU tensors in f32, bf16
+//! and f16, attended by `ksa::decode::attend_rows` over the same per-row
+//! `KvRows` lists the CUDA kernels take), which must give the host's logits
+//! exactly. With feature `cuda` and a GPU, the same check runs with the model
+//! on CUDA in bf16, through the decode kernels.
 
 mod model_common;
 
 use candle_core::{DType, Device, Tensor};
+use ksa::cache::Storage;
 use ksa::model_config::LayerKind;
 use ksa::{KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
 use model_common::*;
@@ -25,6 +32,8 @@ struct Case {
     prompts: Vec<usize>,
     totals: Vec<usize>,
     pieces: Vec<usize>,
+    /// The tiny config's head_dim unless given (the CUDA kernels take 64 and 128).
+    head_dim: Option<usize>,
     seed: u64,
 }
 
@@ -49,14 +58,38 @@ fn config(case: &Case) -> Value {
         let freq: Vec<u64> = (0..layers).map(|i| (i != b) as u64).collect();
         c = with(&c, json!({ "summary_layer_freq": freq }));
     }
+    if let Some(d) = case.head_dim {
+        c = with(&c, json!({ "head_dim": d }));
+    }
     c
 }
 
-fn model(config: &Value, seed: u64, dtype: DType) -> Qwen3Ksa {
+fn model(config: &Value, seed: u64, dtype: DType, device: &Device) -> Qwen3Ksa {
     let weights = random_weights(&reference_tensors(config), seed);
     let cfg = Qwen3KsaConfig::from_json_str(&config.to_string()).unwrap();
-    let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, device);
     Qwen3Ksa::new(&cfg, vb).unwrap()
+}
+
+/// Where and how a run keeps its model and cache.
+struct Setup {
+    dtype: DType,
+    device: Device,
+    storage: Storage,
+    /// Largest allowed difference from the full forward, relative to the
+    /// logits' scale.
+    tol: f64,
+}
+
+impl Setup {
+    fn cpu(dtype: DType, storage: Storage, tol: f64) -> Self {
+        Self {
+            dtype,
+            device: Device::Cpu,
+            storage,
+            tol,
+        }
+    }
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
@@ -103,9 +136,12 @@ fn check_rows(cache: &KsaCache, model: &Qwen3Ksa) {
 /// forward; measured ~1e-6 relative, allowed 2e-5.
 const F32_TOL: f64 = 2e-5;
 
-fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
+/// Runs `case`; returns the largest relative difference from the full
+/// forward and every logit the cache returned, in order (f32).
+fn run(case: &Case, setup: &Setup) -> (f64, Vec<f32>) {
+    let (tol, storage) = (setup.tol, setup.storage);
     let cfg = config(case);
-    let model = model(&cfg, case.seed, dtype);
+    let model = model(&cfg, case.seed, setup.dtype, &setup.device);
     let batch = case.prompts.len();
     let texts: Vec<Vec<u32>> = (0..batch)
         .map(|b| ids(&token_ids(1, case.totals[b], 50, case.seed * 7 + b as u64)))
@@ -114,21 +150,27 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
         .iter()
         .map(|t| {
             model
-                .forward(&Tensor::from_slice(t, (1, t.len()), &Device::Cpu).unwrap())
+                .forward(&Tensor::from_slice(t, (1, t.len()), &setup.device).unwrap())
                 .unwrap()
         })
         .collect();
     let mut worst = 0f64;
+    let mut all = vec![];
+    let mut keep = |l: &Tensor| {
+        all.extend(ids_f32(l));
+    };
 
     // Prompts in one ragged append, then decode steps (sequences drop out as
     // they reach their length).
-    let mut cache = KsaCache::new(&model, batch).unwrap();
+    let mut cache = KsaCache::with_storage(&model, batch, None, storage).unwrap();
+    assert_eq!(cache.storage(), storage);
     let inputs: Vec<(usize, &[u32])> = (0..batch)
         .map(|b| (b, &texts[b][..case.prompts[b]]))
         .collect();
     let logits = cache.append(&model, &inputs, Logits::All).unwrap();
     for b in 0..batch {
         worst = worst.max(check(&logits[b], &want[b], 0, "prompt", tol));
+        keep(&logits[b]);
     }
     check_rows(&cache, &model);
     loop {
@@ -153,6 +195,7 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
         };
         for ((&b, &p), l) in active.iter().zip(&pos).zip(&logits) {
             worst = worst.max(check(l, &want[b], p, "decode", tol));
+            keep(l);
         }
         check_rows(&cache, &model);
     }
@@ -161,7 +204,7 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
     // into a cache of fixed capacity (window buffers of exactly W*C + C rows,
     // compacted in place): it must never reallocate.
     let longest = *case.totals.iter().max().unwrap();
-    let mut cache = KsaCache::with_capacity(&model, batch, longest).unwrap();
+    let mut cache = KsaCache::with_storage(&model, batch, Some(longest), storage).unwrap();
     let bytes = cache.bytes();
     let mut k = 0;
     while (0..batch).any(|b| cache.seq_len(b).unwrap() < case.totals[b]) {
@@ -179,11 +222,35 @@ fn run(case: &Case, dtype: DType, tol: f64) -> f64 {
         let logits = cache.append(&model, &inputs, Logits::All).unwrap();
         for ((&(b, _), &p), l) in inputs.iter().zip(&starts).zip(&logits) {
             worst = worst.max(check(l, &want[b], p, "pieces", tol));
+            keep(l);
         }
         check_rows(&cache, &model);
         assert_eq!(cache.bytes(), bytes, "a fixed-capacity cache reallocated");
     }
-    worst
+    (worst, all)
+}
+
+fn ids_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// bf16 and f16: both paths attend in f32 over the same rounded K/V but
+/// round their outputs after different summation orders, and one-ulp
+/// differences travel through the layers: measured ~3e-3 relative for bf16
+/// (2^-8 ulp), allowed 2e-2 for both.
+const HALF_TOL: f64 = 2e-2;
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        F32_TOL
+    } else {
+        HALF_TOL
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -222,6 +289,7 @@ fn case() -> impl Strategy<Value = Case> {
                         prompts,
                         totals,
                         pieces,
+                        head_dim: None,
                         seed,
                     }
                 },
@@ -233,8 +301,24 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn decode_equals_full_forward(case in case()) {
-        let worst = run(&case, DType::F32, F32_TOL);
+        let (worst, _) = run(&case, &Setup::cpu(DType::F32, Storage::Host, F32_TOL));
         eprintln!("C={} S={} W={:?} bypass={:?}: max relative diff {worst:.2e}", case.c, case.s, case.windows, case.bypass);
+    }
+
+    /// Tensor storage (CPU tensors, any float dtype) equals the full forward
+    /// and gives exactly the host storage's logits: the same key runs, read
+    /// from tensors through `attend_rows`.
+    #[test]
+    fn tensor_storage_equals_host_storage(
+        case in case(),
+        dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
+    ) {
+        let (worst, tensors) = run(&case, &Setup::cpu(dtype, Storage::Tensors, tol(dtype)));
+        let (_, host) = run(&case, &Setup::cpu(dtype, Storage::Host, tol(dtype)));
+        prop_assert_eq!(tensors.len(), host.len());
+        let same = tensors.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits());
+        prop_assert!(same, "tensor storage and host storage disagree");
+        eprintln!("{dtype:?} C={} S={} W={:?}: max relative diff {worst:.2e}", case.c, case.s, case.windows);
     }
 }
 
@@ -253,13 +337,64 @@ fn long_sequence_small_window() {
         prompts: vec![5, 13],
         totals: vec![41, 30],
         pieces: vec![3, 1, 7],
+        head_dim: None,
         seed: 3,
     };
-    let worst = run(&case, DType::F32, F32_TOL);
+    let (worst, _) = run(&case, &Setup::cpu(DType::F32, Storage::Host, F32_TOL));
     eprintln!("long sequence: max relative diff {worst:.2e}");
-    // bf16: both paths attend in f32 over the same bf16 K/V but round their
-    // bf16 outputs after different summation orders, and one-ulp differences
-    // (2^-8) travel through the layers: measured ~3e-3 relative, allowed 2e-2.
-    let worst = run(&case, DType::BF16, 2e-2);
-    eprintln!("long sequence, bf16: max relative diff {worst:.2e}");
+    for storage in [Storage::Host, Storage::Tensors] {
+        let (worst, _) = run(&case, &Setup::cpu(DType::BF16, storage, HALF_TOL));
+        eprintln!("long sequence, bf16, {storage:?}: max relative diff {worst:.2e}");
+    }
+}
+
+/// The model on CUDA in bf16 (head_dim 64): the default storage is tensors on
+/// the device, attended by the CUDA decode kernels; the logits equal the full
+/// forward's, and the host storage's on the same model within bf16 rounding.
+/// Prints `SKIP` and passes without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_bf16_cache_equals_full_forward() {
+    let device = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP: no CUDA device ({e})");
+            return;
+        }
+    };
+    let case = Case {
+        c: 4,
+        s: 2,
+        windows: vec![1, 0, 1000],
+        bypass: Some(1),
+        mix: true,
+        summary_norm: true,
+        positions: ("origin", "last_chunk_slice_right"),
+        prompts: vec![5, 13, 1],
+        totals: vec![41, 30, 23],
+        pieces: vec![3, 1, 7],
+        head_dim: Some(64),
+        seed: 3,
+    };
+    let cfg = config(&case);
+    let m = model(&cfg, case.seed, DType::BF16, &device);
+    assert_eq!(KsaCache::default_storage(&m).unwrap(), Storage::Tensors);
+    let setup = |storage| Setup {
+        dtype: DType::BF16,
+        device: device.clone(),
+        storage,
+        tol: HALF_TOL,
+    };
+    let (worst, tensors) = run(&case, &setup(Storage::Tensors));
+    let (_, host) = run(&case, &setup(Storage::Host));
+    let scale = host.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let diff = tensors
+        .iter()
+        .zip(&host)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= HALF_TOL as f32 * scale,
+        "CUDA kernels vs host storage: {diff:.2e}"
+    );
+    eprintln!("CUDA bf16: max relative diff {worst:.2e}, vs host storage {diff:.2e}");
 }

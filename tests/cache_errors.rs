@@ -1,22 +1,27 @@
 //! Cache memory accounting and bad input: typed errors that leave the cache
-//! exactly as it was.
+//! exactly as it was, for both storages (host buffers and, here, CPU tensors).
 
 mod model_common;
 
 use candle_core::{DType, Device};
+use ksa::cache::Storage;
 use ksa::{Error, KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
 use model_common::*;
 use serde_json::json;
 
 /// C = 4, S = 2; layer 0 has W = 1, layer 1 W = 1000 (whole context).
 fn model(windows: &str, seed: u64) -> Qwen3Ksa {
+    model_in(windows, seed, DType::F32)
+}
+
+fn model_in(windows: &str, seed: u64, dtype: DType) -> Qwen3Ksa {
     let c = with(
         &tiny_config(),
         json!({ "summary_sliding_chunk_num": windows }),
     );
     let weights = random_weights(&reference_tensors(&c), seed);
     let cfg = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap();
-    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
     Qwen3Ksa::new(&cfg, vb).unwrap()
 }
 
@@ -30,12 +35,18 @@ fn text(n: usize, seed: u64) -> Vec<u32> {
 
 #[test]
 fn memory_follows_window_and_summaries_whatever_the_batch() {
+    for storage in [Storage::Host, Storage::Tensors] {
+        memory_follows_window_and_summaries_whatever_the_batch_in(storage);
+    }
+}
+
+fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: Storage) {
     let model = model("[1, 1000]", 1);
     let (c, s, w, kv_row) = (4, 2, 1, 2 * 2 * 8 * 4); // K+V, 2 KV heads of 8, f32
     let long = text(40, 1);
     let short = text(9, 2);
     // Batched: two sequences, one long, one short, stepped together.
-    let mut batched = KsaCache::new(&model, 2).unwrap();
+    let mut batched = KsaCache::with_storage(&model, 2, None, storage).unwrap();
     batched
         .append(&model, &[(0, &long[..1]), (1, &short[..1])], Logits::Last)
         .unwrap();
@@ -56,7 +67,7 @@ fn memory_follows_window_and_summaries_whatever_the_batch() {
     // window) stays within twice the largest live rows.
     let live = (w * c + c) + s * (40 / c);
     let alone = |t: &[u32]| {
-        let mut cache = KsaCache::new(&model, 1).unwrap();
+        let mut cache = KsaCache::with_storage(&model, 1, None, storage).unwrap();
         for i in 0..t.len() {
             cache
                 .append(&model, &[(0, &t[i..i + 1])], Logits::Last)
@@ -77,18 +88,29 @@ fn memory_follows_window_and_summaries_whatever_the_batch() {
 
 #[test]
 fn fixed_capacity_never_reallocates_and_refuses_overflow() {
+    for storage in [Storage::Host, Storage::Tensors] {
+        fixed_capacity_never_reallocates_and_refuses_overflow_in(storage);
+    }
+}
+
+fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: Storage) {
     let model = model("[1, 1000]", 2);
     let t = text(21, 3);
-    let mut cache = KsaCache::with_capacity(&model, 1, 20).unwrap();
-    let bytes = cache.bytes();
     // Window store W*C + C = 8 rows and 10 summaries on layer 0; 20 text rows and 10 summaries on layer 1.
-    assert_eq!(bytes, (8 + 10 + 20 + 10) * 2 * 2 * 8 * 4);
-    cache.append(&model, &[(0, &t[..7])], Logits::Last).unwrap();
-    for i in 7..20 {
-        cache.step(&model, &t[i..i + 1]).unwrap();
-        assert_eq!(cache.bytes(), bytes, "reallocated at n = {}", i + 1);
-    }
-    let before = cache.clone();
+    let bytes = (8 + 10 + 20 + 10) * 2 * 2 * 8 * 4;
+    let full = || {
+        let mut cache = KsaCache::with_storage(&model, 1, Some(20), storage).unwrap();
+        assert_eq!(cache.bytes(), bytes);
+        cache.append(&model, &[(0, &t[..7])], Logits::Last).unwrap();
+        for i in 7..20 {
+            cache.step(&model, &t[i..i + 1]).unwrap();
+            assert_eq!(cache.bytes(), bytes, "reallocated at n = {}", i + 1);
+        }
+        cache
+    };
+    // Built twice rather than cloned: a clone of tensor storage shares the
+    // tensors, so it could not show a write.
+    let (mut cache, before) = (full(), full());
     let err = cache.step(&model, &t[20..21]).unwrap_err();
     assert!(
         matches!(
@@ -107,13 +129,24 @@ fn fixed_capacity_never_reallocates_and_refuses_overflow() {
 
 #[test]
 fn bad_input_is_a_typed_error_and_changes_nothing() {
+    for storage in [Storage::Host, Storage::Tensors] {
+        bad_input_is_a_typed_error_and_changes_nothing_in(storage);
+    }
+}
+
+fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: Storage) {
     let model = model("[1, 2]", 4);
     let t = text(11, 5);
-    let mut cache = KsaCache::with_capacity(&model, 2, 12).unwrap();
-    cache
-        .append(&model, &[(0, &t[..7]), (1, &t[..3])], Logits::Last)
-        .unwrap();
-    let before = cache.clone();
+    let started = || {
+        let mut cache = KsaCache::with_storage(&model, 2, Some(12), storage).unwrap();
+        cache
+            .append(&model, &[(0, &t[..7]), (1, &t[..3])], Logits::Last)
+            .unwrap();
+        cache
+    };
+    // Built twice rather than cloned: a clone of tensor storage shares the
+    // tensors, so it could not show a write.
+    let (mut cache, before) = (started(), started());
     let expect = |result: ksa::Result<Vec<candle_core::Tensor>>, check: &dyn Fn(&Error) -> bool| {
         let err = result.unwrap_err();
         assert!(check(&err), "unexpected error: {err}");
@@ -177,4 +210,52 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     // And the cache still works after the refusals.
     cache.step(&model, &t[..2]).unwrap();
     assert_eq!(cache.seq_len(0).unwrap(), 8);
+}
+
+/// Tensor storage counts the bytes of its dtype, keeps to the model's dtype
+/// and device, and clones share their tensors until one writes.
+#[test]
+fn tensor_storage_bytes_dtype_and_clones() {
+    let t = text(12, 7);
+    let f32_model = model("[1, 1000]", 3);
+    let bf16_model = model_in("[1, 1000]", 3, DType::BF16);
+    assert_eq!(
+        KsaCache::default_storage(&bf16_model).unwrap(),
+        Storage::Host
+    );
+    let host = KsaCache::with_capacity(&bf16_model, 1, 20).unwrap();
+    let mut cache = KsaCache::with_storage(&bf16_model, 1, Some(20), Storage::Tensors).unwrap();
+    assert_eq!(
+        cache.bytes() * 2,
+        host.bytes(),
+        "bf16 tensors vs f32 host buffers"
+    );
+    assert_eq!(cache.layer_bytes(0) * 2, host.layer_bytes(0));
+    cache
+        .append(&bf16_model, &[(0, &t[..5])], Logits::Last)
+        .unwrap();
+    let before = cache.clone();
+    let err = cache
+        .append(&f32_model, &[(0, &t[5..6])], Logits::Last)
+        .unwrap_err();
+    assert!(matches!(err, Error::CacheModelMismatch(_)), "{err}");
+    assert_eq!(cache, before);
+    // A clone shares the tensors until one side writes: stepping the clone
+    // (past the window: compaction moves rows) must not change what the
+    // original reads, so both then give the same logits for the same tokens.
+    let mut clone = cache.clone();
+    let logits = |c: &mut KsaCache| -> Vec<f32> {
+        let l = c
+            .append(&bf16_model, &[(0, &t[5..12])], Logits::All)
+            .unwrap();
+        l[0].to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let from_clone = logits(&mut clone);
+    assert_eq!(logits(&mut cache), from_clone);
+    assert_eq!(cache, clone);
 }

@@ -333,7 +333,10 @@ impl DecodeLaunch {
 }
 
 #[cfg(feature = "cuda")]
-pub use self::gpu::{decode_attention, KvRows};
+pub use self::gpu::decode_attention;
+/// The key runs [`decode_attention`] takes (also the CPU path's, [`crate::decode::attend_rows`]).
+#[cfg(feature = "cuda")]
+pub use crate::decode::KvRows;
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -342,6 +345,7 @@ mod gpu {
 
     use super::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice, Kernel};
     use crate::cuda::launch::{Arg, Elem};
+    use crate::decode::KvRows;
     use crate::{Error, Result};
     use candle_core::cuda_backend::cudarc::driver::{
         DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -349,24 +353,9 @@ mod gpu {
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Storage, Tensor};
-    use std::ops::Range;
 
     const MODULE: &str = "ksa_decode";
     const OP: &str = "ksa CUDA decode";
-
-    /// Rows `rows` of cached K and V, `[kv_heads, capacity, head_dim]` CUDA
-    /// tensors in the query's dtype with contiguous rows (the head stride may
-    /// be anything that keeps heads 16-byte aligned): one run of a sequence's
-    /// keys. A ring that wraps is two `KvRows` of the same tensors.
-    #[derive(Debug, Clone)]
-    pub struct KvRows<'a> {
-        /// Keys.
-        pub k: &'a Tensor,
-        /// Values.
-        pub v: &'a Tensor,
-        /// Rows of dimension 1 to attend to (may be empty).
-        pub rows: Range<usize>,
-    }
 
     /// Attention of one query token per sequence, `q: [n_seq, q_heads,
     /// head_dim]` (bf16 or f16, contiguous, CUDA), over the keys `seqs[i]` of
