@@ -54,7 +54,7 @@ pub mod schedule;
 pub use attention::{
     attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
 };
-pub use cache::{KsaCache, Logits};
+pub use cache::{KsaCache, Logits, Storage};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Sampling};
