@@ -161,7 +161,8 @@ impl Schedule {
     }
 
     /// The slot of text query `token` (a text index below
-    /// [`Schedule::text_queries`]): KSA interleaves summaries, causal does not.
+    /// [`Schedule::text_queries`], else it panics): KSA interleaves
+    /// summaries, causal does not.
     pub fn text_slot(&self, token: usize) -> usize {
         match self.pattern {
             Pattern::Ksa(layout) => layout
@@ -324,6 +325,7 @@ mod tests {
                     for row in 0..n {
                         let slot = layout.text_slot(row).unwrap();
                         assert_eq!(schedule.row_keys(row), layout.key_ranges(slot).unwrap());
+                        assert_eq!(schedule.text_slot(row), slot);
                     }
                     check(&schedule);
                     check(&Schedule::causal(n, tiles).unwrap());

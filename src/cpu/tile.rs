@@ -119,7 +119,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     schedule.key_tiles(tile, &mut sc.tiles);
     for kt in &sc.tiles {
         let keys = kt.len();
-        let base = ctx.schedule.gathered_row(kt.space, kt.start) * d;
+        let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
         matmul::scores(
             ctx.fast,
