@@ -2,6 +2,7 @@
 //! reference (itself spot-checked with central finite differences).
 
 use candle_core::{DType, Device, Tensor, Var};
+use ksa::schedule::{Schedule, TileSizes};
 use ksa::{reference, KsaConfig, Layout};
 use proptest::prelude::*;
 
@@ -127,13 +128,19 @@ fn tiled_backward_equals_reference_on_tile_edges() {
         usize,
     );
     let cases: [Case; 6] = [
-        (Some((8, 1, 40)), 700, 2, 4, 1, 32), // 4 text key tiles per query tile
+        (Some((8, 1, 40)), 700, 2, 4, 1, 32), // 3 text + 1 summary key tiles per query tile
         (Some((8, 2, 16)), 390, 1, 8, 2, 16), // S > 1, GQA 4:1 with 2 KV heads
         (None, 300, 1, 4, 1, 16),             // causal: 3 key tiles, diagonal edges
         (Some((4, 2, 0)), 150, 2, 2, 2, 32),  // W = 0: own chunk plus summaries
         (Some((5, 3, 100)), 203, 1, 4, 2, 16), // window beyond every chunk
         (Some((8, 1, 16)), 260, 2, 4, 2, 24), // d off the microkernel (gemm)
     ];
+    // The first case really has more than two key tiles per query tile.
+    let l = Layout::new(KsaConfig::new(8, 1, 40).unwrap(), 700).unwrap();
+    let schedule = Schedule::ksa(&l, TileSizes::default()).unwrap();
+    let mut tiles = Vec::new();
+    schedule.key_tiles(schedule.query_tiles() - 1, &mut tiles);
+    assert_eq!(tiles.len(), 4);
     for (i, (ksa, n, b, hq, hkv, d)) in cases.into_iter().enumerate() {
         let layout = ksa.map(|(c, s, w)| Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
         let len = layout.map_or(n, |l| l.len());
