@@ -129,8 +129,8 @@ pub(crate) fn attention_backward(
             || Scratch::new(&ctxs[0]),
             |sc, &(h, task)| {
                 let thread = rayon::current_thread_index().unwrap_or(0) % threads;
-                // Only this thread locks its partial (any other index is a
-                // foreign pool's, still correct through the lock).
+                // Indices are unique in the pool that runs this loop, so the
+                // lock is uncontended; it keeps any other caller correct.
                 let mut part = partials[thread]
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
