@@ -8,7 +8,8 @@
 //! FlashAttention-2's backward costs about 2.5x its forward.
 //!
 //! `cargo bench --bench backward`; set `KSA_BENCH_BACKWARD_4K_ONLY=1` to skip
-//! 16K (full causal's backward takes tens of seconds per call on 2 cores).
+//! 16K (full causal's forward + backward takes about 10 s per call on 2
+//! cores, so 16K runs about 3 minutes in all). Figures: `docs/training.md`.
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

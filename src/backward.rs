@@ -1,16 +1,39 @@
 //! Backward pass of KSA (and causal) attention on the CPU, FlashAttention-2
 //! style: probabilities are recomputed from the forward's saved log-sum-exp,
-//! only the key ranges the mask allows are visited, and nothing of size
-//! `N x N` is allocated. Compute is f32 whatever the input dtype.
+//! only the key tiles the forward's [`Schedule`] visits are touched, and
+//! nothing of size `N x N` is allocated. Compute is f32 whatever the input
+//! dtype.
 //!
-//! Work is split by (batch, key/value head): such a task owns the dK/dV rows
-//! of its KV head (every query head of the GQA group adds into them, so GQA
-//! gradients are summed without copies or atomics) and the dQ rows of its
-//! query heads.
+//! The work items are the forward's: per (batch, KV head), text query tiles
+//! of all `hq / hkv` query heads of the GQA group together, then groups of
+//! summary chunks. Per key tile a text tile runs five GEMM-shaped tile
+//! products (`matmul.rs`): `S = Q K^T`, `dP = dO V^T`, then, after the
+//! element-wise `P = exp(scale S - lse)`, `dS = P (dP - D)`:
+//! `dV += P^T dO`, `dK += dS^T Q` and `dQ += dS K`, one pass, nothing
+//! recomputed. A query tile owns its dQ rows. dK and dV rows are shared by
+//! every query tile that sees them, so each worker thread adds into its own
+//! dK/dV partial buffer (the GQA group's heads sum there without copies) and
+//! the partials are summed at the end. The alternative, key-major tasks that
+//! own dK/dV plus a second query-major pass for dQ, needs seven tile products
+//! instead of five (it recomputes `S`, `dP` and `P`) and a key-major
+//! schedule; adding just that recomputation to this pass took the backward
+//! from 2.6x to 3.6x the forward (median of 9 calls, KSA at 4K,
+//! `docs/training.md`). The partials cost `threads * 2 * N * d` floats per
+//! head in flight and one read each (under 2% of the backward at 4K).
 
 use crate::check::QkvDims;
+use crate::cpu::{self, matmul, simd, tile, Task};
 use crate::op::Mask;
+use crate::schedule::{KeySpace, KeyTile, Schedule, TileSizes};
 use rayon::prelude::*;
+use std::f32::consts::LOG2_E;
+use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
+
+/// Largest per-thread dK/dV partial (bytes) for which several heads run in
+/// one parallel pass; beyond it heads run one at a time, which bounds the
+/// partials to `threads * 2 * N * d` floats.
+const PASS_MAX_BYTES: usize = 8 << 20;
 
 /// Buffers are contiguous `[b, h, len, d]` (`lse`: `[b, hq, len]`).
 /// Gradients `(dq, dk, dv)` of `out = softmax(scale * q k^T + mask) v` given
@@ -34,82 +57,343 @@ pub(crate) fn attention_backward(
         len: n,
         head_dim: d,
     } = dims;
-    let g = hq / hkv;
     let head = n * d;
-    // One task per (batch, KV head): its dK, dV and the dQ of its g query heads.
-    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * hkv)
-        .into_par_iter()
-        .map(|task| {
-            let (bi, kh) = (task / hkv, task % hkv);
-            let kv_off = (bi * hkv + kh) * head;
-            let (kh_k, kh_v) = (&k[kv_off..kv_off + head], &v[kv_off..kv_off + head]);
-            let mut dk = vec![0f32; head];
-            let mut dv = vec![0f32; head];
-            let mut dq = vec![0f32; g * head];
-            for hg in 0..g {
-                let h = kh * g + hg;
-                let q_off = (bi * hq + h) * head;
-                let lse_off = (bi * hq + h) * n;
-                for i in 0..n {
-                    let row = q_off + i * d;
-                    let (qi, oi, doi) = (&q[row..row + d], &out[row..row + d], &dout[row..row + d]);
-                    let lse_i = lse[lse_off + i];
-                    // D_i = dO_i . O_i = sum_j P_ij dP_ij: the softmax Jacobian's shift.
-                    let di = dot(doi, oi);
-                    let dqi = &mut dq[hg * head + i * d..hg * head + (i + 1) * d];
-                    let mut visit = |run: std::ops::Range<usize>| {
-                        for j in run {
-                            let (kj, vj) = (&kh_k[j * d..(j + 1) * d], &kh_v[j * d..(j + 1) * d]);
-                            let p = (scale * dot(qi, kj) - lse_i).exp();
-                            let ds = p * (dot(doi, vj) - di);
-                            axpy(p, doi, &mut dv[j * d..(j + 1) * d]);
-                            axpy(ds, kj, dqi);
-                            axpy(ds, qi, &mut dk[j * d..(j + 1) * d]);
-                        }
-                    };
-                    match mask {
-                        Mask::Ksa(layout) => layout.for_each_key_run(i, visit),
-                        Mask::Causal => visit(0..i + 1),
-                    }
-                }
-            }
-            // d(scale * q.k) brings the scale into dQ and dK once, at the end.
-            dq.iter_mut().chain(dk.iter_mut()).for_each(|x| *x *= scale);
-            (dq, dk, dv)
-        })
-        .collect();
     let mut dq = vec![0f32; batch * hq * head];
-    let mut dk = Vec::with_capacity(batch * hkv * head);
-    let mut dv = Vec::with_capacity(batch * hkv * head);
-    for (task, (pq, pk, pv)) in parts.into_iter().enumerate() {
-        let (bi, kh) = (task / hkv, task % hkv);
-        let start = (bi * hq + kh * g) * head;
-        dq[start..start + g * head].copy_from_slice(&pq);
-        dk.extend_from_slice(&pk);
-        dv.extend_from_slice(&pv);
+    let mut dk = vec![0f32; batch * hkv * head];
+    let mut dv = vec![0f32; batch * hkv * head];
+    if head == 0 || hq == 0 {
+        return (dq, dk, dv);
+    }
+    let tiles = TileSizes::default();
+    let schedule = match mask {
+        Mask::Ksa(layout) => Schedule::ksa(&layout, tiles),
+        Mask::Causal => Schedule::causal(n, tiles),
+    }
+    .expect("the default tile sizes are nonzero");
+    let slots = cpu::gathered_slots(&schedule);
+    let identity = schedule.layout().is_none();
+    // Partials are in gathered order; output row `slot` sums gathered row
+    // `gathered[slot]` of each.
+    let mut gathered = vec![0usize; n];
+    for (row, &slot) in slots.iter().enumerate() {
+        gathered[slot as usize] = row;
+    }
+    let tasks = cpu::tasks(&schedule);
+    let threads = rayon::current_num_threads().max(1);
+    let heads_per_pass = (PASS_MAX_BYTES / (2 * head * std::mem::size_of::<f32>())).max(1);
+    let heads: Vec<usize> = (0..batch * hkv).collect();
+    let dq_rows = Rows(dq.as_mut_ptr());
+    let fast = matmul::fast_path(d);
+    for pass in heads.chunks(heads_per_pass) {
+        let kv: Vec<_> = pass
+            .iter()
+            .map(|&h| {
+                let rows = h * head..(h + 1) * head;
+                (
+                    cpu::gather(&k[rows.clone()], &slots, d, identity),
+                    cpu::gather(&v[rows], &slots, d, identity),
+                )
+            })
+            .collect();
+        let ctxs: Vec<Context> = pass
+            .iter()
+            .zip(&kv)
+            .map(|(&h, (kg, vg))| Context {
+                q,
+                out,
+                dout,
+                lse,
+                k: kg,
+                v: vg,
+                schedule: &schedule,
+                scale,
+                len: n,
+                d,
+                q_heads: hq,
+                batch: h / hkv,
+                first_head: (h % hkv) * (hq / hkv),
+                group: hq / hkv,
+                fast,
+                dq: dq_rows,
+            })
+            .collect();
+        // One dK|dV partial per worker thread, for all heads of the pass.
+        let partials: Vec<Mutex<Vec<f32>>> = (0..threads)
+            .map(|_| Mutex::new(vec![0f32; pass.len() * 2 * head]))
+            .collect();
+        let work: Vec<(usize, Task)> = tasks
+            .iter()
+            .flat_map(|&task| (0..pass.len()).map(move |h| (h, task)))
+            .collect();
+        work.par_iter().for_each_init(
+            || Scratch::new(&ctxs[0]),
+            |sc, &(h, task)| {
+                let thread = rayon::current_thread_index().unwrap_or(0) % threads;
+                // Indices are unique in the pool that runs this loop, so the
+                // lock is uncontended; it keeps any other caller correct.
+                let mut part = partials[thread]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let (dk, dv) = part[h * 2 * head..(h + 1) * 2 * head].split_at_mut(head);
+                match task {
+                    Task::Text(t) => text_tile(&ctxs[h], sc, t, dk, dv),
+                    Task::Summaries(c0, c1) => summary_chunks(&ctxs[h], sc, c0..c1, dk, dv),
+                }
+            },
+        );
+        let partials: Vec<Vec<f32>> = partials
+            .into_iter()
+            .map(|p| p.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        for (h, &global) in pass.iter().enumerate() {
+            let rows = global * head..(global + 1) * head;
+            // d(scale * q.k) brings the scale into dK (and dQ) once, here.
+            for (dst, offset, factor) in [
+                (&mut dk[rows.clone()], h * 2 * head, scale),
+                (&mut dv[rows], h * 2 * head + head, 1.0),
+            ] {
+                dst.par_chunks_mut(d)
+                    .with_min_len(64)
+                    .enumerate()
+                    .for_each(|(slot, row)| {
+                        let src = offset + gathered[slot] * d;
+                        for part in &partials {
+                            simd::axpy(factor, &part[src..src + d], row);
+                        }
+                    });
+            }
+        }
     }
     (dq, dk, dv)
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorize.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+/// The dQ buffer, written by parallel tasks each to its own rows.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: every (head, slot) row of dQ belongs to exactly one task (a text
+// query tile or a summary chunk group), and the buffer outlives the loop.
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+/// What every task of one (batch, KV head) shares.
+struct Context<'a> {
+    /// Queries, forward outputs and their gradients, `[b, hq, N, d]`.
+    q: &'a [f32],
+    out: &'a [f32],
+    dout: &'a [f32],
+    /// The forward's natural log-sum-exp, `[b, hq, N]`.
+    lse: &'a [f32],
+    /// This head's keys and values in gathered order.
+    k: &'a [f32],
+    v: &'a [f32],
+    schedule: &'a Schedule,
+    scale: f32,
+    len: usize,
+    d: usize,
+    q_heads: usize,
+    batch: usize,
+    /// The query heads `first_head..first_head + group` share this KV head.
+    first_head: usize,
+    group: usize,
+    fast: bool,
+    dq: Rows,
 }
 
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+impl Context<'_> {
+    /// Row of query head `head` at `slot` in `[b, hq, N, *]`.
+    fn row(&self, head: usize, slot: usize) -> usize {
+        (self.batch * self.q_heads + head) * self.len + slot
+    }
+
+    /// Loads row `r` of a tile: the query and `dO` rows of (`head`, `slot`),
+    /// its log-sum-exp in log2 units and `D = dO . O`, the softmax
+    /// Jacobian's shift (`sum_j P_j dP_j`).
+    fn load(&self, head: usize, slot: usize, r: usize, sc: &mut Scratch) {
+        let (row, d) = (self.row(head, slot), self.d);
+        let span = row * d..(row + 1) * d;
+        sc.q[r * d..(r + 1) * d].copy_from_slice(&self.q[span.clone()]);
+        sc.dout[r * d..(r + 1) * d].copy_from_slice(&self.dout[span.clone()]);
+        sc.lse2[r] = self.lse[row] * LOG2_E;
+        sc.delta[r] = simd::dot(&self.dout[span.clone()], &self.out[span]);
+    }
+
+    /// Writes `scale * dq` as the gradient of (`head`, `slot`).
+    fn store(&self, head: usize, slot: usize, dq: &[f32]) {
+        let row = self.row(head, slot);
+        // SAFETY: every (head, slot) row is written by exactly one task, and
+        // `row` indexes inside the buffer `attention_backward` allocated.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.dq.0.add(row * self.d), self.d) };
+        for (y, &x) in dst.iter_mut().zip(dq) {
+            *y = x * self.scale;
+        }
+    }
+}
+
+/// Per-thread buffers, reused across tasks. Tile rows are ordered (head,
+/// token) as in the forward.
+struct Scratch {
+    q: Vec<f32>,
+    dout: Vec<f32>,
+    dq: Vec<f32>,
+    lse2: Vec<f32>,
+    delta: Vec<f32>,
+    /// Scores, then probabilities `P`.
+    s: Vec<f32>,
+    /// `dO V^T`, then `dS`.
+    dp: Vec<f32>,
+    bounds: Vec<(usize, usize)>,
+    tiles: Vec<KeyTile>,
+    pack: Vec<f32>,
+    /// Gathered key rows of one summary query.
+    key_rows: Vec<usize>,
+}
+
+impl Scratch {
+    fn new(ctx: &Context<'_>) -> Self {
+        let sizes = ctx.schedule.tile_sizes();
+        let rows = ctx.group * sizes.query;
+        let scores = rows * matmul::score_stride(sizes.key);
+        Self {
+            q: vec![0.0; rows * ctx.d],
+            dout: vec![0.0; rows * ctx.d],
+            dq: vec![0.0; rows * ctx.d],
+            lse2: vec![0.0; rows],
+            delta: vec![0.0; rows],
+            s: vec![0.0; scores],
+            dp: vec![0.0; scores],
+            bounds: vec![(0, 0); rows],
+            tiles: Vec::new(),
+            pack: Vec::new(),
+            key_rows: Vec::new(),
+        }
+    }
+}
+
+/// Text query tile `tile` of all heads of the group against its key tiles:
+/// its dQ rows, and its share of `dk`, `dv` (this head's gathered partials).
+fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], dv: &mut [f32]) {
+    let (d, schedule, fast) = (ctx.d, ctx.schedule, ctx.fast);
+    let tokens = schedule.query_tile(tile);
+    let bq = tokens.len();
+    let rows = ctx.group * bq;
+    let stride = matmul::score_stride(schedule.tile_sizes().key);
+    for hh in 0..ctx.group {
+        for (i, token) in tokens.clone().enumerate() {
+            ctx.load(
+                ctx.first_head + hh,
+                schedule.text_slot(token),
+                hh * bq + i,
+                sc,
+            );
+        }
+    }
+    sc.dq[..rows * d].fill(0.0);
+    schedule.key_tiles(tile, &mut sc.tiles);
+    for kt in &sc.tiles {
+        let keys = kt.len();
+        let span = schedule.gathered_row(kt.space, kt.start) * d
+            ..schedule.gathered_row(kt.space, kt.end) * d;
+        let (k, v) = (&ctx.k[span.clone()], &ctx.v[span.clone()]);
+        matmul::scores(
+            fast,
+            rows,
+            keys,
+            d,
+            &sc.q,
+            k,
+            &mut sc.s,
+            stride,
+            &mut sc.pack,
+        );
+        matmul::scores(
+            fast,
+            rows,
+            keys,
+            d,
+            &sc.dout,
+            v,
+            &mut sc.dp,
+            stride,
+            &mut sc.pack,
+        );
+        tile::tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
+        simd::softmax_grad(
+            &mut sc.s,
+            &mut sc.dp,
+            stride,
+            keys,
+            &sc.bounds[..rows],
+            &sc.lse2[..rows],
+            &sc.delta[..rows],
+            ctx.scale * LOG2_E,
+        );
+        matmul::accumulate_transposed(
+            fast,
+            rows,
+            keys,
+            d,
+            &sc.s,
+            stride,
+            &sc.dout,
+            &mut dv[span.clone()],
+        );
+        matmul::accumulate_transposed(fast, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
+        matmul::accumulate(fast, rows, keys, d, &sc.dp, stride, k, &mut sc.dq);
+    }
+    for hh in 0..ctx.group {
+        for (i, token) in tokens.clone().enumerate() {
+            let r = hh * bq + i;
+            ctx.store(
+                ctx.first_head + hh,
+                schedule.text_slot(token),
+                &sc.dq[r * d..(r + 1) * d],
+            );
+        }
+    }
+}
+
+/// The summary queries of `chunks`: `C + j + 1` keys each, too few for a
+/// GEMM to pay off, so every (query, key) pair is direct.
+fn summary_chunks(
+    ctx: &Context<'_>,
+    sc: &mut Scratch,
+    chunks: Range<usize>,
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (d, schedule) = (ctx.d, ctx.schedule);
+    let layout = schedule.layout().expect("summary tasks exist for KSA only");
+    let factor = ctx.scale * LOG2_E;
+    for chunk in chunks {
+        for j in 0..layout.config().summaries() {
+            let keys = schedule
+                .summary_query_keys(chunk, j)
+                .expect("complete chunk");
+            let slot = layout.summary_slot(chunk, j).expect("complete chunk");
+            sc.key_rows.clear();
+            sc.key_rows
+                .extend(keys.text.map(|t| schedule.gathered_row(KeySpace::Text, t)));
+            sc.key_rows.extend(
+                keys.summaries
+                    .map(|s| schedule.gathered_row(KeySpace::Summary, s)),
+            );
+            for hh in 0..ctx.group {
+                let head = ctx.first_head + hh;
+                ctx.load(head, slot, 0, sc);
+                let (q, dout, dq) = (&sc.q[..d], &sc.dout[..d], &mut sc.dq[..d]);
+                dq.fill(0.0);
+                for &r in &sc.key_rows {
+                    let row = r * d..(r + 1) * d;
+                    let kr = &ctx.k[row.clone()];
+                    let p = simd::exp2(simd::dot(q, kr) * factor - sc.lse2[0]);
+                    let ds = p * (simd::dot(dout, &ctx.v[row.clone()]) - sc.delta[0]);
+                    simd::axpy(p, dout, &mut dv[row.clone()]);
+                    simd::axpy(ds, q, &mut dk[row]);
+                    simd::axpy(ds, kr, dq);
+                }
+                ctx.store(head, slot, &sc.dq[..d]);
+            }
+        }
     }
 }
 

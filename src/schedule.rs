@@ -160,6 +160,27 @@ impl Schedule {
         start..(start + self.tiles.query).min(self.text_queries())
     }
 
+    /// The slot of text query `token` (a text index below
+    /// [`Schedule::text_queries`], else it panics): KSA interleaves
+    /// summaries, causal does not.
+    pub fn text_slot(&self, token: usize) -> usize {
+        match self.pattern {
+            Pattern::Ksa(layout) => layout
+                .text_slot(token)
+                .expect("token is a text index below n"),
+            Pattern::Causal { .. } => token,
+        }
+    }
+
+    /// The row of key `key` of `space` in gathered order, where a head's
+    /// keys are stored as the text in text order, then the summary list.
+    pub fn gathered_row(&self, space: KeySpace, key: usize) -> usize {
+        match space {
+            KeySpace::Text => key,
+            KeySpace::Summary => self.text_queries() + key,
+        }
+    }
+
     /// The exact keys of text query `query` (a text index below
     /// [`Schedule::text_queries`]), in gathered coordinates.
     pub fn row_keys(&self, query: usize) -> KeyRanges {
@@ -304,6 +325,7 @@ mod tests {
                     for row in 0..n {
                         let slot = layout.text_slot(row).unwrap();
                         assert_eq!(schedule.row_keys(row), layout.key_ranges(slot).unwrap());
+                        assert_eq!(schedule.text_slot(row), slot);
                     }
                     check(&schedule);
                     check(&Schedule::causal(n, tiles).unwrap());

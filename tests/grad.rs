@@ -2,6 +2,7 @@
 //! reference (itself spot-checked with central finite differences).
 
 use candle_core::{DType, Device, Tensor, Var};
+use ksa::schedule::{Schedule, TileSizes};
 use ksa::{reference, KsaConfig, Layout};
 use proptest::prelude::*;
 
@@ -101,10 +102,81 @@ proptest! {
         let v = rand(&[b, 2, l.len(), d], seed + 2);
         let wt = rand(&[b, 2 * g, l.len(), d], seed + 3);
         let want = grads(|a, b, c| reference::attention(a, b, c, &l), &q, &k, &v, &wt);
-        let f32s = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let got = grads(|a, b, c| ksa::attention(a, b, c, &l), &f32s(&q), &f32s(&k), &f32s(&v), &wt);
         for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
             assert_close(&got[i], &want[i], 2e-4, name);
         }
     }
+}
+
+/// The fast backward against the f64 reference's autograd on shapes that
+/// reach every part of its tiling (64-query, 128-key tiles): lengths that are
+/// no multiple of either (partial last query tile, partial key tiles), full
+/// and edge key tiles, several key tiles per query tile, GQA 4:1, batch 2,
+/// `W = 0`, a window beyond every chunk, `S > 1`, causal attention, and head
+/// dims on the microkernel (multiples of 16) and off it. f32 inputs;
+/// tolerance 2e-4 of the largest gradient.
+#[test]
+fn tiled_backward_equals_reference_on_tile_edges() {
+    // (C, S, W) or None for causal; text tokens; batch; query, KV heads; d.
+    type Case = (
+        Option<(usize, usize, usize)>,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+    );
+    let cases: [Case; 6] = [
+        (Some((8, 1, 40)), 700, 2, 4, 1, 32), // 3 text + 1 summary key tiles per query tile
+        (Some((8, 2, 16)), 390, 1, 8, 2, 16), // S > 1, GQA 4:1 with 2 KV heads
+        (None, 300, 1, 4, 1, 16),             // causal: 3 key tiles, diagonal edges
+        (Some((4, 2, 0)), 150, 2, 2, 2, 32),  // W = 0: own chunk plus summaries
+        (Some((5, 3, 100)), 203, 1, 4, 2, 16), // window beyond every chunk
+        (Some((8, 1, 16)), 260, 2, 4, 2, 24), // d off the microkernel (gemm)
+    ];
+    // The first case really has more than two key tiles per query tile.
+    let l = Layout::new(KsaConfig::new(8, 1, 40).unwrap(), 700).unwrap();
+    let schedule = Schedule::ksa(&l, TileSizes::default()).unwrap();
+    let mut tiles = Vec::new();
+    schedule.key_tiles(schedule.query_tiles() - 1, &mut tiles);
+    assert_eq!(tiles.len(), 4);
+    for (i, (ksa, n, b, hq, hkv, d)) in cases.into_iter().enumerate() {
+        let layout = ksa.map(|(c, s, w)| Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
+        let len = layout.map_or(n, |l| l.len());
+        let seed = 100 * i as u64;
+        let q = rand(&[b, hq, len, d], seed);
+        let k = rand(&[b, hkv, len, d], seed + 1);
+        let v = rand(&[b, hkv, len, d], seed + 2);
+        let w = rand(&[b, hq, len, d], seed + 3);
+        let (want, got) = match layout {
+            Some(l) => (
+                grads(|a, b, c| reference::attention(a, b, c, &l), &q, &k, &v, &w),
+                grads(
+                    |a, b, c| ksa::attention(a, b, c, &l),
+                    &f32s(&q),
+                    &f32s(&k),
+                    &f32s(&v),
+                    &w,
+                ),
+            ),
+            None => (
+                grads(
+                    |a, b, c| reference::causal_attention(a, b, c, None),
+                    &q,
+                    &k,
+                    &v,
+                    &w,
+                ),
+                grads(ksa::causal_attention, &f32s(&q), &f32s(&k), &f32s(&v), &w),
+            ),
+        };
+        for (j, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            assert_close(&got[j], &want[j], 2e-4, &format!("case {i} {name}"));
+        }
+    }
+}
+
+fn f32s(x: &Tensor) -> Tensor {
+    x.to_dtype(DType::F32).unwrap()
 }

@@ -1,13 +1,17 @@
-//! The two tile products of attention, `S = Q K^T` and `O += P V`.
+//! The tile products of attention: `S = Q K^T` and `O += A B`, where `A` is
+//! read with any strides, so `O += P V` (forward, backward `dQ += dS K`) and
+//! `O += P^T X` (backward `dV += P^T dO`, `dK += dS^T Q`) are one product.
 //!
 //! On x86-64 with AVX2 and FMA and a head dim that is a multiple of 16 they
 //! run on a register-blocked microkernel written for exactly these shapes
-//! (6 rows x 16 columns of accumulators): `Q` and `P` are read in place, `V`
-//! rows already are the panel layout the kernel wants, and only the key tile
-//! is packed (transposed, once per tile product, `keys x d` floats against
-//! `rows x keys x d` FMAs). This avoids the general `gemm` crate's per-call
-//! packing of both operands, which the tile loop would pay once per key
-//! tile. Everywhere else the `gemm` crate computes the same products.
+//! (6 rows x 16 columns of accumulators): `A` is read in place (`P^T` is `P`
+//! with swapped strides; the kernel broadcasts single elements, so it needs
+//! no contiguous rows), `B` rows already are the panel layout the kernel
+//! wants, and only the key tile of `S = Q K^T` is packed (transposed, once
+//! per tile product, `keys x d` floats against `rows x keys x d` FMAs). This
+//! avoids the general `gemm` crate's per-call packing of both operands, which
+//! the tile loop would pay once per key tile. Everywhere else the `gemm`
+//! crate computes the same products.
 
 use gemm::{gemm, Parallelism};
 
@@ -66,8 +70,21 @@ pub(crate) fn scores(
                 panel[c * NR + jj] = x;
             }
         }
-        // SAFETY: AVX2/FMA checked by `fast_path`; bounds asserted above.
-        unsafe { avx2::scores(rows, panels, d, q, pack, s, stride) };
+        for p in 0..panels {
+            // SAFETY: AVX2/FMA checked by `fast_path`; panel `p` (d x 16) is
+            // inside `pack`, and the rows x 16 block at column 16p inside `s`
+            // because the stride is padded to whole panels (asserted).
+            unsafe {
+                avx2::rows(
+                    rows,
+                    d,
+                    (q.as_ptr(), d, 1),
+                    (pack.as_ptr().add(p * d * NR), NR),
+                    (s.as_mut_ptr().add(p * NR), stride),
+                    false,
+                )
+            };
+        }
         return;
     }
     let _ = (fast, pack);
@@ -99,7 +116,7 @@ pub(crate) fn scores(
 }
 
 /// `o[r * d + c] += sum_j p[r * stride + j] * v[j * d + c]` for `r < rows`,
-/// `j < keys`.
+/// `j < keys`: `O += P V`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate(
     fast: bool,
@@ -111,31 +128,75 @@ pub(crate) fn accumulate(
     v: &[f32],
     o: &mut [f32],
 ) {
-    assert!(p.len() >= (rows.max(1) - 1) * stride + keys && v.len() >= keys * d);
-    assert!(o.len() >= rows * d);
+    product(fast, rows, keys, d, (p, stride, 1), v, o);
+}
+
+/// `o[j * d + c] += sum_r p[r * stride + j] * x[r * d + c]` for `j < keys`,
+/// `r < rows`: `O += P^T X`, with `P` (rows x keys) read in place.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn accumulate_transposed(
+    fast: bool,
+    rows: usize,
+    keys: usize,
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    x: &[f32],
+    o: &mut [f32],
+) {
+    product(fast, keys, rows, d, (p, 1, stride), x, o);
+}
+
+/// `o[r * d + c] += sum_i a[r * rs + i * cs] * b[i * d + c]` for `r < m`,
+/// `i < depth`, `c < d`; `a` is `(data, rs, cs)`.
+fn product(
+    fast: bool,
+    m: usize,
+    depth: usize,
+    d: usize,
+    (a, rs, cs): (&[f32], usize, usize),
+    b: &[f32],
+    o: &mut [f32],
+) {
+    if m == 0 || depth == 0 || d == 0 {
+        return;
+    }
+    assert!(a.len() > (m - 1) * rs + (depth - 1) * cs);
+    assert!(b.len() >= depth * d && o.len() >= m * d);
     #[cfg(target_arch = "x86_64")]
     if fast {
-        // SAFETY: AVX2/FMA checked by `fast_path` (which also guarantees
-        // d % 16 == 0); bounds asserted above.
-        unsafe { avx2::accumulate(rows, keys, d, p, stride, v, o) };
+        for c in (0..d).step_by(NR) {
+            // SAFETY: AVX2/FMA checked by `fast_path` (which also guarantees
+            // d % 16 == 0, so columns c..c + 16 exist); bounds asserted above.
+            unsafe {
+                avx2::rows(
+                    m,
+                    depth,
+                    (a.as_ptr(), rs, cs),
+                    (b.as_ptr().add(c), d),
+                    (o.as_mut_ptr().add(c), d),
+                    true,
+                )
+            };
+        }
         return;
     }
     let _ = fast;
-    // SAFETY: O (rows x d) += P (rows x keys, stride `stride`) * V (keys x d),
-    // all inside their buffers (asserted).
+    // SAFETY: O (m x d) += A (m x depth, strides rs, cs) * B (depth x d), all
+    // inside their buffers (asserted).
     unsafe {
         gemm(
-            rows,
+            m,
             d,
-            keys,
+            depth,
             o.as_mut_ptr(),
             1,
             d as isize,
             true,
-            p.as_ptr(),
-            1,
-            stride as isize,
-            v.as_ptr(),
+            a.as_ptr(),
+            cs as isize,
+            rs as isize,
+            b.as_ptr(),
             1,
             d as isize,
             1.0,
@@ -150,91 +211,35 @@ pub(crate) fn accumulate(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR};
+    use super::MR;
     use std::arch::x86_64::*;
 
-    /// `S = Q K^T` over packed key panels (`panels` of `d x 16`).
+    /// One 16-column panel of `out (+)= A B` over `m` rows: `A` is `(ptr,
+    /// rs, cs)`, the panel of `B` is `(ptr, row stride)`, `out` is `(ptr, row
+    /// stride)`. Blocks of 6 rows, then one block for the remainder.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(
-        rows: usize,
-        panels: usize,
-        d: usize,
-        q: &[f32],
-        pack: &[f32],
-        s: &mut [f32],
-        stride: usize,
+    pub(super) unsafe fn rows(
+        m: usize,
+        depth: usize,
+        (a, a_rs, a_cs): (*const f32, usize, usize),
+        (b, b_rs): (*const f32, usize),
+        (out, out_rs): (*mut f32, usize),
+        accumulate: bool,
     ) {
-        for p in 0..panels {
-            let panel = pack.as_ptr().add(p * d * NR);
-            let mut r = 0;
-            while r + MR <= rows {
-                block::<MR>(
-                    q.as_ptr().add(r * d),
-                    d,
-                    1,
-                    panel,
-                    NR,
-                    d,
-                    s.as_mut_ptr().add(r * stride + p * NR),
-                    stride,
-                    false,
-                );
-                r += MR;
-            }
-            let left = rows - r;
-            let (qp, sp) = (
-                q.as_ptr().add(r * d),
-                s.as_mut_ptr().add(r * stride + p * NR),
-            );
-            match left {
-                0 => {}
-                1 => block::<1>(qp, d, 1, panel, NR, d, sp, stride, false),
-                2 => block::<2>(qp, d, 1, panel, NR, d, sp, stride, false),
-                3 => block::<3>(qp, d, 1, panel, NR, d, sp, stride, false),
-                4 => block::<4>(qp, d, 1, panel, NR, d, sp, stride, false),
-                _ => block::<5>(qp, d, 1, panel, NR, d, sp, stride, false),
-            }
+        let mut r = 0;
+        while r + MR <= m {
+            let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
+            block::<MR>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate);
+            r += MR;
         }
-    }
-
-    /// `O += P V`, V read in place (its rows are 16-column panels at stride d).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn accumulate(
-        rows: usize,
-        keys: usize,
-        d: usize,
-        p: &[f32],
-        stride: usize,
-        v: &[f32],
-        o: &mut [f32],
-    ) {
-        for c in (0..d).step_by(NR) {
-            let vp = v.as_ptr().add(c);
-            let mut r = 0;
-            while r + MR <= rows {
-                block::<MR>(
-                    p.as_ptr().add(r * stride),
-                    stride,
-                    1,
-                    vp,
-                    d,
-                    keys,
-                    o.as_mut_ptr().add(r * d + c),
-                    d,
-                    true,
-                );
-                r += MR;
-            }
-            let left = rows - r;
-            let (pp, op) = (p.as_ptr().add(r * stride), o.as_mut_ptr().add(r * d + c));
-            match left {
-                0 => {}
-                1 => block::<1>(pp, stride, 1, vp, d, keys, op, d, true),
-                2 => block::<2>(pp, stride, 1, vp, d, keys, op, d, true),
-                3 => block::<3>(pp, stride, 1, vp, d, keys, op, d, true),
-                4 => block::<4>(pp, stride, 1, vp, d, keys, op, d, true),
-                _ => block::<5>(pp, stride, 1, vp, d, keys, op, d, true),
-            }
+        let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
+        match m - r {
+            0 => {}
+            1 => block::<1>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+            2 => block::<2>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+            3 => block::<3>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+            4 => block::<4>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+            _ => block::<5>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
         }
     }
 
@@ -272,6 +277,62 @@ mod avx2 {
         for (r, acc) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.add(r * out_rs), acc[0]);
             _mm256_storeu_ps(out.add(r * out_rs + 8), acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104729) % 211) as f32 / 105.0 - 1.0)
+            .collect()
+    }
+
+    /// Every product on both paths (microkernel where the CPU has it, `gemm`
+    /// otherwise), with row counts that leave every remainder of the 6-row
+    /// blocks and key counts that are not whole panels, against plain sums.
+    #[test]
+    fn products_match_naive_sums() {
+        let d = 32;
+        for fast in [false, fast_path(d)] {
+            for rows in [1, 5, 6, 13, 20] {
+                for keys in [1, 7, 16, 37] {
+                    let stride = score_stride(keys);
+                    let (q, k) = (data(rows * d, 1), data(keys * d, 2));
+                    let mut s = vec![0.0; rows * stride];
+                    scores(fast, rows, keys, d, &q, &k, &mut s, stride, &mut Vec::new());
+                    let p = data(rows * stride, 3);
+                    let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
+                    let (o0, ot0) = (o.clone(), ot.clone());
+                    accumulate(fast, rows, keys, d, &p, stride, &k, &mut o);
+                    accumulate_transposed(fast, rows, keys, d, &p, stride, &q, &mut ot);
+                    for r in 0..rows {
+                        for j in 0..keys {
+                            let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();
+                            assert!((s[r * stride + j] - want).abs() < 1e-4, "{fast} s");
+                        }
+                        for c in 0..d {
+                            let want: f32 = o0[r * d + c]
+                                + (0..keys)
+                                    .map(|j| p[r * stride + j] * k[j * d + c])
+                                    .sum::<f32>();
+                            assert!((o[r * d + c] - want).abs() < 1e-4, "{fast} pv");
+                        }
+                    }
+                    for j in 0..keys {
+                        for c in 0..d {
+                            let want: f32 = ot0[j * d + c]
+                                + (0..rows)
+                                    .map(|r| p[r * stride + j] * q[r * d + c])
+                                    .sum::<f32>();
+                            assert!((ot[j * d + c] - want).abs() < 1e-4, "{fast} ptx");
+                        }
+                    }
+                }
+            }
         }
     }
 }

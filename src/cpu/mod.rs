@@ -17,9 +17,9 @@
 //! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
 //! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
-mod matmul;
-mod simd;
-mod tile;
+pub(crate) mod matmul;
+pub(crate) mod simd;
+pub(crate) mod tile;
 
 use crate::check::{check_qkv, QkvDims};
 use crate::layout::Layout;
@@ -263,7 +263,7 @@ pub(crate) fn forward_vecs<T: Element>(
 
 /// Gathered row `g` of a head's keys (or values): text rows in text order,
 /// then summaries chunk-major. The slot of each gathered row.
-fn gathered_slots(schedule: &Schedule) -> Vec<u32> {
+pub(crate) fn gathered_slots(schedule: &Schedule) -> Vec<u32> {
     match schedule.layout() {
         Some(layout) => {
             let mut slots = layout.text_slots();
@@ -276,7 +276,12 @@ fn gathered_slots(schedule: &Schedule) -> Vec<u32> {
 
 /// One head's K or V (`[N, d]`, slot order) in gathered order as f32,
 /// borrowed when no reordering or conversion is needed.
-fn gather<'a, T: Element>(src: &'a [T], slots: &[u32], d: usize, identity: bool) -> Cow<'a, [f32]> {
+pub(crate) fn gather<'a, T: Element>(
+    src: &'a [T],
+    slots: &[u32],
+    d: usize,
+    identity: bool,
+) -> Cow<'a, [f32]> {
     if identity {
         if let Some(x) = T::as_f32(src) {
             return Cow::Borrowed(x);
@@ -308,15 +313,29 @@ pub(crate) struct Out<T> {
 unsafe impl<T: Send> Send for Out<T> {}
 unsafe impl<T: Send> Sync for Out<T> {}
 
-/// Work items of one (batch, key/value head): text query tiles, heaviest
-/// (last) first so the pool ends balanced, then groups of summary chunks.
+/// A work item of one (batch, key/value head): a text query tile, or the
+/// summary queries of a range of chunks.
 #[derive(Clone, Copy)]
-enum Task {
+pub(crate) enum Task {
     Text(usize),
     Summaries(usize, usize),
 }
 
 const SUMMARY_CHUNKS_PER_TASK: usize = 256;
+
+/// The work items of one head (forward and backward): text query tiles,
+/// heaviest (last) first so the pool ends balanced, then groups of summary
+/// chunks.
+pub(crate) fn tasks(schedule: &Schedule) -> Vec<Task> {
+    let chunks = schedule.summary_query_chunks();
+    let mut tasks: Vec<Task> = (0..schedule.query_tiles()).rev().map(Task::Text).collect();
+    tasks.extend(
+        (0..chunks)
+            .step_by(SUMMARY_CHUNKS_PER_TASK)
+            .map(|c| Task::Summaries(c, (c + SUMMARY_CHUNKS_PER_TASK).min(chunks))),
+    );
+    tasks
+}
 
 /// Largest per-head gathered K/V (bytes) for which heads run in parallel.
 const PARALLEL_HEADS_MAX_BYTES: usize = 4 << 20;
@@ -346,13 +365,7 @@ fn forward<T: Element>(
     }
     let slots = gathered_slots(schedule);
     let identity = schedule.layout().is_none();
-    let chunks = schedule.summary_query_chunks();
-    let mut tasks: Vec<Task> = (0..schedule.query_tiles()).rev().map(Task::Text).collect();
-    tasks.extend(
-        (0..chunks)
-            .step_by(SUMMARY_CHUNKS_PER_TASK)
-            .map(|c| Task::Summaries(c, (c + SUMMARY_CHUNKS_PER_TASK).min(chunks))),
-    );
+    let tasks = tasks(schedule);
     let ptr = Out {
         out: out.as_mut_ptr(),
         lse: lse.as_mut_ptr(),

@@ -1,71 +1,111 @@
-//! Row-wise softmax work of a score tile, vectorized by the compiler under
-//! runtime-detected target features (the crate is built for baseline x86-64,
+//! Row-wise softmax work of a score tile (forward and backward) and the
+//! vector helpers of the direct summary-query paths, vectorized by the
+//! compiler under runtime-detected target features (the crate is built for baseline x86-64,
 //! so without this the exponentials would run 4 lanes wide at best).
 
-/// Online-softmax update of one score tile, in place.
-///
-/// `s` holds `m.len()` rows of `stride` scores each, already in log2 units
-/// (scale times `log2(e)` folded into the queries); only the first `len`
-/// columns are live. Row `r` may see columns `bounds[r].0..bounds[r].1`.
-/// On return the row holds `2^(s - m_new)` inside its bounds and 0 outside
-/// (the weights the P*V product needs), `m` and `l` are the running max and
-/// sum, and the row of `o` (`d` wide) is rescaled to the new max.
+/// Defines `pub(crate) fn $name(args)` that runs `$body` (an `#[inline(always)]`
+/// function) compiled for AVX-512, for AVX2 + FMA or for baseline x86-64,
+/// whichever the CPU supports.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+dispatch! {
+    /// Online-softmax update of one score tile, in place.
+    ///
+    /// `s` holds `m.len()` rows of `stride` scores each, already in log2 units
+    /// (scale times `log2(e)` folded into the queries); only the first `len`
+    /// columns are live. Row `r` may see columns `bounds[r].0..bounds[r].1`.
+    /// On return the row holds `2^(s - m_new)` inside its bounds and 0 outside
+    /// (the weights the P*V product needs), `m` and `l` are the running max and
+    /// sum, and the row of `o` (`d` wide) is rescaled to the new max.
+    softmax_update => softmax_update_impl(
+        s: &mut [f32],
+        stride: usize,
+        len: usize,
+        bounds: &[(usize, usize)],
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+        d: usize,
+    )
+}
+
+dispatch! {
+    /// The backward's softmax step of one tile, in place: `s` holds raw
+    /// scores `q.k` and `dp` holds `dO.v` (rows of `stride`, `len` live
+    /// columns). Inside row `r`'s bounds, `s` becomes the probability
+    /// `P = 2^(factor * s - lse2[r])` (`factor` = scale * log2(e), `lse2` the
+    /// forward's log-sum-exp in log2 units) and `dp` becomes
+    /// `dS = P * (dp - delta[r])`; outside both are 0, so the tile products
+    /// that follow need no mask.
+    softmax_grad => softmax_grad_impl(
+        s: &mut [f32],
+        dp: &mut [f32],
+        stride: usize,
+        len: usize,
+        bounds: &[(usize, usize)],
+        lse2: &[f32],
+        delta: &[f32],
+        factor: f32,
+    )
+}
+
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn softmax_update(
+fn softmax_grad_impl(
     s: &mut [f32],
+    dp: &mut [f32],
     stride: usize,
     len: usize,
     bounds: &[(usize, usize)],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
+    lse2: &[f32],
+    delta: &[f32],
+    factor: f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { softmax_update_avx512(s, stride, len, bounds, m, l, o, d) };
+    for (r, &(a, b)) in bounds.iter().enumerate() {
+        let p = &mut s[r * stride..r * stride + len];
+        let g = &mut dp[r * stride..r * stride + len];
+        let b = b.max(a);
+        for row in [&mut *p, &mut *g] {
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { softmax_update_avx2(s, stride, len, bounds, m, l, o, d) };
+        let (shift, dr) = (lse2[r], delta[r]);
+        for (x, y) in p[a..b].iter_mut().zip(&mut g[a..b]) {
+            *x = exp2(*x * factor - shift);
+            *y = *x * (*y - dr);
         }
     }
-    softmax_update_impl(s, stride, len, bounds, m, l, o, d)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn softmax_update_avx512(
-    s: &mut [f32],
-    stride: usize,
-    len: usize,
-    bounds: &[(usize, usize)],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
-) {
-    softmax_update_impl(s, stride, len, bounds, m, l, o, d)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn softmax_update_avx2(
-    s: &mut [f32],
-    stride: usize,
-    len: usize,
-    bounds: &[(usize, usize)],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
-) {
-    softmax_update_impl(s, stride, len, bounds, m, l, o, d)
 }
 
 #[inline(always)]
@@ -161,6 +201,34 @@ pub(crate) fn exp2(x: f32) -> f32 {
                     + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));
     // n = -127 gives a zero exponent field: exactly 0.
     f32::from_bits(((n + 127) << 23) as u32) * p
+}
+
+/// `a . b`.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the compiler can vectorize the reduction.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a * x`.
+#[inline]
+pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
 }
 
 #[cfg(test)]

@@ -29,21 +29,6 @@ pub(crate) struct Context<'a, T> {
 }
 
 impl<T: Element> Context<'_, T> {
-    fn text_slot(&self, token: usize) -> usize {
-        match self.schedule.layout() {
-            Some(layout) => layout.text_slot(token).expect("token < n"),
-            None => token,
-        }
-    }
-
-    /// Gathered row of key `key` of `space`.
-    fn key_row(&self, space: KeySpace, key: usize) -> usize {
-        match space {
-            KeySpace::Text => key,
-            KeySpace::Summary => self.schedule.text_queries() + key,
-        }
-    }
-
     /// Offset of the row of query head `head` at `slot` in `[b, hq, N, *]`.
     fn row(&self, head: usize, slot: usize) -> usize {
         (self.batch * self.q_heads + head) * self.len + slot
@@ -123,7 +108,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             let r = hh * bq + i;
             ctx.load_query(
                 ctx.first_head + hh,
-                ctx.text_slot(token),
+                schedule.text_slot(token),
                 &mut sc.q[r * d..(r + 1) * d],
             );
         }
@@ -134,7 +119,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     schedule.key_tiles(tile, &mut sc.tiles);
     for kt in &sc.tiles {
         let keys = kt.len();
-        let base = ctx.key_row(kt.space, kt.start) * d;
+        let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
         matmul::scores(
             ctx.fast,
@@ -147,23 +132,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             stride,
             &mut sc.pack,
         );
-        for (i, token) in tokens.clone().enumerate() {
-            let bound = if kt.full {
-                (0, keys)
-            } else {
-                let ranges = schedule.row_keys(token);
-                let range = match kt.space {
-                    KeySpace::Summary => ranges.summaries,
-                    KeySpace::Text => ranges.text,
-                };
-                let a = range.start.clamp(kt.start, kt.end) - kt.start;
-                let b = range.end.clamp(kt.start, kt.end) - kt.start;
-                (a, b.max(a))
-            };
-            for hh in 0..ctx.group {
-                sc.bounds[hh * bq + i] = bound;
-            }
-        }
+        tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_update(
             &mut sc.s,
             stride,
@@ -181,7 +150,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             let r = hh * bq + i;
             ctx.store(
                 ctx.first_head + hh,
-                ctx.text_slot(token),
+                schedule.text_slot(token),
                 &sc.o[r * d..(r + 1) * d],
                 sc.m[r],
                 sc.l[r],
@@ -214,15 +183,21 @@ pub(crate) fn summary_chunks<T: Element>(
             let slot = layout.summary_slot(chunk, j).expect("complete chunk");
             let rows = &mut sc.key_rows;
             rows.clear();
-            rows.extend(keys.text.map(|t| ctx.key_row(KeySpace::Text, t)));
-            rows.extend(keys.summaries.map(|s| ctx.key_row(KeySpace::Summary, s)));
+            rows.extend(
+                keys.text
+                    .map(|t| ctx.schedule.gathered_row(KeySpace::Text, t)),
+            );
+            rows.extend(
+                keys.summaries
+                    .map(|s| ctx.schedule.gathered_row(KeySpace::Summary, s)),
+            );
             sc.scores.resize(rows.len(), 0.0);
             let scores = &mut sc.scores[..];
             for hh in 0..ctx.group {
                 let head = ctx.first_head + hh;
                 ctx.load_query(head, slot, qrow);
                 for (score, &r) in scores.iter_mut().zip(rows.iter()) {
-                    *score = dot(qrow, &ctx.k[r * d..(r + 1) * d]);
+                    *score = simd::dot(qrow, &ctx.k[r * d..(r + 1) * d]);
                 }
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 acc.fill(0.0);
@@ -230,9 +205,7 @@ pub(crate) fn summary_chunks<T: Element>(
                 for (&score, &r) in scores.iter().zip(rows.iter()) {
                     let p = simd::exp2(score - m);
                     l += p;
-                    for (a, &x) in acc.iter_mut().zip(&ctx.v[r * d..(r + 1) * d]) {
-                        *a += p * x;
-                    }
+                    simd::axpy(p, &ctx.v[r * d..(r + 1) * d], acc);
                 }
                 ctx.store(head, slot, acc, m, l);
             }
@@ -240,20 +213,33 @@ pub(crate) fn summary_chunks<T: Element>(
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent sums so the compiler can vectorize the reduction.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// The columns of key tile `kt` that each row of a query tile over `tokens`
+/// may see, `(start, end)` relative to the tile, for rows ordered (head,
+/// token) over `group` heads: all of them for a full tile, the row's clipped
+/// [`Schedule::row_keys`] for an edge tile.
+pub(crate) fn tile_bounds(
+    schedule: &Schedule,
+    tokens: Range<usize>,
+    kt: &KeyTile,
+    group: usize,
+    bounds: &mut [(usize, usize)],
+) {
+    let bq = tokens.len();
+    for (i, token) in tokens.enumerate() {
+        let bound = if kt.full {
+            (0, kt.len())
+        } else {
+            let ranges = schedule.row_keys(token);
+            let range = match kt.space {
+                KeySpace::Summary => ranges.summaries,
+                KeySpace::Text => ranges.text,
+            };
+            let a = range.start.clamp(kt.start, kt.end) - kt.start;
+            let b = range.end.clamp(kt.start, kt.end) - kt.start;
+            (a, b.max(a))
+        };
+        for hh in 0..group {
+            bounds[hh * bq + i] = bound;
         }
     }
-    acc.iter().sum::<f32>() + tail
 }
