@@ -10,9 +10,9 @@
 //! and `dO V^T` (3 more matmuls per tile visit on top of 5, i.e. 4x the
 //! forward's tensor work instead of 2.5x; `docs/cuda.md` has the counters).
 
-use super::launch::{Arg, Elem, Strides, THREADS};
+use super::launch::{check_heads, within, Arg, Elem, Strides, THREADS};
 use super::schedule::{KeyMajorSchedule, MaskRule, Schedule, BLOCK_K};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Everything about one backward call except the device pointers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,33 +147,20 @@ impl BwdLaunch {
     /// schedule with the backward's query tiles and inverts it).
     pub fn new(rule: MaskRule, problem: &BwdProblem) -> Result<Self> {
         let p = problem;
-        if p.head_dim != 64 && p.head_dim != 128 {
-            return Err(Error::UnsupportedHeadDim {
-                op: "ksa CUDA attention backward",
-                got: p.head_dim,
-                supported: "64, 128",
-            });
-        }
-        if p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible {
-                q_heads: p.q_heads,
-                kv_heads: p.kv_heads,
-            });
-        }
+        check_heads(
+            "ksa CUDA attention backward",
+            p.head_dim,
+            p.q_heads,
+            p.kv_heads,
+        )?;
         // Grid y/z limits, and the dQ conversion's 1-D grid of 4 elements per thread.
-        for (what, got, limit) in [
-            ("query heads of a CUDA launch", p.q_heads, 65_535),
-            ("batch of a CUDA launch", p.batch, 65_535),
-            (
-                "elements of a CUDA backward's dq",
-                p.batch * p.q_heads * rule.len() * p.head_dim,
-                (u32::MAX as usize >> 1) * 4 * THREADS as usize,
-            ),
-        ] {
-            if got > limit {
-                return Err(Error::TooLarge { what, got, limit });
-            }
-        }
+        within("query heads of a CUDA launch", p.q_heads, 65_535)?;
+        within("batch of a CUDA launch", p.batch, 65_535)?;
+        within(
+            "elements of a CUDA backward's dq",
+            p.batch * p.q_heads * rule.len() * p.head_dim,
+            (u32::MAX as usize >> 1) * 4 * THREADS as usize,
+        )?;
         let forward = Schedule::with_block_q(rule, block_q(p.head_dim))?;
         let schedule = KeyMajorSchedule::from_forward(&forward);
         let (tiles, entries) = schedule.gpu_tables();
@@ -288,6 +275,7 @@ impl BwdLaunch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use crate::{KsaConfig, Layout};
 
     fn rule() -> MaskRule {

@@ -17,7 +17,7 @@
 //! text and summaries `0..=j`) can be entries of their own beside the text
 //! query, each reading its keys once per KV head.
 
-use super::launch::{Arg, Elem};
+use super::launch::{check_heads, within, Arg, Elem};
 use crate::{Error, Result};
 
 /// Threads of a split CTA.
@@ -143,31 +143,12 @@ impl DecodeLaunch {
     /// sequence needs at least one key; at most 65,535 sequences).
     pub fn new(problem: &DecodeProblem, seqs: &[Vec<DecodeSlice>]) -> Result<Self> {
         let p = problem;
-        if p.head_dim != 64 && p.head_dim != 128 {
-            return Err(Error::UnsupportedHeadDim {
-                op: "ksa CUDA decode",
-                got: p.head_dim,
-                supported: "64, 128",
-            });
-        }
-        if p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible {
-                q_heads: p.q_heads,
-                kv_heads: p.kv_heads,
-            });
-        }
-        let too_large = |what, got: usize, limit: usize| {
-            if got > limit {
-                Err(Error::TooLarge { what, got, limit })
-            } else {
-                Ok(())
-            }
-        };
-        too_large("sequences of a CUDA decode step", seqs.len(), 65_535)?;
-        too_large("query heads of a CUDA decode step", p.q_heads, 65_535)?;
+        check_heads("ksa CUDA decode", p.head_dim, p.q_heads, p.kv_heads)?;
+        within("sequences of a CUDA decode step", seqs.len(), 65_535)?;
+        within("query heads of a CUDA decode step", p.q_heads, 65_535)?;
         let group = p.q_heads / p.kv_heads;
         let head_chunks = group.div_ceil(MAX_HEADS_PER_CTA);
-        too_large(
+        within(
             "KV heads x head chunks of a CUDA decode step",
             p.kv_heads * head_chunks,
             65_535,
@@ -199,7 +180,7 @@ impl DecodeLaunch {
             if n == 0 {
                 return Err(bad("no keys (a decode query always sees itself)".into()));
             }
-            too_large("keys of a CUDA decode sequence", n, u32::MAX as usize)?;
+            within("keys of a CUDA decode sequence", n, u32::MAX as usize)?;
             keys.push(n);
         }
         let split_keys = match p.split_keys {
@@ -237,19 +218,19 @@ impl DecodeLaunch {
             seq_work.push((work.len() / 5) as u32);
         }
         let n_work = work.len() / 5;
-        too_large(
+        within(
             "work items of a CUDA decode step",
             n_work,
             i32::MAX as usize,
         )?;
         // Work items name their slices with 32-bit indices, and the combine
         // kernel indexes the partial LSEs with 32-bit integers.
-        too_large(
+        within(
             "key slices of a CUDA decode step",
             table.len() / 6,
             u32::MAX as usize,
         )?;
-        too_large(
+        within(
             "work items x query heads of a CUDA decode step",
             n_work * p.q_heads,
             u32::MAX as usize,

@@ -26,6 +26,44 @@ impl Elem {
     }
 }
 
+/// The head dims the kernels are compiled for; anything else is
+/// [`Error::UnsupportedHeadDim`] naming `op`.
+pub(crate) fn check_head_dim(op: &'static str, head_dim: usize) -> Result<()> {
+    if head_dim == 64 || head_dim == 128 {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedHeadDim {
+            op,
+            got: head_dim,
+            supported: "64, 128",
+        })
+    }
+}
+
+/// What every launch checks first: a compiled head dim and query heads that
+/// split evenly over the KV heads.
+pub(crate) fn check_heads(
+    op: &'static str,
+    head_dim: usize,
+    q_heads: usize,
+    kv_heads: usize,
+) -> Result<()> {
+    check_head_dim(op, head_dim)?;
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(Error::HeadsNotDivisible { q_heads, kv_heads });
+    }
+    Ok(())
+}
+
+/// [`Error::TooLarge`] when `got > limit`: the grid and index limits of a launch.
+pub(crate) fn within(what: &'static str, got: usize, limit: usize) -> Result<()> {
+    if got > limit {
+        Err(Error::TooLarge { what, got, limit })
+    } else {
+        Ok(())
+    }
+}
+
 /// Strides in elements of the batch and head dimensions of a `[b, h, N, d]`
 /// tensor whose rows are contiguous (row stride `d`, element stride 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,28 +197,9 @@ impl FwdLaunch {
     /// The launch of `problem` under the mask `rule` (builds its schedule).
     pub fn new(rule: MaskRule, problem: &FwdProblem) -> Result<Self> {
         let p = problem;
-        if p.head_dim != 64 && p.head_dim != 128 {
-            return Err(Error::UnsupportedHeadDim {
-                op: "ksa CUDA attention",
-                got: p.head_dim,
-                supported: "64, 128",
-            });
-        }
-        if p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible {
-                q_heads: p.q_heads,
-                kv_heads: p.kv_heads,
-            });
-        }
-        let too_large = |what, got: usize, limit: usize| {
-            if got > limit {
-                Err(Error::TooLarge { what, got, limit })
-            } else {
-                Ok(())
-            }
-        };
-        too_large("query heads of a CUDA launch", p.q_heads, 65_535)?;
-        too_large("batch of a CUDA launch", p.batch, 65_535)?;
+        check_heads("ksa CUDA attention", p.head_dim, p.q_heads, p.kv_heads)?;
+        within("query heads of a CUDA launch", p.q_heads, 65_535)?;
+        within("batch of a CUDA launch", p.batch, 65_535)?;
         let group = p.q_heads / p.kv_heads;
         let hp = match p.heads_per_cta {
             None => [4, 2, 1].into_iter().find(|h| group % h == 0).unwrap_or(1),

@@ -5,7 +5,7 @@
 //! backward kernels ([`backward`]).
 
 use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
-use super::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
+use super::launch::{check_head_dim, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use super::schedule::MaskRule;
 use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
 use crate::{Error, Result};
@@ -86,14 +86,7 @@ fn layout_length(rule: &MaskRule, got: usize) -> Result<()> {
 /// errors stay typed instead of arriving wrapped in a candle error.
 pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) -> Result<()> {
     elem_of(q.dtype(), op)?;
-    let d = q.dim(3)?;
-    if d != 64 && d != 128 {
-        return Err(Error::UnsupportedHeadDim {
-            op,
-            got: d,
-            supported: "64, 128",
-        });
-    }
+    check_head_dim(op, q.dim(3)?)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         cuda_device(t, op)?;
         row_strides(name, t.layout())?;
