@@ -21,6 +21,14 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// Standard-normal CPU tensor of `shape` rounded to `dtype`.
+fn randn(shape: (usize, usize, usize, usize), dtype: DType) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
@@ -44,12 +52,7 @@ fn ksa_and_causal_match_reference_on_gpu() {
     ] {
         let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let big = layout.len();
-        let mk = |h| {
-            Tensor::randn(0f32, 1.0, (2, h, big, d), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        };
+        let mk = |h| randn((2, h, big, d), dtype);
         let (q, k, v) = (mk(8), mk(2), mk(2));
         let want = ksa::reference::attention(&q, &k, &v, &layout).unwrap();
         let on = |t: &Tensor| t.to_device(&dev).unwrap();
@@ -119,12 +122,7 @@ fn gradients_match_cpu_on_gpu() {
     ] {
         let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let big = layout.len();
-        let mk = |h| {
-            Tensor::randn(0f32, 1.0, (2, h, big, d), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        };
+        let mk = |h| randn((2, h, big, d), dtype);
         let (q, k, v, w_out) = (mk(8), mk(2), mk(2), mk(8));
         let grads = |device: &Device| -> Vec<Tensor> {
             let vars: Vec<candle_core::Var> = [&q, &k, &v]
