@@ -48,6 +48,49 @@ pub struct KvRows<'a> {
     pub rows: Range<usize>,
 }
 
+impl KvRows<'_> {
+    /// Checks `t` (this run's `k` or `v`, named `name`) against the head dim
+    /// and the KV head count seen so far (set by the first tensor checked):
+    /// shape `[kv_heads, capacity, head_dim]` and `rows` inside the capacity.
+    /// Returns the capacity.
+    pub(crate) fn check_tensor(
+        &self,
+        name: &'static str,
+        t: &Tensor,
+        head_dim: usize,
+        kv_heads: &mut Option<usize>,
+    ) -> Result<usize> {
+        let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
+            name,
+            expected: 3,
+            layout: "[kv_heads, capacity, head_dim]",
+            got: t.dims().to_vec(),
+        })?;
+        let h0 = *kv_heads.get_or_insert(h);
+        for (what, got, want, b) in [("kv heads", h, h0, "k"), ("head_dim", td, head_dim, "q")] {
+            if got != want {
+                return Err(Error::DimMismatch {
+                    what,
+                    a: name,
+                    a_val: got,
+                    b,
+                    b_val: want,
+                });
+            }
+        }
+        if self.rows.start > self.rows.end || self.rows.end > cap {
+            return Err(Error::DimMismatch {
+                what: "cached rows",
+                a: "rows.end",
+                a_val: self.rows.end,
+                b: name,
+                b_val: cap,
+            });
+        }
+        Ok(cap)
+    }
+}
+
 /// Attention of one query row per entry, `q: [n, q_heads, head_dim]`, over
 /// the keys `seqs[i]` of entry `i` (at least one key each), on the CPU in f32
 /// with [`attend`]: the inputs and output `o: [n, q_heads, head_dim]` (q's
@@ -80,33 +123,7 @@ pub fn attend_rows(q: &Tensor, seqs: &[Vec<KvRows<'_>>], scale: Option<f64>) -> 
         for r in entry {
             let mut index = [0; 2];
             for (slot, (name, t)) in index.iter_mut().zip([("k", r.k), ("v", r.v)]) {
-                let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
-                    name,
-                    expected: 3,
-                    layout: "[kv_heads, capacity, head_dim]",
-                    got: t.dims().to_vec(),
-                })?;
-                let h0 = *kv_heads.get_or_insert(h);
-                for (what, got, want, b) in [("kv heads", h, h0, "k"), ("head_dim", td, d, "q")] {
-                    if got != want {
-                        return Err(Error::DimMismatch {
-                            what,
-                            a: name,
-                            a_val: got,
-                            b,
-                            b_val: want,
-                        });
-                    }
-                }
-                if r.rows.start > r.rows.end || r.rows.end > cap {
-                    return Err(Error::DimMismatch {
-                        what: "cached rows",
-                        a: "rows.end",
-                        a_val: r.rows.end,
-                        b: name,
-                        b_val: cap,
-                    });
-                }
+                let cap = r.check_tensor(name, t, d, &mut kv_heads)?;
                 *slot = match ids.iter().position(|&id| id == t.id()) {
                     Some(j) => j,
                     None => {

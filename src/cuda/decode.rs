@@ -386,33 +386,7 @@ mod gpu {
         let mut kv_heads = None;
         for rows in seqs.iter().flatten() {
             for (name, t) in [("k", rows.k), ("v", rows.v)] {
-                let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
-                    name,
-                    expected: 3,
-                    layout: "[kv_heads, capacity, head_dim]",
-                    got: t.dims().to_vec(),
-                })?;
-                let h0 = *kv_heads.get_or_insert(h);
-                for (what, got, want) in [("kv heads", h, h0), ("head_dim", td, d)] {
-                    if got != want {
-                        return Err(Error::DimMismatch {
-                            what,
-                            a: name,
-                            a_val: got,
-                            b: if what == "head_dim" { "q" } else { "k" },
-                            b_val: want,
-                        });
-                    }
-                }
-                if rows.rows.start > rows.rows.end || rows.rows.end > cap {
-                    return Err(Error::DimMismatch {
-                        what: "cached rows",
-                        a: "rows.end",
-                        a_val: rows.rows.end,
-                        b: name,
-                        b_val: cap,
-                    });
-                }
+                let cap = rows.check_tensor(name, t, d, &mut kv_heads)?;
                 if t.dtype() != q.dtype() {
                     return Err(Error::DTypeMismatch {
                         a: name,
