@@ -10,7 +10,7 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ksa::{KsaConfig, Layout};
+use ksa::{KsaConfig, KsaLayout};
 use std::time::Duration;
 
 const Q_HEADS: usize = 8;
@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     for n in SIZES {
         for window in [128, 16] {
-            let layout = Layout::new(KsaConfig::new(8, 1, window).unwrap(), n).unwrap();
+            let layout = KsaLayout::new(KsaConfig::new(8, 1, window).unwrap(), n).unwrap();
             let (q, k, v) = inputs(layout.len());
             group.throughput(Throughput::Elements(n as u64));
             group.bench_function(BenchmarkId::new(format!("ksa_w{window}"), n), |b| {

@@ -13,7 +13,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ksa::{KsaConfig, Layout};
+use ksa::{KsaConfig, KsaLayout};
 use std::time::Duration;
 
 const Q_HEADS: usize = 8;
@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1));
     for &n in sizes {
-        let layout = Layout::new(KsaConfig::new(8, 1, 128).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(8, 1, 128).unwrap(), n).unwrap();
         for (name, len) in [("ksa", layout.len()), ("full_causal", n)] {
             let (q, k, v) = inputs(len);
             let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Tensor {

@@ -7,7 +7,7 @@
 //! `cargo bench --bench decode`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ksa::decode::{attend, KvSlice};
+use ksa::cpu::decode::{attend, KvSlice};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Instant;

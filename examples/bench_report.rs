@@ -11,7 +11,7 @@
 
 use candle_core::{Device, Tensor};
 use ksa::schedule::{Schedule, TileSizes};
-use ksa::{KsaConfig, Layout};
+use ksa::{KsaConfig, KsaLayout};
 use std::time::Instant;
 
 const Q_HEADS: usize = 8;
@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &n in &args.sizes {
-        let layout = Layout::new(KsaConfig::new(8, 1, args.window)?, n)?;
+        let layout = KsaLayout::new(KsaConfig::new(8, 1, args.window)?, n)?;
         let big = layout.len();
         let (q, k, v) = (
             randn((1, Q_HEADS, big, HEAD_DIM))?,
@@ -260,7 +260,7 @@ fn print_tile_counts(window: usize) -> ksa::Result<()> {
     println!("| n | KSA tiles (full + edge) | full causal tiles (full + edge) | ratio |");
     println!("|---:|---:|---:|---:|");
     for n in [8 << 10, 32 << 10, 128 << 10] {
-        let layout = Layout::new(KsaConfig::new(8, 1, window)?, n)?;
+        let layout = KsaLayout::new(KsaConfig::new(8, 1, window)?, n)?;
         let ksa = Schedule::ksa(&layout, tiles)?.visited_tiles();
         let full = Schedule::causal(n, tiles)?.visited_tiles();
         println!(

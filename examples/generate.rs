@@ -14,9 +14,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use ksa::cache::Storage;
+use ksa::cache::CacheStorage;
 use ksa::model_config::LayerKind;
-use ksa::{KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
+use ksa::{KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -30,8 +30,8 @@ struct Args {
     window: usize,
     /// The cache's storage; default [`KsaCache::default_storage`] (host
     /// buffers on the CPU). `tensors` on the CPU runs the device path's code
-    /// through `ksa::decode::attend_rows`.
-    storage: Option<Storage>,
+    /// through `ksa::cpu::decode::attend_rows`.
+    storage: Option<CacheStorage>,
 }
 
 fn parse() -> AnyResult<Args> {
@@ -54,8 +54,8 @@ fn parse() -> AnyResult<Args> {
             "--window" => a.window = value.parse()?,
             "--storage" => {
                 a.storage = Some(match value.as_str() {
-                    "host" => Storage::Host,
-                    "tensors" => Storage::Tensors,
+                    "host" => CacheStorage::Host,
+                    "tensors" => CacheStorage::Tensors,
                     _ => return Err(format!("--storage is host or tensors, got {value}").into()),
                 })
             }
@@ -145,7 +145,7 @@ fn run(model: &Qwen3Ksa, args: &Args) -> AnyResult<(f64, f64, KsaCache)> {
     let mut cache = KsaCache::with_storage(model, args.batch, None, storage)?;
     let start = Instant::now();
     let inputs: Vec<(usize, &[u32])> = prompts.iter().map(|p| &p[..]).enumerate().collect();
-    let logits = cache.append(model, &inputs, Logits::Last)?;
+    let logits = cache.append(model, &inputs, LogitRows::Last)?;
     let prefill = start.elapsed().as_secs_f64();
     let mut next: Vec<u32> = logits
         .iter()

@@ -8,7 +8,7 @@
 //! the CPU path in f32.
 
 use candle_core::{DType, Device, Tensor};
-use ksa::{KsaConfig, Layout};
+use ksa::{KsaConfig, KsaLayout};
 use std::time::Instant;
 
 fn main() -> ksa::Result<()> {
@@ -19,7 +19,7 @@ fn main() -> ksa::Result<()> {
     let get = |i: usize, d: usize| a.get(i).copied().unwrap_or(d);
     let (n, c, s, w) = (get(0, 1024), get(1, 8), get(2, 1), get(3, 128));
     let (hq, hkv, d, reps) = (get(4, 32), get(5, 8), get(6, 128), get(7, 5));
-    let layout = Layout::new(KsaConfig::new(c, s, w)?, n)?;
+    let layout = KsaLayout::new(KsaConfig::new(c, s, w)?, n)?;
     #[cfg(feature = "cuda")]
     let device = Device::new_cuda(0).unwrap_or(Device::Cpu);
     #[cfg(not(feature = "cuda"))]

@@ -10,15 +10,15 @@
 //!
 //! `cargo run --release --example gpu_report [--features ptx] [-- n W]`
 
-use ksa::cuda::schedule::Schedule;
-use ksa::{KsaConfig, Layout};
+use ksa::cuda::schedule::QueryMajorSchedule;
+use ksa::{KsaConfig, KsaLayout};
 
 #[cfg(feature = "ptx")]
 #[path = "../tests/common/emu.rs"]
 mod emu;
 
 fn schedule_table() {
-    use ksa::cuda::schedule::MaskRule;
+    use ksa::mask::Mask;
     println!("## Key tiles visited (Rust schedule alone; C=8 S=1 W=128; key tiles of 64)");
     println!();
     println!("Query tiles of 64 rows (1 query head per CTA) and of 16 rows (4 query heads of a");
@@ -28,10 +28,10 @@ fn schedule_table() {
     println!("| n (text) | N (slots) | query rows/tile | KSA tiles | full causal tiles | tile ratio | allowed-pair ratio | tiles/pairs | KSA edge tiles |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for n in [8 * 1024, 32 * 1024, 128 * 1024] {
-        let layout = Layout::new(KsaConfig::new(8, 1, 128).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(8, 1, 128).unwrap(), n).unwrap();
         for bq in [64, 16] {
-            let ksa = Schedule::with_block_q(MaskRule::Ksa(layout), bq).unwrap();
-            let full = Schedule::with_block_q(MaskRule::Causal { len: n }, bq).unwrap();
+            let ksa = QueryMajorSchedule::with_block_q(Mask::Ksa(layout), bq).unwrap();
+            let full = QueryMajorSchedule::with_block_q(Mask::Causal { len: n }, bq).unwrap();
             let tile_ratio = full.tiles_visited() as f64 / ksa.tiles_visited() as f64;
             let pair_ratio =
                 layout.causal_text_pairs() as f64 / layout.pair_counts().total() as f64;
@@ -55,9 +55,9 @@ fn schedule_table() {
 #[cfg(feature = "ptx")]
 fn emulator_table(n: usize, w: usize) {
     use emu::{run, Case};
-    use ksa::cuda::schedule::MaskRule;
+    use ksa::mask::Mask;
     let d = 128;
-    let layout = Layout::new(KsaConfig::new(8, 1, w).unwrap(), n).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(8, 1, w).unwrap(), n).unwrap();
     let (hq, hkv) = (4, 1);
     let ksa_case = Case::ksa(8, 1, w, n).dim(d).heads(1, hq, hkv);
     let full_case = Case::causal(n).dim(d).heads(1, hq, hkv);
@@ -84,7 +84,7 @@ fn emulator_table(n: usize, w: usize) {
             let mut keys: Vec<std::ops::Range<usize>> = t
                 .rows
                 .clone()
-                .flat_map(|g| case.rule.row_ranges(g))
+                .flat_map(|g| case.mask.gathered().keys(g))
                 .filter(|r| !r.is_empty())
                 .collect();
             keys.sort_by_key(|r| r.start);
@@ -102,13 +102,13 @@ fn emulator_table(n: usize, w: usize) {
         let groups = (hq / r.launch.heads_per_cta) as u64;
         min *= groups;
         let ctas = r.report.ctas as f64;
-        let name = match case.rule {
-            MaskRule::Ksa(_) => "KSA",
-            MaskRule::Causal { .. } => "full causal",
+        let name = match case.mask {
+            Mask::Ksa(_) => "KSA",
+            Mask::Causal { .. } => "full causal",
         };
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.1} |",
-            case.rule.len(),
+            case.mask.len(),
             r.report.ctas,
             sched.tiles_visited(),
             r.report.mma,

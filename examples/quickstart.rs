@@ -4,11 +4,11 @@
 //! `cargo run --release --example quickstart`
 
 use candle_core::{DType, Device, Tensor};
-use ksa::{reference, KsaConfig, Layout, SlotKind};
+use ksa::{reference, KsaConfig, KsaLayout, SlotKind};
 
 fn main() -> ksa::Result<()> {
     // C = 4 text tokens per chunk, S = 1 summary after each, window W = 1 chunk.
-    let layout = Layout::new(KsaConfig::new(4, 1, 1)?, 18)?;
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 1)?, 18)?;
     println!(
         "C = 4, S = 1, W = 1, n = {} text tokens -> N = {} slots",
         layout.text_len(),
@@ -36,7 +36,7 @@ fn main() -> ksa::Result<()> {
 
     // The cost at 128K text tokens with the shipped settings.
     let n = 128 * 1024;
-    let big = Layout::new(KsaConfig::new(8, 1, 128)?, n)?;
+    let big = KsaLayout::new(KsaConfig::new(8, 1, 128)?, n)?;
     let pairs = big.pair_counts();
     let full = big.causal_text_pairs();
     println!("\nAt n = {n} text tokens, C = 8, S = 1, W = 128:");
@@ -57,7 +57,7 @@ fn main() -> ksa::Result<()> {
 }
 
 /// One row per query slot: `#` allowed key, `.` masked; `t`/`s` label kinds.
-fn print_mask(layout: &Layout) {
+fn print_mask(layout: &KsaLayout) {
     let label = |slot: usize| match layout.slot_kind(slot).expect("slot in layout") {
         SlotKind::Text { .. } => 't',
         SlotKind::Summary { .. } => 's',

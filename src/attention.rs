@@ -1,11 +1,14 @@
-//! The public entry points: KSA attention and full causal attention on
-//! candle tensors, routed by device.
+//! The public entry points, each routed by device: KSA attention and full
+//! causal attention (prefill and training), and decode attention of new query
+//! rows over cached key runs.
 
 use crate::check::check_qkv;
-use crate::layout::Layout;
-use crate::op::{self, Mask};
+use crate::layout::KsaLayout;
+use crate::mask::Mask;
+use crate::op;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use std::ops::Range;
 
 /// Options of [`attention_with`] and [`causal_attention_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -17,7 +20,7 @@ pub struct AttentionOptions {
 /// KSA attention: `q: [b, hq, N, d]`, `k, v: [b, hkv, N, d]` in slot order of
 /// `layout` (`N = layout.len()`), `hq % hkv == 0`; f32, f16, bf16 or f64.
 /// Returns `[b, hq, N, d]` in the input dtype. Scale `1/sqrt(d)`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
     attention_with(q, k, v, layout, &AttentionOptions::default())
 }
 
@@ -30,7 +33,7 @@ pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    layout: &Layout,
+    layout: &KsaLayout,
     options: &AttentionOptions,
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "ksa::attention")?;
@@ -67,13 +70,15 @@ pub fn causal_attention_with(
     v: &Tensor,
     options: &AttentionOptions,
 ) -> Result<Tensor> {
-    check_qkv(q, k, v, "ksa::causal_attention")?;
+    let mask = Mask::Causal {
+        len: check_qkv(q, k, v, "ksa::causal_attention")?.len,
+    };
     match q.device() {
-        Device::Cpu => op::apply(q, k, v, Mask::Causal, options.scale),
+        Device::Cpu => op::apply(q, k, v, mask, options.scale),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             crate::cuda::op::check_inputs(q, k, v, "ksa::causal_attention")?;
-            op::apply(q, k, v, Mask::Causal, options.scale)
+            op::apply(q, k, v, mask, options.scale)
         }
         device => Err(unsupported("ksa::causal_attention", device)),
     }
@@ -92,4 +97,81 @@ fn unsupported(op: &'static str, device: &Device) -> Error {
             reason: "ksa was built without the `cuda` feature",
         },
     }
+}
+
+/// Rows `rows` of cached K and V, `[kv_heads, capacity, head_dim]` tensors:
+/// one run of a query row's keys. A ring that wraps is two `KvRows` of the
+/// same tensors. For the CUDA kernels (`crate::cuda::decode::decode_attention`)
+/// the tensors live on the query's CUDA device in its dtype with contiguous
+/// rows (the head stride may be anything that keeps heads 16-byte aligned);
+/// the CPU path takes any device, dtype and layout.
+#[derive(Debug, Clone)]
+pub struct KvRows<'a> {
+    /// Keys.
+    pub k: &'a Tensor,
+    /// Values.
+    pub v: &'a Tensor,
+    /// Rows of dimension 1 to attend to (may be empty).
+    pub rows: Range<usize>,
+}
+
+impl KvRows<'_> {
+    /// Checks `t` (this run's `k` or `v`, named `name`) against the head dim
+    /// and the KV head count seen so far (set by the first tensor checked):
+    /// shape `[kv_heads, capacity, head_dim]` and `rows` inside the capacity.
+    /// Returns the capacity.
+    pub(crate) fn check_tensor(
+        &self,
+        name: &'static str,
+        t: &Tensor,
+        head_dim: usize,
+        kv_heads: &mut Option<usize>,
+    ) -> Result<usize> {
+        let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
+            name,
+            expected: 3,
+            layout: "[kv_heads, capacity, head_dim]",
+            got: t.dims().to_vec(),
+        })?;
+        let h0 = *kv_heads.get_or_insert(h);
+        for (what, got, want, b) in [("kv heads", h, h0, "k"), ("head_dim", td, head_dim, "q")] {
+            if got != want {
+                return Err(Error::DimMismatch {
+                    what,
+                    a: name,
+                    a_val: got,
+                    b,
+                    b_val: want,
+                });
+            }
+        }
+        if self.rows.start > self.rows.end || self.rows.end > cap {
+            return Err(Error::DimMismatch {
+                what: "cached rows",
+                a: "rows.end",
+                a_val: self.rows.end,
+                b: name,
+                b_val: cap,
+            });
+        }
+        Ok(cap)
+    }
+}
+
+/// Decode attention: one query row per entry, `q: [n, q_heads, head_dim]`,
+/// over the key runs `seqs[i]` of entry `i` (at least one key each). Returns
+/// `[n, q_heads, head_dim]` in q's dtype. CUDA tensors (feature `cuda`) run
+/// the split-KV decode kernels in one launch for all rows (bf16/f16, head dim
+/// 64/128); other devices the CPU implementation of the same interface
+/// ([`crate::cpu::decode::attend_rows`], any float dtype).
+pub fn decode_attention(
+    q: &Tensor,
+    seqs: &[Vec<KvRows<'_>>],
+    options: &AttentionOptions,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return Ok(crate::cuda::decode::decode_attention(q, seqs, options)?.0);
+    }
+    crate::cpu::decode::attend_rows(q, seqs, options)
 }

@@ -10,7 +10,7 @@
 //! * every summary's K/V (after RoPE), append-only, `S*floor(n/C)` rows.
 //!
 //! Bypass layers (`summary_layer_freq`) hold all text K/V and no summaries.
-//! Each store keeps one contiguous run of rows per KV head ([`Storage`]: f32
+//! Each store keeps one contiguous run of rows per KV head ([`CacheStorage`]: f32
 //! host buffers, or `[kv_heads, capacity, d]` tensors on the model's device),
 //! so the keys of any new query are at most four contiguous runs per KV head:
 //! old summaries and window text from the cache, and the step's own new
@@ -23,12 +23,13 @@
 //! cache, and commits the new K/V at the very end: a failed step leaves the
 //! cache exactly as it was.
 
-use crate::decode::{attend, KvRows, KvSlice};
+use crate::attention::KvRows;
+use crate::cpu::decode::{attend, KvSlice};
 use crate::layer::replace_slots;
-use crate::layout::{Layout, SlotKind};
+use crate::layout::{KsaLayout, SlotKind};
 use crate::model::Qwen3Ksa;
 use crate::model_config::LayerKind;
-use crate::{Error, KsaConfig, Result};
+use crate::{AttentionOptions, Error, KsaConfig, Result};
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -77,9 +78,9 @@ impl CacheSpec {
 
 /// Where a [`KsaCache`] keeps its K/V, and so how it attends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
+pub enum CacheStorage {
     /// f32 host buffers, one per KV head, attended on the CPU by
-    /// [`crate::decode::attend`] on rayon. The default on the CPU, and for
+    /// [`crate::cpu::decode::attend`] on rayon. The default on the CPU, and for
     /// CUDA models the decode kernels cannot take (f32, head_dim other than
     /// 64 or 128): those copy every layer's new K/V to the host.
     Host,
@@ -87,7 +88,7 @@ pub enum Storage {
     /// model's dtype, attended per query row over [`KvRows`] lists: by the
     /// CUDA decode kernels on CUDA (`crate::cuda::decode::decode_attention`,
     /// one launch per layer for the whole batch), by
-    /// [`crate::decode::attend_rows`] elsewhere. The default for bf16/f16 CUDA
+    /// [`crate::cpu::decode::attend_rows`] elsewhere. The default for bf16/f16 CUDA
     /// models with head_dim 64 or 128.
     Tensors,
 }
@@ -370,7 +371,7 @@ struct Sequence {
 
 /// Which logits [`KsaCache::append`] returns for each sequence it fed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
+pub enum LogitRows {
     /// Only the last new token's logits, `[1, V']` (what decoding needs; a
     /// long prompt's full `n x V'` logits would not fit).
     Last,
@@ -382,14 +383,14 @@ pub enum Logits {
 /// per layer, the window text K/V and the summary K/V; see the module docs.
 ///
 /// K/V live in f32 host memory or in tensors on the model's device
-/// ([`Storage`]). Two caches compare equal when they hold the same rows in
+/// ([`CacheStorage`]). Two caches compare equal when they hold the same rows in
 /// the same buffers. Cloning is cheap for tensor storage: a clone shares the
 /// tensors until either side writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KsaCache {
     spec: CacheSpec,
     capacity: Option<usize>,
-    storage: Storage,
+    storage: CacheStorage,
     /// Dtype and device of the model, which tensor storage must keep.
     place: (DType, DeviceLocation),
     seqs: Vec<Sequence>,
@@ -400,8 +401,8 @@ struct Plan {
     seq: usize,
     old: usize,
     new: usize,
-    /// Layout of the sequence after the step (window 0).
-    layout: Layout,
+    /// KsaLayout of the sequence after the step (window 0).
+    layout: KsaLayout,
     /// Its rows in the packed step (all slots).
     rows: Range<usize>,
     /// Its rows among the packed text slots.
@@ -419,22 +420,8 @@ struct Staged {
 
 /// Whether the CUDA decode kernels take this model (dtype and head_dim).
 fn kernels_take(model: &Qwen3Ksa, dtype: DType) -> Result<()> {
-    if !matches!(dtype, DType::BF16 | DType::F16) {
-        return Err(Error::UnsupportedDType {
-            op: "KsaCache tensor storage on CUDA (the decode kernels)",
-            got: dtype,
-            supported: "bf16, f16",
-        });
-    }
-    let d = model.config().head_dim;
-    if d != 64 && d != 128 {
-        return Err(Error::UnsupportedHeadDim {
-            op: "KsaCache tensor storage on CUDA (the decode kernels)",
-            got: d,
-            supported: "64, 128",
-        });
-    }
-    Ok(())
+    let op = "KsaCache tensor storage on CUDA (the decode kernels)";
+    crate::cuda::launch::kernel_elem(op, dtype, model.config().head_dim).map(|_| ())
 }
 
 impl KsaCache {
@@ -458,15 +445,15 @@ impl KsaCache {
     }
 
     /// The storage [`KsaCache::new`] and [`KsaCache::with_capacity`] pick:
-    /// [`Storage::Tensors`] for a CUDA model the decode kernels take (bf16 or
-    /// f16, head_dim 64 or 128), else [`Storage::Host`].
-    pub fn default_storage(model: &Qwen3Ksa) -> Result<Storage> {
+    /// [`CacheStorage::Tensors`] for a CUDA model the decode kernels take (bf16 or
+    /// f16, head_dim 64 or 128), else [`CacheStorage::Host`].
+    pub fn default_storage(model: &Qwen3Ksa) -> Result<CacheStorage> {
         let table = model.summary_embeddings()?;
         Ok(
             if table.device().is_cuda() && kernels_take(model, table.dtype()).is_ok() {
-                Storage::Tensors
+                CacheStorage::Tensors
             } else {
-                Storage::Host
+                CacheStorage::Host
             },
         )
     }
@@ -481,20 +468,20 @@ impl KsaCache {
         model: &Qwen3Ksa,
         batch: usize,
         max_tokens: Option<usize>,
-        storage: Storage,
+        storage: CacheStorage,
     ) -> Result<Self> {
         let spec = CacheSpec::of(model)?;
         let table = model.summary_embeddings()?;
         let (dtype, device) = (table.dtype(), table.device().clone());
-        if storage == Storage::Tensors && device.is_cuda() {
+        if storage == CacheStorage::Tensors && device.is_cuda() {
             kernels_take(model, dtype)?;
         }
         let (c, s) = (spec.ksa.chunk_size(), spec.ksa.summaries());
         let (hkv, d) = (spec.kv_heads, spec.head_dim);
         let store = |rows: usize| -> Result<Rows> {
             Ok(Rows::new(match storage {
-                Storage::Host => Kv::host(hkv, d, rows),
-                Storage::Tensors => Kv::zeros(hkv, d, rows, dtype, &device)?,
+                CacheStorage::Host => Kv::host(hkv, d, rows),
+                CacheStorage::Tensors => Kv::zeros(hkv, d, rows, dtype, &device)?,
             }))
         };
         let seqs = (0..batch)
@@ -529,7 +516,7 @@ impl KsaCache {
     }
 
     /// Where the K/V live.
-    pub fn storage(&self) -> Storage {
+    pub fn storage(&self) -> CacheStorage {
         self.storage
     }
 
@@ -598,7 +585,7 @@ impl KsaCache {
             .enumerate()
             .map(|(i, t)| (i, std::slice::from_ref(t)))
             .collect();
-        let logits = self.append(model, &inputs, Logits::Last)?;
+        let logits = self.append(model, &inputs, LogitRows::Last)?;
         Ok(Tensor::cat(&logits, 0)?)
     }
 
@@ -620,7 +607,7 @@ impl KsaCache {
         &mut self,
         model: &Qwen3Ksa,
         inputs: &[(usize, &[u32])],
-        which: Logits,
+        which: LogitRows,
     ) -> Result<Vec<Tensor>> {
         let plans = self.validate(model, inputs)?;
         if plans.iter().all(|p| p.rows.is_empty()) {
@@ -650,7 +637,7 @@ impl KsaCache {
         }
         let table = model.summary_embeddings()?;
         let place = (table.dtype(), table.device().location());
-        if self.storage == Storage::Tensors && place != self.place {
+        if self.storage == CacheStorage::Tensors && place != self.place {
             return Err(Error::CacheModelMismatch(format!(
                 "the cache holds {:?} tensors on {:?}, the model is {:?} on {:?}",
                 self.place.0, self.place.1, place.0, place.1
@@ -695,8 +682,8 @@ impl KsaCache {
                     capacity,
                 });
             }
-            let layout = Layout::new(spec.ksa, new)?;
-            let slots = layout.len() - Layout::new(spec.ksa, old)?.len();
+            let layout = KsaLayout::new(spec.ksa, new)?;
+            let slots = layout.len() - KsaLayout::new(spec.ksa, old)?.len();
             plans.push(Plan {
                 seq,
                 old,
@@ -811,7 +798,7 @@ impl KsaCache {
                 .partition(|&r| !is_summary(r as usize))
         };
         match self.storage {
-            Storage::Host => {
+            CacheStorage::Host => {
                 let total = k.dim(2)?;
                 let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -847,7 +834,7 @@ impl KsaCache {
                     })
                     .collect())
             }
-            Storage::Tensors => {
+            CacheStorage::Tensors => {
                 let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
                 let gather = |rows: Vec<u32>| -> Result<Kv> {
                     let n = rows.len();
@@ -887,7 +874,7 @@ impl KsaCache {
         store: &'a LayerStore,
         st: &'a Staged,
         p: &Plan,
-        layout: &Layout,
+        layout: &KsaLayout,
         ksa: bool,
         (kind, slot): (SlotKind, usize),
     ) -> Vec<(&'a Kv, Range<usize>)> {
@@ -948,7 +935,7 @@ impl KsaCache {
             let row0 = if ksa { p.rows.start } else { p.text_rows.start };
             (row0, st.text_rows + if ksa { st.sum_rows } else { 0 })
         };
-        if self.storage == Storage::Tensors {
+        if self.storage == CacheStorage::Tensors {
             // One entry per query row, in packed order (the plans' rows are).
             let mut entries = Vec::with_capacity(q.dim(2)?);
             for (i, p) in plans.iter().enumerate() {
@@ -960,10 +947,14 @@ impl KsaCache {
                 }
             }
             let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            return Ok(attend_entries(&q, &entries)?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()?);
+            return Ok(crate::attention::decode_attention(
+                &q,
+                &entries,
+                &AttentionOptions::default(),
+            )?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()?);
         }
         let (_, hq, total, d) = q.dims4()?;
         let hkv = self.spec.kv_heads;
@@ -1016,22 +1007,22 @@ impl KsaCache {
         Ok(Tensor::from_vec(out, (1, hq, total, d), &device)?.to_dtype(dtype)?)
     }
 
-    /// Logits of the text rows `[1, T, hidden]`, split per input.
+    /// LogitRows of the text rows `[1, T, hidden]`, split per input.
     fn logits(
         &self,
         model: &Qwen3Ksa,
         hidden: &Tensor,
         plans: &[Plan],
-        which: Logits,
+        which: LogitRows,
     ) -> Result<Vec<Tensor>> {
         let v = model.config().logits_size();
         let device = hidden.device();
         let select: Vec<u32> = plans
             .iter()
             .flat_map(|p| match which {
-                Logits::All => p.text_rows.clone(),
-                Logits::Last if p.text_rows.is_empty() => 0..0,
-                Logits::Last => p.text_rows.end - 1..p.text_rows.end,
+                LogitRows::All => p.text_rows.clone(),
+                LogitRows::Last if p.text_rows.is_empty() => 0..0,
+                LogitRows::Last => p.text_rows.end - 1..p.text_rows.end,
             })
             .map(|r| r as u32)
             .collect();
@@ -1047,8 +1038,8 @@ impl KsaCache {
             .iter()
             .map(|p| {
                 let m = match which {
-                    Logits::All => p.text_rows.len(),
-                    Logits::Last => p.text_rows.len().min(1),
+                    LogitRows::All => p.text_rows.len(),
+                    LogitRows::Last => p.text_rows.len().min(1),
                 };
                 let t = logits.narrow(0, at, m)?;
                 at += m;
@@ -1086,15 +1077,4 @@ impl KsaCache {
         seq.len = plan.new;
         Ok(())
     }
-}
-
-/// Attention of one query row per entry (`q: [n, hq, d]`) over its key runs:
-/// the CUDA decode kernels for CUDA tensors (one launch for all rows), the
-/// CPU implementation of the same interface elsewhere.
-fn attend_entries(q: &Tensor, entries: &[Vec<KvRows<'_>>]) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if q.device().is_cuda() {
-        return Ok(crate::cuda::decode::decode_attention(q, entries, None)?.0);
-    }
-    crate::decode::attend_rows(q, entries, None)
 }

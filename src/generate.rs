@@ -1,7 +1,7 @@
 //! [`Qwen3Ksa::generate`]: batched text generation over a [`KsaCache`],
 //! greedy or sampled (temperature, top-p, seeded), streaming every token.
 
-use crate::cache::{KsaCache, Logits};
+use crate::cache::{KsaCache, LogitRows};
 use crate::model::Qwen3Ksa;
 use crate::{Error, Result};
 use candle_core::DType;
@@ -141,7 +141,7 @@ impl Qwen3Ksa {
             return Ok(out);
         }
         let inputs: Vec<(usize, &[u32])> = prompts.iter().copied().enumerate().collect();
-        let mut logits = cache.append(self, &inputs, Logits::Last)?;
+        let mut logits = cache.append(self, &inputs, LogitRows::Last)?;
         let mut active: Vec<usize> = (0..prompts.len()).collect();
         loop {
             let mut next = Vec::with_capacity(active.len());
@@ -165,7 +165,7 @@ impl Qwen3Ksa {
                 .zip(&tokens)
                 .map(|(&(seq, _), t)| (seq, &t[..]))
                 .collect();
-            logits = cache.append(self, &inputs, Logits::Last)?;
+            logits = cache.append(self, &inputs, LogitRows::Last)?;
             active = next.into_iter().map(|(seq, _)| seq).collect();
         }
     }

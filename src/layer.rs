@@ -7,7 +7,7 @@
 //! same for k, and v unnormed) before RoPE; then NeoX RoPE at the layout's
 //! position ids, KSA attention with the layer's window, and `o_proj`.
 
-use crate::layout::Layout;
+use crate::layout::KsaLayout;
 use crate::model_config::{LayerKind, Qwen3KsaConfig};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -187,7 +187,7 @@ struct SummaryProjections {
 /// The KSA attention layer of Qwen3-KSA.
 ///
 /// [`SummaryAttention::forward`] takes expanded hidden states `[b, N, hidden]`
-/// in slot order with their [`Layout`] and returns `[b, N, hidden]`. For a
+/// in slot order with their [`KsaLayout`] and returns `[b, N, hidden]`. For a
 /// decode cache, [`SummaryAttention::project`] gives the per-slot q, k (after
 /// RoPE: what a cache stores) and v of any run of slots, and
 /// [`SummaryAttention::output`] applies `o_proj` to attention outputs.
@@ -262,7 +262,7 @@ impl SummaryAttention {
     /// KSA attention over expanded hidden states `x: [b, N, hidden]` in slot
     /// order of `layout` (its window is replaced by this layer's `W`).
     /// Returns `[b, N, hidden]`.
-    pub fn forward(&self, x: &Tensor, layout: &Layout) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
         let (_, n, _) = self.check_input(x)?;
         if n != layout.len() {
             return Err(Error::LayoutLength {

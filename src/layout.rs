@@ -5,7 +5,7 @@
 //!
 //! A block is `C` text slots followed by `S` summary slots; the trailing
 //! partial chunk (if `n % C != 0`) has text slots only. Everything is computed
-//! in closed form from `(config, n)`, so a `Layout` is small and cheap to copy.
+//! in closed form from `(config, n)`, so a `KsaLayout` is small and cheap to copy.
 
 use crate::check::{check_eq, check_same_device, check_same_dtype, dims3};
 use crate::config::{KsaConfig, SummaryPositions, TextPositions};
@@ -33,13 +33,13 @@ impl SlotKind {
 /// `n = 0` gives a valid, empty layout (no slots); attention over it returns
 /// empty outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Layout {
+pub struct KsaLayout {
     config: KsaConfig,
     text_len: usize,
     len: usize,
 }
 
-impl Layout {
+impl KsaLayout {
     /// The layout of `text_len` text tokens. Fails only if the expanded length
     /// `N = n + S*floor(n/C)` would not fit in `u32` (the kernels' index type).
     pub fn new(config: KsaConfig, text_len: usize) -> Result<Self> {
@@ -113,7 +113,7 @@ impl Layout {
     }
 
     /// Slot of the `s`-th summary in chunk-major order (`s = chunk*S + j`), the
-    /// order of [`Layout::summary_slots`] and of gathered summary K/V.
+    /// order of [`KsaLayout::summary_slots`] and of gathered summary K/V.
     pub fn summary_slot_by_index(&self, s: usize) -> Option<usize> {
         let sn = self.config.summaries();
         self.summary_slot(s / sn, s % sn)

@@ -6,8 +6,8 @@
 //! history only through summaries, so attention cost and the KV cache grow
 //! like `W*C + S*n/C` instead of `n`.
 //!
-//! * [`KsaConfig`] and [`Layout`]: the interleaved sequence, slot kinds, RoPE
-//!   position ids, and the mask ([`Layout::can_attend`], [`Layout::key_ranges`]).
+//! * [`KsaConfig`] and [`KsaLayout`]: the interleaved sequence, slot kinds, RoPE
+//!   position ids, and the mask ([`KsaLayout::can_attend`], [`KsaLayout::key_ranges`]).
 //! * [`attention`]: KSA attention on candle tensors, differentiable; on CPU
 //!   tensors the block-sparse [`cpu`] path. [`causal_attention`]: the tiled
 //!   full causal baseline. [`schedule`]: the tile schedule every fast path shares.
@@ -20,9 +20,9 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use ksa::{KsaConfig, Layout};
+//! use ksa::{KsaConfig, KsaLayout};
 //! # fn main() -> ksa::Result<()> {
-//! let layout = Layout::new(KsaConfig::new(8, 1, 2)?, 100)?; // C = 8, S = 1, W = 2
+//! let layout = KsaLayout::new(KsaConfig::new(8, 1, 2)?, 100)?; // C = 8, S = 1, W = 2
 //! let (b, hq, hkv, d) = (1, 4, 2, 32);
 //! let q = Tensor::randn(0f32, 1.0, (b, hq, layout.len(), d), &Device::Cpu)?;
 //! let k = Tensor::randn(0f32, 1.0, (b, hkv, layout.len(), d), &Device::Cpu)?;
@@ -33,13 +33,11 @@
 //! ```
 
 mod attention;
-mod backward;
 pub mod cache;
 mod check;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
-pub mod decode;
 mod error;
 pub mod generate;
 pub mod layer;
@@ -52,14 +50,15 @@ pub mod reference;
 pub mod schedule;
 
 pub use attention::{
-    attention, attention_with, causal_attention, causal_attention_with, AttentionOptions,
+    attention, attention_with, causal_attention, causal_attention_with, decode_attention,
+    AttentionOptions, KvRows,
 };
-pub use cache::{KsaCache, Logits, Storage};
+pub use cache::{CacheStorage, KsaCache, LogitRows};
 pub use config::{KsaConfig, SummaryPositions, TextPositions};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Sampling};
 pub use layer::{SummaryAttention, SummaryAttentionConfig};
-pub use layout::{Layout, SlotKind};
+pub use layout::{KsaLayout, SlotKind};
 pub use mask::{KeyRanges, PairCounts};
 pub use model::Qwen3Ksa;
 pub use model_config::Qwen3KsaConfig;

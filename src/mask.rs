@@ -11,14 +11,14 @@
 //! ablation drops the text -> summary pairs and nothing else; every rule here
 //! honours it, so the fast paths, the backward and the pair counts follow.
 
-use crate::layout::{Layout, SlotKind};
+use crate::layout::{KsaLayout, SlotKind};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::ops::Range;
 
 /// The keys one query may attend to, as two dense ranges in *gathered*
 /// coordinates: summaries in chunk-major order (`s = chunk*S + j`, the order
-/// of [`Layout::summary_slots`]) and text tokens in text order. Gathering K/V
+/// of [`KsaLayout::summary_slots`]) and text tokens in text order. Gathering K/V
 /// this way turns the interleaved KSA mask into a prefix of the summary list
 /// plus one causal run of text, which is what every fast path iterates over.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,10 +56,143 @@ impl PairCounts {
     }
 }
 
-/// The largest `N` for which [`Layout::dense_mask`] builds an `N x N` tensor.
+/// Which keys each query row may see: the one mask kind of every path (the
+/// op, the CPU tile schedule, the CUDA launches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mask {
+    /// The KSA mask of a layout; rows are its slots.
+    Ksa(KsaLayout),
+    /// Plain causal attention over `len` positions: row `i` sees `0..=i`.
+    Causal {
+        /// Number of positions.
+        len: usize,
+    },
+}
+
+impl Mask {
+    /// Number of rows (queries = keys).
+    pub fn len(&self) -> usize {
+        match self {
+            Mask::Ksa(layout) => layout.len(),
+            Mask::Causal { len } => *len,
+        }
+    }
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The KSA layout, or `None` for causal attention.
+    pub fn layout(&self) -> Option<&KsaLayout> {
+        match self {
+            Mask::Ksa(layout) => Some(layout),
+            Mask::Causal { .. } => None,
+        }
+    }
+    /// Number of text rows (KSA: `n`; causal: every row).
+    pub fn text_len(&self) -> usize {
+        match self {
+            Mask::Ksa(layout) => layout.text_len(),
+            Mask::Causal { len } => *len,
+        }
+    }
+    /// Number of summary rows (`S*floor(n/C)` under KSA, 0 when causal).
+    pub fn summary_len(&self) -> usize {
+        self.len() - self.text_len()
+    }
+    /// The gathered coordinates of this mask's rows.
+    pub fn gathered(&self) -> Gathered {
+        Gathered { mask: *self }
+    }
+}
+
+/// Which of the two gathered key lists a key index belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySpace {
+    /// The chunk-major summary list (`s = chunk*S + j`).
+    Summary,
+    /// Text tokens in text order (for causal attention: all positions).
+    Text,
+}
+
+/// The gathered row order of a [`Mask`], the one order in which every fast
+/// path (CPU and CUDA) stores a head's K/V: the summaries chunk-major first
+/// (row `g < summary_len` is summary `g = chunk*S + j`), then the text in text
+/// order (row `summary_len + t` is text token `t`). Under causal attention
+/// there are no summaries and row `g` is position `g`. In these coordinates
+/// every query's keys are two dense ranges ([`KeyRanges`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Gathered {
+    mask: Mask,
+}
+
+impl Gathered {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.mask.len()
+    }
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.mask.is_empty()
+    }
+    /// The row of key `key` of `space`.
+    pub fn row(&self, space: KeySpace, key: usize) -> usize {
+        match space {
+            KeySpace::Summary => key,
+            KeySpace::Text => self.mask.summary_len() + key,
+        }
+    }
+    /// The slot of gathered row `g` (`None` if `g >= len`).
+    pub fn slot(&self, g: usize) -> Option<usize> {
+        match &self.mask {
+            Mask::Ksa(layout) => {
+                let ns = layout.summary_len();
+                if g < ns {
+                    layout.summary_slot_by_index(g)
+                } else {
+                    layout.text_slot(g - ns)
+                }
+            }
+            Mask::Causal { len } => (g < *len).then_some(g),
+        }
+    }
+    /// The slot of every gathered row, in gathered order.
+    pub fn slots(&self) -> Vec<u32> {
+        match &self.mask {
+            Mask::Ksa(layout) => {
+                let mut slots = layout.summary_slots();
+                slots.extend(layout.text_slots());
+                slots
+            }
+            Mask::Causal { len } => (0..*len as u32).collect(),
+        }
+    }
+    /// The allowed keys of query row `g` as gathered rows: `[summaries,
+    /// text]`, either possibly empty (both empty for `g >= len`). The mask
+    /// rules themselves live in [`KsaLayout::key_ranges`] alone.
+    pub fn keys(&self, g: usize) -> [Range<usize>; 2] {
+        let ns = self.mask.summary_len();
+        let ranges = match &self.mask {
+            Mask::Ksa(layout) => self.slot(g).and_then(|slot| layout.key_ranges(slot)),
+            Mask::Causal { len } => (g < *len).then(|| KeyRanges {
+                summaries: 0..0,
+                text: 0..g + 1,
+            }),
+        };
+        match ranges {
+            Some(r) => [r.summaries, ns + r.text.start..ns + r.text.end],
+            None => [0..0, 0..0],
+        }
+    }
+    /// Whether query row `qg` may attend to key row `kg` (both gathered).
+    pub fn allowed(&self, qg: usize, kg: usize) -> bool {
+        self.keys(qg).iter().any(|r| r.contains(&kg))
+    }
+}
+
+/// The largest `N` for which [`KsaLayout::dense_mask`] builds an `N x N` tensor.
 pub const DENSE_MASK_MAX_LEN: usize = 16_384;
 
-impl Layout {
+impl KsaLayout {
     /// First chunk whose raw text a text token of chunk `chunk` still sees:
     /// `max(0, chunk - W)`. Older chunks are visible through summaries only.
     pub fn window_start(&self, chunk: usize) -> usize {

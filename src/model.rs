@@ -3,12 +3,12 @@
 //! unchanged.
 //!
 //! Text ids `[b, n]` go in; the model interleaves the `S` summary embeddings
-//! after every complete chunk ([`Layout`]), runs every slot through the
+//! after every complete chunk ([`KsaLayout`]), runs every slot through the
 //! decoder layers, and returns logits for the text slots only, `[b, n, V']`.
 
 use crate::layer::{load_linear, load_rms_norm, load_tensor, replace_slots, rms_norm};
 use crate::layer::{SummaryAttention, SummaryAttentionConfig};
-use crate::layout::Layout;
+use crate::layout::KsaLayout;
 use crate::model_config::{LayerKind, Qwen3KsaConfig};
 use crate::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -96,7 +96,7 @@ impl DecoderLayer {
 
     /// Runs the layer on expanded hidden states `h: [b, N, hidden]` in slot
     /// order of `layout`; returns `[b, N, hidden]`.
-    pub fn forward(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {
+    pub fn forward(&self, h: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
         if layout.is_empty() {
             return Ok(h.clone());
         }
@@ -304,8 +304,8 @@ impl Qwen3Ksa {
     }
 
     /// The expanded layout of `n` text tokens (window 0; each layer applies its own `W`).
-    pub fn layout(&self, text_len: usize) -> Result<Layout> {
-        Layout::new(self.config.ksa_config()?, text_len)
+    pub fn layout(&self, text_len: usize) -> Result<KsaLayout> {
+        KsaLayout::new(self.config.ksa_config()?, text_len)
     }
 
     /// The `[S, hidden]` summary embeddings (rows `summary_token_begin + j`).
@@ -319,7 +319,7 @@ impl Qwen3Ksa {
 
     /// Embeds text ids `[b, n]` (u8, u32 or i64) and interleaves the summary
     /// embeddings: returns the expanded hidden states `[b, N, hidden]` and their layout.
-    pub fn embed(&self, ids: &Tensor) -> Result<(Tensor, Layout)> {
+    pub fn embed(&self, ids: &Tensor) -> Result<(Tensor, KsaLayout)> {
         let (b, n) = ids.dims2()?;
         let layout = self.layout(n)?;
         if n == 0 {
@@ -341,7 +341,7 @@ impl Qwen3Ksa {
 
     /// Final norm and LM head on the text slots of `h: [b, N, hidden]`:
     /// logits `[b, n, V']` in text order.
-    pub fn logits(&self, h: &Tensor, layout: &Layout) -> Result<Tensor> {
+    pub fn logits(&self, h: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
         let text = layout.take_text(h, 1)?;
         if layout.is_empty() {
             let (b, _, _) = text.dims3()?;

@@ -412,7 +412,7 @@ impl Qwen3KsaConfig {
 
     /// The KSA config shared by all layers (`C`, `S`, position schemes, the
     /// summary-reads ablation), with window 0; each layer applies its own `W`
-    /// with [`crate::Layout::with_window`].
+    /// with [`crate::KsaLayout::with_window`].
     pub fn ksa_config(&self) -> Result<KsaConfig> {
         Ok(
             KsaConfig::new(self.summary_chunk_size, self.summary_token_num, 0)?

@@ -8,25 +8,16 @@
 //! run the fused kernels (`crate::cuda::op`) and the log-sum-exp stays on the
 //! device.
 
-use crate::backward::attention_backward;
 use crate::check::QkvDims;
+use crate::cpu::backward::attention_backward;
 use crate::cpu::{self, Element};
-use crate::layout::Layout;
+use crate::mask::Mask;
 use crate::schedule::{Schedule, TileSizes};
 use crate::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout as StridedLayout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex};
-
-/// Which keys each query row may see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mask {
-    /// The KSA mask of a layout (slot order).
-    Ksa(Layout),
-    /// Plain causal attention: row `i` sees `0..=i`.
-    Causal,
-}
 
 /// Attention of `q, k, v` (already validated) under `mask`, recorded in
 /// candle's graph when any input tracks gradients. CPU inputs are made
@@ -71,19 +62,7 @@ struct AttentionOp {
     lse: Mutex<Option<Saved>>,
 }
 
-#[cfg(feature = "cuda")]
-impl Mask {
-    /// The CUDA schedule's rule for `len` slots.
-    fn rule(self, len: usize) -> crate::cuda::schedule::MaskRule {
-        use crate::cuda::schedule::MaskRule;
-        match self {
-            Mask::Ksa(layout) => MaskRule::Ksa(layout),
-            Mask::Causal => MaskRule::Causal { len },
-        }
-    }
-}
-
-fn dims(q: &StridedLayout, k: &StridedLayout) -> candle_core::Result<QkvDims> {
+fn dims(q: &Layout, k: &Layout) -> candle_core::Result<QkvDims> {
     let (batch, q_heads, len, head_dim) = q.shape().dims4()?;
     Ok(QkvDims {
         batch,
@@ -94,10 +73,7 @@ fn dims(q: &StridedLayout, k: &StridedLayout) -> candle_core::Result<QkvDims> {
     })
 }
 
-fn contiguous<'a, T: Element>(
-    s: &'a CpuStorage,
-    l: &StridedLayout,
-) -> candle_core::Result<&'a [T]> {
+fn contiguous<'a, T: Element>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("ksa attention op expects contiguous inputs".into())
     })?;
@@ -105,11 +81,8 @@ fn contiguous<'a, T: Element>(
 }
 
 impl AttentionOp {
-    fn schedule(&self, len: usize) -> Result<Schedule> {
-        match self.mask {
-            Mask::Ksa(layout) => Schedule::ksa(&layout, TileSizes::default()),
-            Mask::Causal => Schedule::causal(len, TileSizes::default()),
-        }
+    fn schedule(&self) -> Result<Schedule> {
+        Schedule::new(self.mask, TileSizes::default())
     }
 
     fn cpu_typed<T: Element>(
@@ -117,7 +90,7 @@ impl AttentionOp {
         dims: QkvDims,
         (q, k, v): (&[T], &[T], &[T]),
     ) -> candle_core::Result<Vec<T>> {
-        let schedule = self.schedule(dims.len).map_err(candle_core::Error::wrap)?;
+        let schedule = self.schedule().map_err(candle_core::Error::wrap)?;
         let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale, None);
         *self.lse.lock().expect("lse lock") = Some(Saved::Cpu(lse));
         Ok(out)
@@ -132,11 +105,11 @@ impl CustomOp3 for AttentionOp {
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
-        l1: &StridedLayout,
+        l1: &Layout,
         s2: &CpuStorage,
-        l2: &StridedLayout,
+        l2: &Layout,
         s3: &CpuStorage,
-        l3: &StridedLayout,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = dims(l1, l2)?;
         macro_rules! run {
@@ -168,18 +141,18 @@ impl CustomOp3 for AttentionOp {
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
-        l1: &StridedLayout,
+        l1: &Layout,
         s2: &candle_core::CudaStorage,
-        l2: &StridedLayout,
+        l2: &Layout,
         s3: &candle_core::CudaStorage,
-        l3: &StridedLayout,
+        l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (b, hq, n, _) = l1.shape().dims4()?;
         let (out, lse) = crate::cuda::op::forward_storage(
             (s1, l1),
             (s2, l2),
             (s3, l3),
-            self.mask.rule(n),
+            self.mask,
             Some(f64::from(self.scale)),
         )
         .map_err(candle_core::Error::wrap)?;
@@ -210,9 +183,8 @@ impl CustomOp3 for AttentionOp {
             Saved::Cuda(lse) if q.device().is_cuda() => {
                 // Autograd's output gradient may be any view; the kernels need rows.
                 let dout = dout.contiguous()?;
-                let rule = self.mask.rule(q.dim(2)?);
                 let (dq, dk, dv) =
-                    crate::cuda::op::backward(q, k, v, out, &dout, &lse, rule, self.scale)
+                    crate::cuda::op::backward(q, k, v, out, &dout, &lse, self.mask, self.scale)
                         .map_err(candle_core::Error::wrap)?;
                 return Ok((Some(dq), Some(dk), Some(dv)));
             }

@@ -7,24 +7,24 @@
 //! path is tested against.
 
 use crate::check::{check_qkv, QkvDims};
-use crate::layout::Layout;
-use crate::{Error, Result};
+use crate::layout::KsaLayout;
+use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 /// KSA attention over `layout` with the default scale `1/sqrt(head_dim)`.
 /// `q: [b, hq, N, d]`, `k, v: [b, hkv, N, d]`, `hq % hkv == 0`; f32, f16,
 /// bf16 or f64; returns `[b, hq, N, d]` in the input dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Layout) -> Result<Tensor> {
-    attention_with_scale(q, k, v, layout, None)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
+    attention_with(q, k, v, layout, &AttentionOptions::default())
 }
 
-/// [`attention`] with an explicit softmax scale (`None`: `1/sqrt(head_dim)`).
-pub fn attention_with_scale(
+/// [`attention`] with options (the softmax scale).
+pub fn attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    layout: &Layout,
-    scale: Option<f64>,
+    layout: &KsaLayout,
+    options: &AttentionOptions,
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "reference::attention")?;
     if dims.len != layout.len() {
@@ -37,15 +37,25 @@ pub fn attention_with_scale(
     }
     let n = dims.len;
     let bias = mask_bias(n, q.device(), |qi, ki| layout.can_attend(qi, ki))?;
-    masked_attention(q, k, v, dims, &bias, scale)
+    masked_attention(q, k, v, dims, &bias, options.scale)
 }
 
 /// Plain causal attention over all `len` positions (no summaries, no
 /// window): the full-attention baseline. Same shapes and dtypes as [`attention`].
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    causal_attention_with(q, k, v, &AttentionOptions::default())
+}
+
+/// [`causal_attention`] with options (the softmax scale).
+pub fn causal_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "reference::causal_attention")?;
     let bias = mask_bias(dims.len, q.device(), |qi, ki| ki <= qi)?;
-    masked_attention(q, k, v, dims, &bias, scale)
+    masked_attention(q, k, v, dims, &bias, options.scale)
 }
 
 /// `[n, n]` f64 bias: 0 where `allowed(query, key)`, `-inf` elsewhere.

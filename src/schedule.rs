@@ -1,10 +1,10 @@
 //! The tile schedule of block-sparse KSA attention: which key tiles each query
 //! tile visits, which of them need an element mask, and every row's exact key
-//! bounds. Plain Rust over [`Layout`] and tile sizes, independent of any
+//! bounds. Plain Rust over [`KsaLayout`] and tile sizes, independent of any
 //! device, so the CPU path and the CUDA kernel share one statement of the KSA
 //! key ranges.
 //!
-//! Coordinates are the *gathered* ones of [`Layout::key_ranges`]: keys live in
+//! Coordinates are the *gathered* ones of [`KsaLayout::key_ranges`]: keys live in
 //! two spaces, the chunk-major summary list and the text in text order. Every
 //! text query's keys are one prefix of the summary list plus one causal run of
 //! text, so for a tile of consecutive text queries the union of their keys is
@@ -19,8 +19,8 @@
 //! The same schedule also describes plain causal attention over `len`
 //! positions ([`Schedule::causal`]): one text space, no summaries.
 
-use crate::layout::Layout;
-use crate::mask::KeyRanges;
+use crate::layout::KsaLayout;
+use crate::mask::{KeyRanges, KeySpace, Mask};
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -41,15 +41,6 @@ impl Default for TileSizes {
             key: 128,
         }
     }
-}
-
-/// Which of the two gathered key lists a key tile indexes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeySpace {
-    /// The chunk-major summary list (`s = chunk*S + j`).
-    Summary,
-    /// Text tokens in text order (for causal attention: all positions).
-    Text,
 }
 
 /// One key tile a query tile visits: keys `start..end` of `space`.
@@ -93,39 +84,34 @@ impl TileCounts {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Pattern {
-    Ksa(Layout),
-    Causal { len: usize },
-}
-
-/// The tile schedule of KSA attention over a [`Layout`], or of plain causal
+/// The tile schedule of KSA attention over a [`KsaLayout`], or of plain causal
 /// attention, for given [`TileSizes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Schedule {
-    pattern: Pattern,
+    mask: Mask,
     tiles: TileSizes,
 }
 
 impl Schedule {
     /// KSA attention over `layout`. Fails if a tile size is 0.
-    pub fn ksa(layout: &Layout, tiles: TileSizes) -> Result<Self> {
-        Self::new(Pattern::Ksa(*layout), tiles)
+    pub fn ksa(layout: &KsaLayout, tiles: TileSizes) -> Result<Self> {
+        Self::new(Mask::Ksa(*layout), tiles)
     }
 
     /// Plain causal attention over `len` positions (query `i` sees keys
     /// `0..=i`). Fails if a tile size is 0.
     pub fn causal(len: usize, tiles: TileSizes) -> Result<Self> {
-        Self::new(Pattern::Causal { len }, tiles)
+        Self::new(Mask::Causal { len }, tiles)
     }
 
-    fn new(pattern: Pattern, tiles: TileSizes) -> Result<Self> {
+    /// The schedule of `mask`. Fails if a tile size is 0.
+    pub fn new(mask: Mask, tiles: TileSizes) -> Result<Self> {
         if tiles.query == 0 || tiles.key == 0 {
             return Err(Error::InvalidConfig(format!(
                 "tile sizes must be at least 1, got {tiles:?}"
             )));
         }
-        Ok(Self { pattern, tiles })
+        Ok(Self { mask, tiles })
     }
 
     /// The tile sizes.
@@ -133,20 +119,19 @@ impl Schedule {
         self.tiles
     }
 
+    /// The mask this schedule serves.
+    pub fn mask(&self) -> &Mask {
+        &self.mask
+    }
+
     /// The KSA layout, or `None` for a causal schedule.
-    pub fn layout(&self) -> Option<&Layout> {
-        match &self.pattern {
-            Pattern::Ksa(layout) => Some(layout),
-            Pattern::Causal { .. } => None,
-        }
+    pub fn layout(&self) -> Option<&KsaLayout> {
+        self.mask.layout()
     }
 
     /// Number of text queries (KSA: `n`; causal: `len`), tiled in order.
     pub fn text_queries(&self) -> usize {
-        match self.pattern {
-            Pattern::Ksa(layout) => layout.text_len(),
-            Pattern::Causal { len } => len,
-        }
+        self.mask.text_len()
     }
 
     /// Number of text query tiles.
@@ -164,34 +149,32 @@ impl Schedule {
     /// [`Schedule::text_queries`], else it panics): KSA interleaves
     /// summaries, causal does not.
     pub fn text_slot(&self, token: usize) -> usize {
-        match self.pattern {
-            Pattern::Ksa(layout) => layout
+        match self.mask {
+            Mask::Ksa(layout) => layout
                 .text_slot(token)
                 .expect("token is a text index below n"),
-            Pattern::Causal { .. } => token,
+            Mask::Causal { .. } => token,
         }
     }
 
-    /// The row of key `key` of `space` in gathered order, where a head's
-    /// keys are stored as the text in text order, then the summary list.
+    /// The row of key `key` of `space` in the mask's [`Gathered`] order.
+    ///
+    /// [`Gathered`]: crate::mask::Gathered
     pub fn gathered_row(&self, space: KeySpace, key: usize) -> usize {
-        match space {
-            KeySpace::Text => key,
-            KeySpace::Summary => self.text_queries() + key,
-        }
+        self.mask.gathered().row(space, key)
     }
 
     /// The exact keys of text query `query` (a text index below
     /// [`Schedule::text_queries`]), in gathered coordinates.
     pub fn row_keys(&self, query: usize) -> KeyRanges {
-        match self.pattern {
-            // The mask rules live in `Layout::key_ranges` alone, so the fast
+        match self.mask {
+            // The mask rules live in `KsaLayout::key_ranges` alone, so the fast
             // paths and the backward follow every variant of them.
-            Pattern::Ksa(layout) => layout
+            Mask::Ksa(layout) => layout
                 .text_slot(query)
                 .and_then(|slot| layout.key_ranges(slot))
                 .expect("query is a text index below n"),
-            Pattern::Causal { .. } => KeyRanges {
+            Mask::Causal { .. } => KeyRanges {
                 summaries: 0..0,
                 text: 0..query + 1,
             },
@@ -237,7 +220,7 @@ impl Schedule {
 
     /// Number of complete chunks whose summaries are queries (0 for causal).
     pub fn summary_query_chunks(&self) -> usize {
-        self.layout().map_or(0, Layout::full_chunks)
+        self.layout().map_or(0, KsaLayout::full_chunks)
     }
 
     /// The keys of summary `j` of chunk `chunk` (gathered coordinates): the
@@ -318,7 +301,7 @@ mod tests {
                 .flat_map(|n| [(n, true), (n, false)])
             {
                 let config = KsaConfig::new(c, s, w).unwrap().with_summary_reads(reads);
-                let layout = Layout::new(config, n).unwrap();
+                let layout = KsaLayout::new(config, n).unwrap();
                 for (q, k) in [(1, 1), (4, 3), (16, 8), (64, 128)] {
                     let tiles = TileSizes { query: q, key: k };
                     let schedule = Schedule::ksa(&layout, tiles).unwrap();
@@ -337,7 +320,7 @@ mod tests {
     #[test]
     fn a_window_beyond_every_chunk_is_the_causal_schedule() {
         let tiles = TileSizes::default();
-        let layout = Layout::new(KsaConfig::new(8, 1, 1 << 20).unwrap(), 5000).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(8, 1, 1 << 20).unwrap(), 5000).unwrap();
         let ksa = Schedule::ksa(&layout, tiles).unwrap();
         let causal = Schedule::causal(5000, tiles).unwrap();
         assert_eq!(ksa.visited_tiles(), causal.visited_tiles());

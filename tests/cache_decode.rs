@@ -5,7 +5,7 @@
 //! `min(n, W*C + n % C)` text and `S*floor(n/C)` summary rows per KSA layer.
 //!
 //! Both storages: host f32 buffers and tensors (here CPU tensors in f32, bf16
-//! and f16, attended by `ksa::decode::attend_rows` over the same per-row
+//! and f16, attended by `ksa::cpu::decode::attend_rows` over the same per-row
 //! `KvRows` lists the CUDA kernels take), which must give the host's logits
 //! exactly. With feature `cuda` and a GPU, the same check runs with the model
 //! on CUDA in bf16, through the decode kernels.
@@ -13,9 +13,9 @@
 mod model_common;
 
 use candle_core::{DType, Device, Tensor};
-use ksa::cache::Storage;
+use ksa::cache::CacheStorage;
 use ksa::model_config::LayerKind;
-use ksa::{KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
+use ksa::{KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig};
 use model_common::*;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -75,14 +75,14 @@ fn model(config: &Value, seed: u64, dtype: DType, device: &Device) -> Qwen3Ksa {
 struct Setup {
     dtype: DType,
     device: Device,
-    storage: Storage,
+    storage: CacheStorage,
     /// Largest allowed difference from the full forward, relative to the
     /// logits' scale.
     tol: f64,
 }
 
 impl Setup {
-    fn cpu(dtype: DType, storage: Storage, tol: f64) -> Self {
+    fn cpu(dtype: DType, storage: CacheStorage, tol: f64) -> Self {
         Self {
             dtype,
             device: Device::Cpu,
@@ -167,7 +167,7 @@ fn run(case: &Case, setup: &Setup) -> (f64, Vec<f32>) {
     let inputs: Vec<(usize, &[u32])> = (0..batch)
         .map(|b| (b, &texts[b][..case.prompts[b]]))
         .collect();
-    let logits = cache.append(&model, &inputs, Logits::All).unwrap();
+    let logits = cache.append(&model, &inputs, LogitRows::All).unwrap();
     for b in 0..batch {
         worst = worst.max(check(&logits[b], &want[b], 0, "prompt", tol));
         keep(&logits[b]);
@@ -191,7 +191,7 @@ fn run(case: &Case, setup: &Setup) -> (f64, Vec<f32>) {
                 .zip(&pos)
                 .map(|(&b, &p)| (b, &texts[b][p..p + 1]))
                 .collect();
-            cache.append(&model, &inputs, Logits::Last).unwrap()
+            cache.append(&model, &inputs, LogitRows::Last).unwrap()
         };
         for ((&b, &p), l) in active.iter().zip(&pos).zip(&logits) {
             worst = worst.max(check(l, &want[b], p, "decode", tol));
@@ -219,7 +219,7 @@ fn run(case: &Case, setup: &Setup) -> (f64, Vec<f32>) {
             .iter()
             .map(|&(b, _)| cache.seq_len(b).unwrap())
             .collect();
-        let logits = cache.append(&model, &inputs, Logits::All).unwrap();
+        let logits = cache.append(&model, &inputs, LogitRows::All).unwrap();
         for ((&(b, _), &p), l) in inputs.iter().zip(&starts).zip(&logits) {
             worst = worst.max(check(l, &want[b], p, "pieces", tol));
             keep(l);
@@ -301,7 +301,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn decode_equals_full_forward(case in case()) {
-        let (worst, _) = run(&case, &Setup::cpu(DType::F32, Storage::Host, F32_TOL));
+        let (worst, _) = run(&case, &Setup::cpu(DType::F32, CacheStorage::Host, F32_TOL));
         eprintln!("C={} S={} W={:?} bypass={:?}: max relative diff {worst:.2e}", case.c, case.s, case.windows, case.bypass);
     }
 
@@ -313,8 +313,8 @@ proptest! {
         case in case(),
         dtype in prop_oneof![Just(DType::F32), Just(DType::BF16), Just(DType::F16)],
     ) {
-        let (worst, tensors) = run(&case, &Setup::cpu(dtype, Storage::Tensors, tol(dtype)));
-        let (_, host) = run(&case, &Setup::cpu(dtype, Storage::Host, tol(dtype)));
+        let (worst, tensors) = run(&case, &Setup::cpu(dtype, CacheStorage::Tensors, tol(dtype)));
+        let (_, host) = run(&case, &Setup::cpu(dtype, CacheStorage::Host, tol(dtype)));
         prop_assert_eq!(tensors.len(), host.len());
         let same = tensors.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits());
         prop_assert!(same, "tensor storage and host storage disagree");
@@ -340,9 +340,9 @@ fn long_sequence_small_window() {
         head_dim: None,
         seed: 3,
     };
-    let (worst, _) = run(&case, &Setup::cpu(DType::F32, Storage::Host, F32_TOL));
+    let (worst, _) = run(&case, &Setup::cpu(DType::F32, CacheStorage::Host, F32_TOL));
     eprintln!("long sequence: max relative diff {worst:.2e}");
-    for storage in [Storage::Host, Storage::Tensors] {
+    for storage in [CacheStorage::Host, CacheStorage::Tensors] {
         let (worst, _) = run(&case, &Setup::cpu(DType::BF16, storage, HALF_TOL));
         eprintln!("long sequence, bf16, {storage:?}: max relative diff {worst:.2e}");
     }
@@ -378,15 +378,18 @@ fn cuda_bf16_cache_equals_full_forward() {
     };
     let cfg = config(&case);
     let m = model(&cfg, case.seed, DType::BF16, &device);
-    assert_eq!(KsaCache::default_storage(&m).unwrap(), Storage::Tensors);
+    assert_eq!(
+        KsaCache::default_storage(&m).unwrap(),
+        CacheStorage::Tensors
+    );
     let setup = |storage| Setup {
         dtype: DType::BF16,
         device: device.clone(),
         storage,
         tol: HALF_TOL,
     };
-    let (worst, tensors) = run(&case, &setup(Storage::Tensors));
-    let (_, host) = run(&case, &setup(Storage::Host));
+    let (worst, tensors) = run(&case, &setup(CacheStorage::Tensors));
+    let (_, host) = run(&case, &setup(CacheStorage::Host));
     let scale = host.iter().fold(1f32, |m, x| m.max(x.abs()));
     let diff = tensors
         .iter()

@@ -4,8 +4,8 @@
 mod model_common;
 
 use candle_core::{DType, Device};
-use ksa::cache::Storage;
-use ksa::{Error, KsaCache, Logits, Qwen3Ksa, Qwen3KsaConfig};
+use ksa::cache::CacheStorage;
+use ksa::{Error, KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig};
 use model_common::*;
 use serde_json::json;
 
@@ -35,12 +35,12 @@ fn text(n: usize, seed: u64) -> Vec<u32> {
 
 #[test]
 fn memory_follows_window_and_summaries_whatever_the_batch() {
-    for storage in [Storage::Host, Storage::Tensors] {
+    for storage in [CacheStorage::Host, CacheStorage::Tensors] {
         memory_follows_window_and_summaries_whatever_the_batch_in(storage);
     }
 }
 
-fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: Storage) {
+fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: CacheStorage) {
     let model = model("[1, 1000]", 1);
     let (c, s, w, kv_row) = (4, 2, 1, 2 * 2 * 8 * 4); // K+V, 2 KV heads of 8, f32
     let long = text(40, 1);
@@ -48,14 +48,18 @@ fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: Storage) {
     // Batched: two sequences, one long, one short, stepped together.
     let mut batched = KsaCache::with_storage(&model, 2, None, storage).unwrap();
     batched
-        .append(&model, &[(0, &long[..1]), (1, &short[..1])], Logits::Last)
+        .append(
+            &model,
+            &[(0, &long[..1]), (1, &short[..1])],
+            LogitRows::Last,
+        )
         .unwrap();
     for i in 1..40 {
         let mut inputs = vec![(0, &long[i..i + 1])];
         if i < 9 {
             inputs.push((1, &short[i..i + 1]));
         }
-        batched.append(&model, &inputs, Logits::Last).unwrap();
+        batched.append(&model, &inputs, LogitRows::Last).unwrap();
         let n = i + 1;
         assert_eq!(
             batched.live_rows(0, 0),
@@ -70,7 +74,7 @@ fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: Storage) {
         let mut cache = KsaCache::with_storage(&model, 1, None, storage).unwrap();
         for i in 0..t.len() {
             cache
-                .append(&model, &[(0, &t[i..i + 1])], Logits::Last)
+                .append(&model, &[(0, &t[i..i + 1])], LogitRows::Last)
                 .unwrap();
         }
         cache
@@ -88,12 +92,12 @@ fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: Storage) {
 
 #[test]
 fn fixed_capacity_never_reallocates_and_refuses_overflow() {
-    for storage in [Storage::Host, Storage::Tensors] {
+    for storage in [CacheStorage::Host, CacheStorage::Tensors] {
         fixed_capacity_never_reallocates_and_refuses_overflow_in(storage);
     }
 }
 
-fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: Storage) {
+fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: CacheStorage) {
     let model = model("[1, 1000]", 2);
     let t = text(21, 3);
     // Window store W*C + C = 8 rows and 10 summaries on layer 0; 20 text rows and 10 summaries on layer 1.
@@ -101,7 +105,9 @@ fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: Storage) {
     let full = || {
         let mut cache = KsaCache::with_storage(&model, 1, Some(20), storage).unwrap();
         assert_eq!(cache.bytes(), bytes);
-        cache.append(&model, &[(0, &t[..7])], Logits::Last).unwrap();
+        cache
+            .append(&model, &[(0, &t[..7])], LogitRows::Last)
+            .unwrap();
         for i in 7..20 {
             cache.step(&model, &t[i..i + 1]).unwrap();
             assert_eq!(cache.bytes(), bytes, "reallocated at n = {}", i + 1);
@@ -129,18 +135,18 @@ fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: Storage) {
 
 #[test]
 fn bad_input_is_a_typed_error_and_changes_nothing() {
-    for storage in [Storage::Host, Storage::Tensors] {
+    for storage in [CacheStorage::Host, CacheStorage::Tensors] {
         bad_input_is_a_typed_error_and_changes_nothing_in(storage);
     }
 }
 
-fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: Storage) {
+fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: CacheStorage) {
     let model = model("[1, 2]", 4);
     let t = text(11, 5);
     let started = || {
         let mut cache = KsaCache::with_storage(&model, 2, Some(12), storage).unwrap();
         cache
-            .append(&model, &[(0, &t[..7]), (1, &t[..3])], Logits::Last)
+            .append(&model, &[(0, &t[..7]), (1, &t[..3])], LogitRows::Last)
             .unwrap();
         cache
     };
@@ -152,23 +158,23 @@ fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: Storage) {
         assert!(check(&err), "unexpected error: {err}");
     };
     expect(
-        cache.append(&model, &[(0, &t[..1]), (2, &t[..1])], Logits::Last),
+        cache.append(&model, &[(0, &t[..1]), (2, &t[..1])], LogitRows::Last),
         &|e| matches!(e, Error::UnknownSequence { index: 2, batch: 2 }),
     );
     expect(
-        cache.append(&model, &[(1, &t[..1]), (1, &t[..1])], Logits::Last),
+        cache.append(&model, &[(1, &t[..1]), (1, &t[..1])], LogitRows::Last),
         &|e| matches!(e, Error::DuplicateSequence { index: 1 }),
     );
     // Valid first input, bad token in the second: nothing of the first is kept.
     expect(
-        cache.append(&model, &[(0, &t[..2]), (1, &[3, 50])], Logits::Last),
+        cache.append(&model, &[(0, &t[..2]), (1, &[3, 50])], LogitRows::Last),
         &|e| matches!(e, Error::TokenOutOfRange { token: 50, .. }),
     );
-    expect(cache.append(&model, &[(1, &[52])], Logits::Last), &|e| {
+    expect(cache.append(&model, &[(1, &[52])], LogitRows::Last), &|e| {
         matches!(e, Error::TokenOutOfRange { token: 52, .. })
     });
     expect(
-        cache.append(&model, &[(1, &t[..2]), (0, &t[..6])], Logits::Last),
+        cache.append(&model, &[(1, &t[..2]), (0, &t[..6])], LogitRows::Last),
         &|e| {
             matches!(
                 e,
@@ -182,9 +188,10 @@ fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: Storage) {
         },
     );
     let other = self::model("[2, 2]", 4);
-    expect(cache.append(&other, &[(0, &t[..1])], Logits::Last), &|e| {
-        matches!(e, Error::CacheModelMismatch(_))
-    });
+    expect(
+        cache.append(&other, &[(0, &t[..1])], LogitRows::Last),
+        &|e| matches!(e, Error::CacheModelMismatch(_)),
+    );
     let err = cache.step(&model, &t[..3]).unwrap_err();
     assert!(
         matches!(
@@ -204,7 +211,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: Storage) {
     ));
     assert_eq!(cache, before);
     // Empty inputs are no-ops with empty logits.
-    let empty = cache.append(&model, &[(1, &[])], Logits::All).unwrap();
+    let empty = cache.append(&model, &[(1, &[])], LogitRows::All).unwrap();
     assert_eq!(empty[0].dims(), &[0, 50]);
     assert_eq!(cache, before);
     // And the cache still works after the refusals.
@@ -221,10 +228,11 @@ fn tensor_storage_bytes_dtype_and_clones() {
     let bf16_model = model_in("[1, 1000]", 3, DType::BF16);
     assert_eq!(
         KsaCache::default_storage(&bf16_model).unwrap(),
-        Storage::Host
+        CacheStorage::Host
     );
     let host = KsaCache::with_capacity(&bf16_model, 1, 20).unwrap();
-    let mut cache = KsaCache::with_storage(&bf16_model, 1, Some(20), Storage::Tensors).unwrap();
+    let mut cache =
+        KsaCache::with_storage(&bf16_model, 1, Some(20), CacheStorage::Tensors).unwrap();
     assert_eq!(
         cache.bytes() * 2,
         host.bytes(),
@@ -232,11 +240,11 @@ fn tensor_storage_bytes_dtype_and_clones() {
     );
     assert_eq!(cache.layer_bytes(0) * 2, host.layer_bytes(0));
     cache
-        .append(&bf16_model, &[(0, &t[..5])], Logits::Last)
+        .append(&bf16_model, &[(0, &t[..5])], LogitRows::Last)
         .unwrap();
     let before = cache.clone();
     let err = cache
-        .append(&f32_model, &[(0, &t[5..6])], Logits::Last)
+        .append(&f32_model, &[(0, &t[5..6])], LogitRows::Last)
         .unwrap_err();
     assert!(matches!(err, Error::CacheModelMismatch(_)), "{err}");
     assert_eq!(cache, before);
@@ -246,7 +254,7 @@ fn tensor_storage_bytes_dtype_and_clones() {
     let mut clone = cache.clone();
     let logits = |c: &mut KsaCache| -> Vec<f32> {
         let l = c
-            .append(&bf16_model, &[(0, &t[5..12])], Logits::All)
+            .append(&bf16_model, &[(0, &t[5..12])], LogitRows::All)
             .unwrap();
         l[0].to_dtype(DType::F32)
             .unwrap()

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use ksa::cpu::CpuKernel;
 use ksa::schedule::TileSizes;
-use ksa::{reference, AttentionOptions, Error, KsaConfig, Layout};
+use ksa::{reference, AttentionOptions, Error, KsaConfig, KsaLayout};
 use proptest::prelude::*;
 
 fn tolerance(dtype: DType) -> f64 {
@@ -165,7 +165,7 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 fn check_case(case: &Case) {
-    let layout = Layout::new(KsaConfig::new(case.c, case.s, case.w).unwrap(), case.n).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(case.c, case.s, case.w).unwrap(), case.n).unwrap();
     let hq = case.hkv * case.group;
     let (q, k, v) = qkv(
         case.b,
@@ -199,7 +199,7 @@ fn check_case(case: &Case) {
     let (out, lse) = CpuKernel { tiles: case.tiles }
         .causal_attention(&q, &k, &v, &opts)
         .unwrap();
-    let want = reference::causal_attention(&q, &k, &v, None).unwrap();
+    let want = reference::causal_attention(&q, &k, &v).unwrap();
     let err = max_rel_err(&out, &want);
     assert!(err <= tolerance(case.dtype), "{case:?} causal: err {err}");
     if case.n > 0 && case.dtype == DType::F32 {
@@ -248,7 +248,7 @@ fn edge_configs_match_the_reference() {
 
 #[test]
 fn large_logits_stay_finite_and_accurate() {
-    let layout = Layout::new(KsaConfig::new(4, 1, 2).unwrap(), 90).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 2).unwrap(), 90).unwrap();
     let (q, k, v) = qkv(1, 4, 2, layout.len(), 32, DType::F32, 7);
     // |q.k| / sqrt(32) reaches about 1e4.
     let q = (q * 150.0).unwrap();
@@ -257,27 +257,30 @@ fn large_logits_stay_finite_and_accurate() {
     let got = ksa::attention(&q, &k, &v, &layout).unwrap();
     // One-hot-like rows: an f32 logit error of ~1e-3 moves weights by ~0.1%.
     assert!(max_rel_err(&got, &want) < 5e-3);
-    let want = reference::causal_attention(&q, &k, &v, None).unwrap();
+    let want = reference::causal_attention(&q, &k, &v).unwrap();
     let got = ksa::causal_attention(&q, &k, &v).unwrap();
     assert!(max_rel_err(&got, &want) < 5e-3);
 }
 
 #[test]
 fn explicit_scale_is_used() {
-    let layout = Layout::new(KsaConfig::new(4, 2, 1).unwrap(), 50).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(4, 2, 1).unwrap(), 50).unwrap();
     let (q, k, v) = qkv(1, 2, 1, layout.len(), 16, DType::F32, 3);
     let opts = AttentionOptions { scale: Some(0.7) };
-    let want = reference::attention_with_scale(&q, &k, &v, &layout, Some(0.7)).unwrap();
+    let want =
+        reference::attention_with(&q, &k, &v, &layout, &AttentionOptions { scale: Some(0.7) })
+            .unwrap();
     let got = ksa::attention_with(&q, &k, &v, &layout, &opts).unwrap();
     assert!(max_rel_err(&got, &want) <= 2e-4);
-    let want = reference::causal_attention(&q, &k, &v, Some(0.7)).unwrap();
+    let want = reference::causal_attention_with(&q, &k, &v, &AttentionOptions { scale: Some(0.7) })
+        .unwrap();
     let got = ksa::causal_attention_with(&q, &k, &v, &opts).unwrap();
     assert!(max_rel_err(&got, &want) <= 2e-4);
 }
 
 #[test]
 fn thread_count_does_not_change_results() {
-    let layout = Layout::new(KsaConfig::new(8, 1, 4).unwrap(), 1000).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(8, 1, 4).unwrap(), 1000).unwrap();
     let (q, k, v) = qkv(2, 4, 2, layout.len(), 64, DType::F32, 11);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -300,7 +303,7 @@ fn thread_count_does_not_change_results() {
 
 #[test]
 fn non_contiguous_inputs_are_copied() {
-    let layout = Layout::new(KsaConfig::new(4, 1, 1).unwrap(), 30).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 1).unwrap(), 30).unwrap();
     let (q, k, v) = qkv(1, 2, 2, layout.len(), 8, DType::F32, 5);
     // A transposed-and-back view with the same values, not contiguous.
     let qt = q
@@ -318,7 +321,7 @@ fn non_contiguous_inputs_are_copied() {
 
 #[test]
 fn bad_inputs_are_typed_errors() {
-    let layout = Layout::new(KsaConfig::new(4, 1, 1).unwrap(), 8).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 1).unwrap(), 8).unwrap();
     let n = layout.len();
     let (q, k, v) = qkv(1, 3, 2, n, 8, DType::F32, 1);
     assert!(matches!(
@@ -360,7 +363,7 @@ fn bad_inputs_are_typed_errors() {
 #[test]
 fn progress_counts_up_to_its_total() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let layout = Layout::new(KsaConfig::new(4, 1, 2).unwrap(), 700).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 2).unwrap(), 700).unwrap();
     let (q, k, v) = qkv(2, 4, 2, layout.len(), 16, DType::F32, 9);
     let (calls, last, total) = (
         AtomicUsize::new(0),
@@ -393,10 +396,10 @@ fn progress_counts_up_to_its_total() {
 fn long_sequences_match_the_reference() {
     let n = 4104;
     let (q, k, v) = qkv(1, 2, 2, n, 128, DType::F32, 13);
-    let want = reference::causal_attention(&q, &k, &v, None).unwrap();
+    let want = reference::causal_attention(&q, &k, &v).unwrap();
     let got = ksa::causal_attention(&q, &k, &v).unwrap();
     assert!(max_rel_err(&got, &want) <= 2e-4);
-    let layout = Layout::new(KsaConfig::new(8, 1, 16).unwrap(), 3648).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(8, 1, 16).unwrap(), 3648).unwrap();
     assert_eq!(layout.len(), n);
     let want = reference::attention(&q, &k, &v, &layout).unwrap();
     let got = ksa::attention(&q, &k, &v, &layout).unwrap();

@@ -60,9 +60,9 @@ fn summary_reads_ablation() {
     let config = ksa::KsaConfig::new(4, 2, 1)
         .unwrap()
         .with_summary_reads(false);
-    let layout = ksa::Layout::new(config, 150).unwrap();
+    let layout = ksa::KsaLayout::new(config, 150).unwrap();
     let mut case = Case::ksa(4, 2, 1, 150);
-    case.rule = ksa::cuda::schedule::MaskRule::Ksa(layout);
+    case.mask = ksa::mask::Mask::Ksa(layout);
     check(&case);
 }
 

@@ -1,15 +1,15 @@
 //! The split-KV decode kernels (`kernels/ksa_decode.cu`) under the PTX
 //! emulator, driven by the crate's own [`DecodeLaunch`], equal the CPU decode
-//! path [`ksa::decode::attend`] on the same bf16/f16-rounded inputs (output and
+//! path [`ksa::cpu::decode::attend`] on the same bf16/f16-rounded inputs (output and
 //! log-sum-exp), with the sanitizer on. Needs the `ptx` feature (nvcc).
 #![cfg(feature = "ptx")]
 
 mod common;
 use common::emu::Rng;
 use half::{bf16, f16};
+use ksa::cpu::decode::{attend, KvSlice};
 use ksa::cuda::decode::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice};
 use ksa::cuda::launch::{Arg, Elem};
-use ksa::decode::{attend, KvSlice};
 use ptx_emu::{Class, DevPtr, Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
 
@@ -520,17 +520,17 @@ mod gpu {
         let cpu = Dev::Cpu;
         let q = Tensor::zeros((2, 4, 64), DType::F32, &cpu).unwrap();
         assert!(matches!(
-            decode_attention(&q, &[], None),
+            decode_attention(&q, &[], &ksa::AttentionOptions::default()),
             Err(Error::UnsupportedDType { .. })
         ));
         let q = q.to_dtype(DType::BF16).unwrap();
         assert!(matches!(
-            decode_attention(&q, &[], None),
+            decode_attention(&q, &[], &ksa::AttentionOptions::default()),
             Err(Error::UnsupportedDevice { .. })
         ));
         let q4 = q.unsqueeze(0).unwrap();
         assert!(matches!(
-            decode_attention(&q4, &[], None),
+            decode_attention(&q4, &[], &ksa::AttentionOptions::default()),
             Err(Error::Rank { name: "q", .. })
         ));
     }
@@ -569,7 +569,7 @@ mod gpu {
             ],
             vec![rows(&k0, &v0, 7..8)],
         ];
-        let (o, lse) = decode_attention(&q, &seqs, None).unwrap();
+        let (o, lse) = decode_attention(&q, &seqs, &ksa::AttentionOptions::default()).unwrap();
         assert_eq!(lse.dims(), &[3, hq]);
         let host = |x: &Tensor| -> Vec<f32> {
             x.to_dtype(DType::F32)

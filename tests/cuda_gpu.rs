@@ -6,8 +6,8 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use ksa::cuda::schedule::MaskRule;
-use ksa::{KsaConfig, Layout};
+use ksa::mask::Mask;
+use ksa::{KsaConfig, KsaLayout};
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -50,7 +50,7 @@ fn ksa_and_causal_match_reference_on_gpu() {
         (4, 2, 3, 777, 128, DType::F16, 4e-3),
         (64, 4, 0, 300, 128, DType::BF16, 2e-2),
     ] {
-        let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let big = layout.len();
         let mk = |h| randn((2, h, big, d), dtype);
         let (q, k, v) = (mk(8), mk(2), mk(2));
@@ -62,15 +62,10 @@ fn ksa_and_causal_match_reference_on_gpu() {
             .unwrap();
         let err = max_diff(&got, &want);
         assert!(err <= tol, "KSA C={c} S={s} W={w} n={n} d={d}: {err}");
-        let want = ksa::reference::causal_attention(&q, &k, &v, None).unwrap();
-        let (got, _lse) = ksa::cuda::op::forward(
-            &on(&q),
-            &on(&k),
-            &on(&v),
-            MaskRule::Causal { len: big },
-            None,
-        )
-        .unwrap();
+        let want = ksa::reference::causal_attention(&q, &k, &v).unwrap();
+        let (got, _lse) =
+            ksa::cuda::op::forward(&on(&q), &on(&k), &on(&v), Mask::Causal { len: big }, None)
+                .unwrap();
         let err = max_diff(&got.to_device(&Device::Cpu).unwrap(), &want);
         assert!(err <= tol, "causal n={big} d={d}: {err}");
     }
@@ -79,7 +74,7 @@ fn ksa_and_causal_match_reference_on_gpu() {
 #[test]
 fn typed_errors_before_launch() {
     let Some(dev) = gpu() else { return };
-    let layout = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 64).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 64).unwrap();
     let n = layout.len();
     let t = |d: usize, dt: DType| Tensor::zeros((1, 2, n, d), dt, &dev).unwrap();
     let e = ksa::attention(
@@ -120,7 +115,7 @@ fn gradients_match_cpu_on_gpu() {
         (8, 1, 4, 500, 64, DType::BF16, 2e-2),
         (4, 2, 0, 301, 128, DType::F16, 3e-3),
     ] {
-        let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let big = layout.len();
         let mk = |h| randn((2, h, big, d), dtype);
         let (q, k, v, w_out) = (mk(8), mk(2), mk(2), mk(8));

@@ -2,18 +2,18 @@
 //! what was expected and what came in; nothing panics.
 
 use candle_core::{DType, Device, Tensor};
-use ksa::{reference, Error, KsaConfig, Layout, SummaryPositions, TextPositions};
+use ksa::{reference, Error, KsaConfig, KsaLayout, SummaryPositions, TextPositions};
 
 fn t(shape: &[usize]) -> Tensor {
     Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
 }
 
-fn layout(n: usize) -> Layout {
-    Layout::new(KsaConfig::new(4, 1, 2).unwrap(), n).unwrap() // N = n + n/4
+fn layout(n: usize) -> KsaLayout {
+    KsaLayout::new(KsaConfig::new(4, 1, 2).unwrap(), n).unwrap() // N = n + n/4
 }
 
 /// Runs both the entry point and the oracle; they must fail the same way.
-fn attn_err(q: &Tensor, k: &Tensor, v: &Tensor, l: &Layout) -> Error {
+fn attn_err(q: &Tensor, k: &Tensor, v: &Tensor, l: &KsaLayout) -> Error {
     let a = ksa::attention(q, k, v, l).unwrap_err();
     let b = reference::attention(q, k, v, l).unwrap_err();
     assert_eq!(
@@ -52,9 +52,9 @@ fn impossible_configs() {
 #[test]
 fn layout_that_overflows_u32() {
     let cfg = KsaConfig::new(1, 1 << 20, 0).unwrap();
-    let e = Layout::new(cfg, 1 << 20).unwrap_err();
+    let e = KsaLayout::new(cfg, 1 << 20).unwrap_err();
     assert!(matches!(e, Error::LayoutTooLarge(_)), "{e}");
-    let e = Layout::new(KsaConfig::new(1, 1, 0).unwrap(), usize::MAX).unwrap_err();
+    let e = KsaLayout::new(KsaConfig::new(1, 1, 0).unwrap(), usize::MAX).unwrap_err();
     assert!(matches!(e, Error::LayoutTooLarge(_)), "{e}");
 }
 
@@ -267,7 +267,7 @@ fn interleave_errors() {
 
 #[test]
 fn dense_mask_refuses_huge_layouts() {
-    let l = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 100_000).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 100_000).unwrap();
     let e = l.dense_mask(&Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use ksa::schedule::{Schedule, TileSizes};
-use ksa::{reference, KsaConfig, Layout};
+use ksa::{reference, KsaConfig, KsaLayout};
 use proptest::prelude::*;
 
 #[path = "common/tensors.rs"]
@@ -49,7 +49,7 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn reference_gradients_match_finite_differences() {
-    let l = Layout::new(KsaConfig::new(3, 2, 1).unwrap(), 10).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(3, 2, 1).unwrap(), 10).unwrap();
     let (q, k, v) = (
         rand(&[1, 2, l.len(), 4], 1),
         rand(&[1, 1, l.len(), 4], 2),
@@ -95,7 +95,7 @@ proptest! {
         c in 1usize..=6, s in 1usize..=3, w in prop_oneof![0usize..=3, Just(100)],
         n in 1usize..=30, b in 1usize..=2, g in prop_oneof![Just(1usize), Just(2)], seed in any::<u64>(),
     ) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let d = 8;
         let q = rand(&[b, 2 * g, l.len(), d], seed);
         let k = rand(&[b, 2, l.len(), d], seed + 1);
@@ -136,13 +136,14 @@ fn tiled_backward_equals_reference_on_tile_edges() {
         (Some((8, 1, 16)), 260, 2, 4, 2, 24), // d off the microkernel (gemm)
     ];
     // The first case really has more than two key tiles per query tile.
-    let l = Layout::new(KsaConfig::new(8, 1, 40).unwrap(), 700).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(8, 1, 40).unwrap(), 700).unwrap();
     let schedule = Schedule::ksa(&l, TileSizes::default()).unwrap();
     let mut tiles = Vec::new();
     schedule.key_tiles(schedule.query_tiles() - 1, &mut tiles);
     assert_eq!(tiles.len(), 4);
     for (i, (ksa, n, b, hq, hkv, d)) in cases.into_iter().enumerate() {
-        let layout = ksa.map(|(c, s, w)| Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
+        let layout =
+            ksa.map(|(c, s, w)| KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
         let len = layout.map_or(n, |l| l.len());
         let seed = 100 * i as u64;
         let q = rand(&[b, hq, len, d], seed);
@@ -162,7 +163,7 @@ fn tiled_backward_equals_reference_on_tile_edges() {
             ),
             None => (
                 grads(
-                    |a, b, c| reference::causal_attention(a, b, c, None),
+                    |a, b, c| reference::causal_attention(a, b, c),
                     &q,
                     &k,
                     &v,

@@ -1,7 +1,7 @@
 //! `SummaryAttention` and the decoder layer against hand-composed f64
 //! computations (projections, norms, blend, RoPE, `reference::attention`,
 //! `o_proj`), and the reach of a summary slot through the model exactly as
-//! `Layout::can_attend` allows, layer by layer.
+//! `KsaLayout::can_attend` allows, layer by layer.
 
 mod model_common;
 
@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use ksa::model_config::LayerKind;
 use ksa::{
-    KsaConfig, Layout, Qwen3Ksa, Qwen3KsaConfig, SlotKind, SummaryAttention, SummaryAttentionConfig,
+    KsaConfig, KsaLayout, Qwen3Ksa, Qwen3KsaConfig, SlotKind, SummaryAttention,
+    SummaryAttentionConfig,
 };
 use model_common::*;
 use serde_json::json;
@@ -168,7 +169,7 @@ fn summary_attention_equals_hand_composition() {
         let weights = attention_weights(&dims, mix.is_some(), 7 + window as u64);
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
         let layer = SummaryAttention::new(&config, vb).unwrap();
-        let layout = Layout::new(KsaConfig::new(3, 2, 999).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(KsaConfig::new(3, 2, 999).unwrap(), n).unwrap();
         let x = Rng::new(3).tensor(&[2, layout.len(), dims.hidden], 0.0, 1.0);
         let ours = layer.forward(&x, &layout).unwrap();
 
@@ -281,7 +282,7 @@ fn decoder_layers_equal_hand_composition() {
         &text_pos,
         &vec![false; text_pos.len()],
         None,
-        |q, k, v| ksa::reference::causal_attention(q, k, v, None).unwrap(),
+        |q, k, v| ksa::reference::causal_attention(q, k, v).unwrap(),
     );
     let t1 = (f64t(&text) + attn).unwrap();
     let hand_text = (&t1
@@ -453,7 +454,7 @@ fn gradients_flow_through_the_layer() {
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let layout = Layout::new(KsaConfig::new(3, 2, 0).unwrap(), 10).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(3, 2, 0).unwrap(), 10).unwrap();
     let x = Rng::new(1).tensor(&[1, layout.len(), dims.hidden], 0.0, 1.0);
     let loss = layer
         .forward(&x, &layout)
@@ -489,7 +490,7 @@ fn projecting_a_run_of_slots_matches_the_full_sequence() {
         VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let layout = Layout::new(KsaConfig::new(3, 2, 1).unwrap(), 13).unwrap();
+    let layout = KsaLayout::new(KsaConfig::new(3, 2, 1).unwrap(), 13).unwrap();
     let x = Rng::new(8).tensor(&[2, layout.len(), dims.hidden], 0.0, 1.0);
     let positions = layout.position_ids();
     let full = layer

@@ -2,7 +2,7 @@
 //! written a second time, independently, as per-slot predicates.
 
 use candle_core::Device;
-use ksa::{KsaConfig, Layout, SlotKind, SummaryPositions, TextPositions};
+use ksa::{KsaConfig, KsaLayout, SlotKind, SummaryPositions, TextPositions};
 use proptest::prelude::*;
 
 /// One slot as the test sees it, built by walking the text chunk by chunk.
@@ -75,7 +75,7 @@ proptest! {
 
     #[test]
     fn layout_matches_spec((c, s, w, n) in config()) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let want = slots(c, s, n);
         prop_assert_eq!(l.len(), n + s * (n / c));
         prop_assert_eq!(l.len(), want.len());
@@ -106,7 +106,7 @@ proptest! {
         let text = [TextPositions::Origin, TextPositions::InnerChunk][ti];
         let summary = [SummaryPositions::LastChunkSliceRight, SummaryPositions::LastChunkSliceLeft, SummaryPositions::Zeros][si];
         let cfg = KsaConfig::new(c, s, w).unwrap().with_text_positions(text).with_summary_positions(summary);
-        let l = Layout::new(cfg, n).unwrap();
+        let l = KsaLayout::new(cfg, n).unwrap();
         let want: Vec<i64> = slots(c, s, n).into_iter().map(|x| position(x, c, s, text, summary)).collect();
         let got: Vec<i64> = l.position_ids().into_iter().map(i64::from).collect();
         prop_assert_eq!(got, want);
@@ -114,7 +114,7 @@ proptest! {
 
     #[test]
     fn mask_matches_spec((c, s, w, n) in config()) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let want = slots(c, s, n);
         let big = l.len();
         let dense = l.dense_mask(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
@@ -147,7 +147,7 @@ proptest! {
 #[test]
 fn window_covering_every_chunk_is_causal_text_attention() {
     // W >= c for every chunk: text sees all earlier text and no summary.
-    let l = Layout::new(KsaConfig::new(4, 2, 100).unwrap(), 37).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(4, 2, 100).unwrap(), 37).unwrap();
     for t in 0..37 {
         let q = l.text_slot(t).unwrap();
         let want: Vec<usize> = (0..=t).map(|k| l.text_slot(k).unwrap()).collect();
@@ -158,7 +158,7 @@ fn window_covering_every_chunk_is_causal_text_attention() {
 
 #[test]
 fn empty_layout() {
-    let l = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 0).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 0).unwrap();
     assert!(l.is_empty());
     assert_eq!(l.len(), 0);
     assert!(l.text_slots().is_empty() && l.summary_slots().is_empty());
@@ -171,7 +171,7 @@ proptest! {
 
     #[test]
     fn key_runs_cover_exactly_the_allowed_keys((c, s, w, n) in config()) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         for q in 0..l.len() {
             let mut keys = Vec::new();
             let mut runs = 0;

@@ -3,7 +3,7 @@
 //! over the text alone, dtype handling, and the public entry point.
 
 use candle_core::{DType, Device, Tensor};
-use ksa::{reference, AttentionOptions, KsaConfig, Layout};
+use ksa::{reference, AttentionOptions, KsaConfig, KsaLayout};
 use proptest::prelude::*;
 
 #[path = "common/tensors.rs"]
@@ -78,7 +78,7 @@ proptest! {
 
     #[test]
     fn oracle_equals_naive_loops((c, s, w, n, b, g, d, seed) in case()) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let hkv = 2;
         let q = rand(&[b, hkv * g, l.len(), d], seed);
         let k = rand(&[b, hkv, l.len(), d], seed + 1);
@@ -95,7 +95,7 @@ proptest! {
 
     #[test]
     fn gqa_equals_repeated_kv_heads((c, s, w, n, b, g, d, seed) in case()) {
-        let l = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         let hkv = 2;
         let q = rand(&[b, hkv * g, l.len(), d], seed);
         let k = rand(&[b, hkv, l.len(), d], seed + 1);
@@ -114,13 +114,13 @@ proptest! {
     fn whole_context_window_equals_causal_text_attention((c, s, _w, n, b, g, d, seed) in case()) {
         // With W >= chunks, text slots see exactly the earlier text: the KSA
         // output on text slots is causal attention over the text alone.
-        let l = Layout::new(KsaConfig::new(c, s, n / c + 1).unwrap(), n).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(c, s, n / c + 1).unwrap(), n).unwrap();
         let q = rand(&[b, 2 * g, l.len(), d], seed);
         let k = rand(&[b, 2, l.len(), d], seed + 1);
         let v = rand(&[b, 2, l.len(), d], seed + 2);
         let ksa_text = l.take_text(&reference::attention(&q, &k, &v, &l).unwrap(), 2).unwrap();
         let text = |x: &Tensor| l.take_text(x, 2).unwrap();
-        let causal = reference::causal_attention(&text(&q), &text(&k), &text(&v), None).unwrap();
+        let causal = reference::causal_attention(&text(&q), &text(&k), &text(&v)).unwrap();
         prop_assert!(max_abs_diff(&flat(&ksa_text), &flat(&causal)) < 1e-12);
     }
 }
@@ -130,19 +130,21 @@ fn causal_attention_equals_naive_loops() {
     let q = rand(&[2, 4, 23, 8], 1);
     let k = rand(&[2, 2, 23, 8], 2);
     let v = rand(&[2, 2, 23, 8], 3);
-    let got = reference::causal_attention(&q, &k, &v, Some(0.7)).unwrap();
+    let got = reference::causal_attention_with(&q, &k, &v, &AttentionOptions { scale: Some(0.7) })
+        .unwrap();
     let want = naive(&q, &k, &v, 0.7, |i, j| j <= i);
     assert!(max_abs_diff(&flat(&got), &want) < 1e-12);
 }
 
 #[test]
 fn explicit_scale() {
-    let l = Layout::new(KsaConfig::new(3, 2, 1).unwrap(), 17).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(3, 2, 1).unwrap(), 17).unwrap();
     let q = rand(&[1, 2, l.len(), 8], 4);
     let k = rand(&[1, 1, l.len(), 8], 5);
     let v = rand(&[1, 1, l.len(), 8], 6);
     let want = naive(&q, &k, &v, 0.3, |i, j| l.can_attend(i, j));
-    let got = reference::attention_with_scale(&q, &k, &v, &l, Some(0.3)).unwrap();
+    let got =
+        reference::attention_with(&q, &k, &v, &l, &AttentionOptions { scale: Some(0.3) }).unwrap();
     assert!(max_abs_diff(&flat(&got), &want) < 1e-12);
     let opts = AttentionOptions { scale: Some(0.3) };
     let got = ksa::attention_with(&q, &k, &v, &l, &opts).unwrap();
@@ -160,7 +162,7 @@ fn every_oracle_dtype_is_the_f64_result_rounded_once() {
     // the f64 output of the same (rounded) inputs, rounded once: relative error
     // at most half an ulp of the dtype (2^-24, 2^-11, 2^-8), or half the
     // subnormal spacing in absolute terms (f16: 2^-25).
-    let l = Layout::new(KsaConfig::new(4, 2, 1).unwrap(), 30).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(4, 2, 1).unwrap(), 30).unwrap();
     let cases = [
         (DType::F32, 6e-8, 1e-45),
         (DType::F16, 4.9e-4, 3e-8),
@@ -184,7 +186,7 @@ fn every_oracle_dtype_is_the_f64_result_rounded_once() {
 
 #[test]
 fn empty_layout_gives_empty_output() {
-    let l = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 0).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 0).unwrap();
     let z = Tensor::zeros((2, 4, 0, 16), DType::F32, &Device::Cpu).unwrap();
     let zk = Tensor::zeros((2, 2, 0, 16), DType::F32, &Device::Cpu).unwrap();
     let out = ksa::attention(&z, &zk, &zk, &l).unwrap();
@@ -193,7 +195,7 @@ fn empty_layout_gives_empty_output() {
 
 #[test]
 fn interleave_and_take_text_round_trip() {
-    let l = Layout::new(KsaConfig::new(3, 2, 1).unwrap(), 8).unwrap();
+    let l = KsaLayout::new(KsaConfig::new(3, 2, 1).unwrap(), 8).unwrap();
     let hidden = rand(&[2, 8, 5], 10);
     let summaries = rand(&[2, 5], 11);
     let x = l.interleave(&hidden, &summaries).unwrap();

@@ -1,13 +1,13 @@
 //! The test vectors of `ksa-spec.md` (section 2's worked example and section
 //! 7, taken from the reference's own code), verbatim.
 
-use ksa::{KsaConfig, Layout, SummaryPositions, TextPositions};
+use ksa::{KsaConfig, KsaLayout, SummaryPositions, TextPositions};
 
-fn layout(c: usize, s: usize, w: usize, n: usize) -> Layout {
-    Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap()
+fn layout(c: usize, s: usize, w: usize, n: usize) -> KsaLayout {
+    KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap()
 }
 
-fn kinds(l: &Layout) -> String {
+fn kinds(l: &KsaLayout) -> String {
     (0..l.len())
         .map(|i| {
             if l.slot_kind(i).unwrap().is_text() {
@@ -20,12 +20,12 @@ fn kinds(l: &Layout) -> String {
         .join(" ")
 }
 
-fn rows(l: &Layout) -> Vec<Vec<usize>> {
+fn rows(l: &KsaLayout) -> Vec<Vec<usize>> {
     (0..l.len()).map(|q| l.allowed_keys(q)).collect()
 }
 
 /// Every row of the dense mask must agree with `allowed_keys` too.
-fn assert_dense_agrees(l: &Layout) {
+fn assert_dense_agrees(l: &KsaLayout) {
     let m = l
         .dense_mask(&candle_core::Device::Cpu)
         .unwrap()
@@ -139,7 +139,7 @@ fn positions(
         .unwrap()
         .with_text_positions(text)
         .with_summary_positions(summary);
-    Layout::new(cfg, n).unwrap().position_ids()
+    KsaLayout::new(cfg, n).unwrap().position_ids()
 }
 
 #[test]

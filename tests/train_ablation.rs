@@ -4,7 +4,7 @@
 //! fast CPU path and its backward follow it (against `reference::attention`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use ksa::{reference, KsaConfig, Layout, SlotKind};
+use ksa::{reference, KsaConfig, KsaLayout, SlotKind};
 use proptest::prelude::*;
 
 /// Deterministic values in [-1.5, 1.5), f32.
@@ -41,8 +41,8 @@ proptest! {
     fn ablation_mask_is_ksa_minus_text_to_summary(
         c in 1usize..6, s in 1usize..4, w in 0usize..5, n in 0usize..40,
     ) {
-        let ksa = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
-        let ablated = Layout::new(KsaConfig::new(c, s, w).unwrap().with_summary_reads(false), n).unwrap();
+        let ksa = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let ablated = KsaLayout::new(KsaConfig::new(c, s, w).unwrap().with_summary_reads(false), n).unwrap();
         let mut dropped = 0u64;
         for q in 0..ksa.len() {
             let text_query = ksa.slot_kind(q).unwrap().is_text();
@@ -66,7 +66,7 @@ proptest! {
         b in 1usize..3, g in 1usize..3, seed in 0u64..1000,
     ) {
         let config = KsaConfig::new(c, s, w).unwrap().with_summary_reads(false);
-        let layout = Layout::new(config, n).unwrap();
+        let layout = KsaLayout::new(config, n).unwrap();
         let (hkv, d, len) = (2, 8, layout.len());
         let q = Var::from_tensor(&rand(&[b, hkv * g, len, d], seed)).unwrap();
         let k = Var::from_tensor(&rand(&[b, hkv, len, d], seed + 1)).unwrap();

@@ -18,7 +18,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use ksa::cpu::CpuKernel;
-use ksa::{AttentionOptions, KsaConfig, Layout};
+use ksa::{AttentionOptions, KsaConfig, KsaLayout};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -173,7 +173,7 @@ impl Progress {
 }
 
 fn attention_mode(a: &AttentionArgs) -> AnyResult<()> {
-    let layout = Layout::new(KsaConfig::new(a.chunk, a.summaries, a.window)?, a.len)?;
+    let layout = KsaLayout::new(KsaConfig::new(a.chunk, a.summaries, a.window)?, a.len)?;
     let big = layout.len();
     let elem = a.dtype.size_in_bytes() as u64;
     println!(

@@ -1,8 +1,9 @@
 //! The fast CPU path: block-sparse KSA attention and tiled causal attention.
 //!
 //! Per (batch, key/value head) the keys and values are gathered once, as
-//! f32, into gathered order (`n` text rows in text order, then the summaries
-//! chunk-major), so that every query's keys are two dense ranges. Text queries
+//! f32, into gathered order ([`crate::mask::Gathered`]: the summaries
+//! chunk-major, then the `n` text rows in text order), so that every query's
+//! keys are two dense ranges. Text queries
 //! are processed in tiles of consecutive tokens, all query heads of a GQA
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
 //! [`Schedule`] lists; scores and the value product are register-blocked
@@ -17,12 +18,14 @@
 //! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
 //! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
+pub(crate) mod backward;
+pub mod decode;
 pub(crate) mod matmul;
 pub(crate) mod simd;
 pub(crate) mod tile;
 
 use crate::check::{check_qkv, QkvDims};
-use crate::layout::Layout;
+use crate::layout::KsaLayout;
 use crate::schedule::{Schedule, TileSizes};
 use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Storage, Tensor};
@@ -39,7 +42,7 @@ pub fn attention_with_lse(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    layout: &Layout,
+    layout: &KsaLayout,
     options: &AttentionOptions,
 ) -> Result<(Tensor, Tensor)> {
     CpuKernel::default().attention(q, k, v, layout, options)
@@ -71,7 +74,7 @@ impl CpuKernel {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        layout: &Layout,
+        layout: &KsaLayout,
         options: &AttentionOptions,
     ) -> Result<(Tensor, Tensor)> {
         self.attention_with_progress(q, k, v, layout, options, &|_, _| {})
@@ -86,7 +89,7 @@ impl CpuKernel {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        layout: &Layout,
+        layout: &KsaLayout,
         options: &AttentionOptions,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(Tensor, Tensor)> {
@@ -261,19 +264,6 @@ pub(crate) fn forward_vecs<T: Element>(
     (out, lse)
 }
 
-/// Gathered row `g` of a head's keys (or values): text rows in text order,
-/// then summaries chunk-major. The slot of each gathered row.
-pub(crate) fn gathered_slots(schedule: &Schedule) -> Vec<u32> {
-    match schedule.layout() {
-        Some(layout) => {
-            let mut slots = layout.text_slots();
-            slots.extend(layout.summary_slots());
-            slots
-        }
-        None => (0..schedule.text_queries() as u32).collect(),
-    }
-}
-
 /// One head's K or V (`[N, d]`, slot order) in gathered order as f32,
 /// borrowed when no reordering or conversion is needed.
 pub(crate) fn gather<'a, T: Element>(
@@ -363,7 +353,7 @@ fn forward<T: Element>(
         // Empty outputs; with d = 0 there are no scores, and lse stays 0.
         return;
     }
-    let slots = gathered_slots(schedule);
+    let slots = schedule.mask().gathered().slots();
     let identity = schedule.layout().is_none();
     let tasks = tasks(schedule);
     let ptr = Out {

@@ -2,7 +2,8 @@
 //! group of chunks' summary queries.
 
 use super::{matmul, simd, Element, Out};
-use crate::schedule::{KeySpace, KeyTile, Schedule};
+use crate::mask::KeySpace;
+use crate::schedule::{KeyTile, Schedule};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
 

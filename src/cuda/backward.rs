@@ -10,8 +10,10 @@
 //! and `dO V^T` (3 more matmuls per tile visit on top of 5, i.e. 4x the
 //! forward's tensor work instead of 2.5x; `docs/cuda.md` has the counters).
 
+use super::launch::geometry;
 use super::launch::{check_heads, within, Arg, Elem, Strides, THREADS};
-use super::schedule::{KeyMajorSchedule, MaskRule, Schedule, BLOCK_K};
+use super::schedule::{KeyMajorSchedule, QueryMajorSchedule, BLOCK_K};
+use crate::mask::Mask;
 use crate::Result;
 
 /// Everything about one backward call except the device pointers.
@@ -122,7 +124,9 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BwdLaunch {
     problem: BwdProblem,
-    rule: MaskRule,
+    mask: Mask,
+    /// The kernels' layout scalars ([`geometry`]).
+    geometry: [u32; 6],
     /// The key-major schedule the tables come from.
     pub schedule: KeyMajorSchedule,
     /// The `tiles` table to upload.
@@ -143,9 +147,9 @@ pub fn block_q(head_dim: usize) -> usize {
 }
 
 impl BwdLaunch {
-    /// The launches of `problem` under the mask `rule` (builds the forward
+    /// The launches of `problem` under the mask `mask` (builds the forward
     /// schedule with the backward's query tiles and inverts it).
-    pub fn new(rule: MaskRule, problem: &BwdProblem) -> Result<Self> {
+    pub fn new(mask: Mask, problem: &BwdProblem) -> Result<Self> {
         let p = problem;
         check_heads(
             "ksa CUDA attention backward",
@@ -158,15 +162,17 @@ impl BwdLaunch {
         within("batch of a CUDA launch", p.batch, 65_535)?;
         within(
             "elements of a CUDA backward's dq",
-            p.batch * p.q_heads * rule.len() * p.head_dim,
+            p.batch * p.q_heads * mask.len() * p.head_dim,
             (u32::MAX as usize >> 1) * 4 * THREADS as usize,
         )?;
-        let forward = Schedule::with_block_q(rule, block_q(p.head_dim))?;
+        let geometry = geometry(&mask)?;
+        let forward = QueryMajorSchedule::with_block_q(mask, block_q(p.head_dim))?;
         let schedule = KeyMajorSchedule::from_forward(&forward);
         let (tiles, entries) = schedule.gpu_tables();
         Ok(Self {
             problem: *p,
-            rule,
+            mask,
+            geometry,
             schedule,
             tiles,
             entries,
@@ -175,7 +181,7 @@ impl BwdLaunch {
 
     /// f32 elements of the `dsum` scratch buffer (`[b, hq, N]`).
     pub fn dsum_len(&self) -> usize {
-        self.problem.batch * self.problem.q_heads * self.rule.len()
+        self.problem.batch * self.problem.q_heads * self.mask.len()
     }
 
     /// f32 elements of the `dq_acc` scratch buffer (`[b, hq, N, d]`).
@@ -195,7 +201,7 @@ impl BwdLaunch {
     /// whose grid is empty.
     pub fn steps(&self, ptrs: &BwdPointers) -> Vec<Step> {
         let p = &self.problem;
-        let n = self.rule.len();
+        let n = self.mask.len();
         let ty = match p.elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
@@ -234,7 +240,7 @@ impl BwdLaunch {
         for s in [p.q, p.k, p.v, p.dout] {
             args.extend([Arg::U64(s.batch), Arg::U64(s.head)]);
         }
-        args.extend(self.rule.geo().map(Arg::U32));
+        args.extend(self.geometry.map(Arg::U32));
         args.extend([
             Arg::U32(p.q_heads as u32),
             Arg::U32((p.q_heads / p.kv_heads) as u32),
@@ -276,17 +282,17 @@ impl BwdLaunch {
 mod tests {
     use super::*;
     use crate::Error;
-    use crate::{KsaConfig, Layout};
+    use crate::{KsaConfig, KsaLayout};
 
-    fn rule() -> MaskRule {
-        MaskRule::Ksa(Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
+    fn mask() -> Mask {
+        Mask::Ksa(KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
     }
 
     #[test]
     fn steps_grids_and_args() {
-        let n = rule().len();
+        let n = mask().len();
         let p = BwdProblem::contiguous(2, 8, 2, n, 128, Elem::Bf16);
-        let l = BwdLaunch::new(rule(), &p).unwrap();
+        let l = BwdLaunch::new(mask(), &p).unwrap();
         assert_eq!(l.schedule.block_q(), 32);
         let ptrs = BwdPointers {
             q: 1,
@@ -321,13 +327,13 @@ mod tests {
         assert_eq!(steps[1].shared_bytes, 71_168);
         let p64 = BwdProblem::contiguous(1, 1, 1, n, 64, Elem::F16);
         assert_eq!(
-            BwdLaunch::new(rule(), &p64).unwrap().main_shared_bytes(),
+            BwdLaunch::new(mask(), &p64).unwrap().main_shared_bytes(),
             60_416
         );
         assert_eq!(steps[2].args[2], Arg::U64((2 * 8 * n * 128 / 4) as u64));
         assert_eq!(l.dq_acc_len(), 2 * 8 * n * 128);
         let empty = BwdLaunch::new(
-            MaskRule::Causal { len: 0 },
+            Mask::Causal { len: 0 },
             &BwdProblem::contiguous(1, 1, 1, 0, 64, Elem::F16),
         )
         .unwrap();
@@ -336,15 +342,15 @@ mod tests {
 
     #[test]
     fn typed_errors() {
-        let n = rule().len();
+        let n = mask().len();
         let p = BwdProblem::contiguous(1, 2, 1, n, 96, Elem::Bf16);
         assert!(matches!(
-            BwdLaunch::new(rule(), &p),
+            BwdLaunch::new(mask(), &p),
             Err(Error::UnsupportedHeadDim { got: 96, .. })
         ));
         let p = BwdProblem::contiguous(1, 3, 2, n, 64, Elem::Bf16);
         assert!(matches!(
-            BwdLaunch::new(rule(), &p),
+            BwdLaunch::new(mask(), &p),
             Err(Error::HeadsNotDivisible { .. })
         ));
     }

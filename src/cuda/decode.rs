@@ -315,9 +315,6 @@ impl DecodeLaunch {
 
 #[cfg(feature = "cuda")]
 pub use self::gpu::decode_attention;
-/// The key runs [`decode_attention`] takes (also the CPU path's, [`crate::decode::attend_rows`]).
-#[cfg(feature = "cuda")]
-pub use crate::decode::KvRows;
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -325,13 +322,13 @@ mod gpu {
     //! from the same [`DecodeLaunch`] the emulator tests drive.
 
     use super::{DecodeLaunch, DecodePointers, DecodeProblem, DecodeSlice, Kernel};
-    use crate::cuda::launch::{Arg, Elem};
-    use crate::decode::KvRows;
+    use crate::attention::KvRows;
+    use crate::cuda::launch::{kernel_elem, Arg, Elem};
+    use crate::cuda::op::launch;
+    use crate::AttentionOptions;
     use crate::{Error, Result};
-    use candle_core::cuda_backend::cudarc::driver::{
-        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Storage, Tensor};
 
@@ -340,13 +337,12 @@ mod gpu {
 
     /// Attention of one query token per sequence, `q: [n_seq, q_heads,
     /// head_dim]` (bf16 or f16, contiguous, CUDA), over the keys `seqs[i]` of
-    /// sequence `i` (at least one key each); scale `1/sqrt(head_dim)` unless
-    /// given. Returns `o: [n_seq, q_heads, head_dim]` (q's dtype) and the
+    /// sequence `i` (at least one key each), with the scale of `options`. Returns `o: [n_seq, q_heads, head_dim]` (q's dtype) and the
     /// log-sum-exp `[n_seq, q_heads]` (f32, natural log of the scaled scores).
     pub fn decode_attention(
         q: &Tensor,
         seqs: &[Vec<KvRows<'_>>],
-        scale: Option<f64>,
+        options: &AttentionOptions,
     ) -> Result<(Tensor, Tensor)> {
         let (n_seq, hq, d) = q.dims3().map_err(|_| Error::Rank {
             name: "q",
@@ -354,17 +350,7 @@ mod gpu {
             layout: "[n_seq, q_heads, head_dim]",
             got: q.dims().to_vec(),
         })?;
-        let elem = match q.dtype() {
-            DType::BF16 => Elem::Bf16,
-            DType::F16 => Elem::F16,
-            got => {
-                return Err(Error::UnsupportedDType {
-                    op: OP,
-                    got,
-                    supported: "bf16, f16",
-                })
-            }
-        };
+        let elem = kernel_elem(OP, q.dtype(), d)?;
         let dev = match q.device() {
             candle_core::Device::Cuda(d) => d.clone(),
             other => {
@@ -423,7 +409,7 @@ mod gpu {
             });
         }
         let mut problem = DecodeProblem::new(hq, kv_heads.unwrap_or(1), d, elem);
-        if let Some(s) = scale {
+        if let Some(s) = options.scale {
             problem.scale = s as f32;
         }
         if n_seq == 0 {
@@ -543,27 +529,23 @@ mod gpu {
         ))
     }
 
+    /// Both decode kernels go through the one launcher of the CUDA path.
+    /// The argument list is the kernel's (DecodeLaunch), the buffers and their
+    /// stream guards outlive the enqueue, every slice lies inside its tensor
+    /// (rows <= capacity, checked) and DecodeLaunch checked the alignment of
+    /// every address and head stride.
     fn go(dev: &CudaDevice, kernel: &Kernel, args: &[Arg]) -> Result<()> {
-        let func = dev.get_or_load_custom_func(&kernel.name, MODULE, crate::cuda::ptx::DECODE)?;
-        let mut builder = func.builder();
-        for a in args {
-            match a {
-                Arg::U64(x) => builder.arg(x),
-                Arg::U32(x) => builder.arg(x),
-                Arg::F32(x) => builder.arg(x),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: kernel.grid,
-            block_dim: kernel.block,
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the argument list is the kernel's (DecodeLaunch), the buffers
-        // and their stream guards outlive the enqueue, every slice lies inside
-        // its tensor (rows <= capacity, checked) and DecodeLaunch checked the
-        // alignment of every address and head stride.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(())
+        let ptx = crate::cuda::ptx::DECODE;
+        launch(
+            dev,
+            MODULE,
+            ptx,
+            &kernel.name,
+            kernel.grid,
+            kernel.block,
+            0,
+            args,
+        )
     }
 }
 

@@ -2,8 +2,10 @@
 //! block, dynamic shared memory and the argument list in the kernel's order.
 //! The candle/cudarc path and the emulator tests both drive exactly this.
 
-use super::schedule::{MaskRule, Schedule, BLOCK_Q};
+use super::schedule::{QueryMajorSchedule, BLOCK_Q};
+use crate::mask::Mask;
 use crate::{Error, Result};
+use candle_core::DType;
 
 /// Threads per CTA (4 warps).
 pub const THREADS: u32 = 128;
@@ -24,6 +26,25 @@ impl Elem {
             Elem::F16 => "f16",
         }
     }
+}
+
+/// The one capability check of the CUDA kernels, used by the ops, the decode
+/// and the cache's choice of storage: an element type they are compiled for
+/// (bf16, f16) and a compiled head dim (64, 128); else a typed error naming `op`.
+pub fn kernel_elem(op: &'static str, dtype: DType, head_dim: usize) -> Result<Elem> {
+    let elem = match dtype {
+        DType::BF16 => Elem::Bf16,
+        DType::F16 => Elem::F16,
+        got => {
+            return Err(Error::UnsupportedDType {
+                op,
+                got,
+                supported: "bf16, f16",
+            })
+        }
+    };
+    check_head_dim(op, head_dim)?;
+    Ok(elem)
 }
 
 /// The head dims the kernels are compiled for; anything else is
@@ -62,6 +83,37 @@ pub(crate) fn within(what: &'static str, got: usize, limit: usize) -> Result<()>
     } else {
         Ok(())
     }
+}
+
+/// The kernels' layout scalars of `mask`, in their argument order: `[n_slots,
+/// n_sum, chunk, summaries, window, mode]` (`Geo` in `kernels/ksa_common.cuh`,
+/// whose closed form of the mask the kernels evaluate per element). The window
+/// is clamped to the chunks: the kernels only compare it with chunk indices.
+/// A layout without text -> summary reads (the ablation of
+/// [`crate::KsaConfig::with_summary_reads`]) is refused: the kernels' closed
+/// form has no such switch.
+pub(crate) fn geometry(mask: &Mask) -> Result<[u32; 6]> {
+    Ok(match mask {
+        Mask::Ksa(l) => {
+            let c = l.config();
+            if !c.summary_reads() {
+                return Err(Error::InvalidConfig(
+                    "the CUDA kernels implement the KSA mask with summary reads only \
+                     (KsaConfig::with_summary_reads(false) runs on the CPU)"
+                        .into(),
+                ));
+            }
+            [
+                l.len() as u32,
+                l.summary_len() as u32,
+                c.chunk_size() as u32,
+                c.summaries() as u32,
+                c.window().min(l.chunks()) as u32,
+                0,
+            ]
+        }
+        Mask::Causal { len } => [*len as u32, 0, 1, 1, 0, 1],
+    })
 }
 
 /// Strides in elements of the batch and head dimensions of a `[b, h, N, d]`
@@ -185,7 +237,7 @@ pub struct FwdLaunch {
     /// Query heads per CTA.
     pub heads_per_cta: usize,
     /// The tile schedule the tables come from.
-    pub schedule: Schedule,
+    pub schedule: QueryMajorSchedule,
     /// The `tiles` table to upload.
     pub tiles: Vec<u32>,
     /// The `entries` table to upload.
@@ -194,8 +246,8 @@ pub struct FwdLaunch {
 }
 
 impl FwdLaunch {
-    /// The launch of `problem` under the mask `rule` (builds its schedule).
-    pub fn new(rule: MaskRule, problem: &FwdProblem) -> Result<Self> {
+    /// The launch of `problem` under `mask` (builds its schedule).
+    pub fn new(mask: Mask, problem: &FwdProblem) -> Result<Self> {
         let p = problem;
         check_heads("ksa CUDA attention", p.head_dim, p.q_heads, p.kv_heads)?;
         within("query heads of a CUDA launch", p.q_heads, 65_535)?;
@@ -210,26 +262,12 @@ impl FwdLaunch {
                 )))
             }
         };
-        let schedule = Schedule::with_block_q(rule, BLOCK_Q / hp)?;
-        let rule = &rule;
-        let (n_sum, chunk, summaries, window, mode) = match rule {
-            MaskRule::Ksa(l) => {
-                let c = l.config();
-                (
-                    l.summary_len(),
-                    c.chunk_size(),
-                    c.summaries(),
-                    // The kernel only compares the window with chunk indices.
-                    c.window().min(l.chunks()),
-                    0u32,
-                )
-            }
-            MaskRule::Causal { .. } => (0, 1, 1, 0, 1u32),
-        };
+        let geometry = geometry(&mask)?;
+        let schedule = QueryMajorSchedule::with_block_q(mask, BLOCK_Q / hp)?;
         let (tiles, entries) = schedule.gpu_tables();
         let d = p.head_dim as u32;
         let shared_bytes = 5 * BLOCK_Q as u32 * d * 2;
-        let scalars = vec![
+        let mut scalars = vec![
             Arg::U64(p.q.batch),
             Arg::U64(p.q.head),
             Arg::U64(p.k.batch),
@@ -238,17 +276,14 @@ impl FwdLaunch {
             Arg::U64(p.v.head),
             Arg::U64(p.o.batch),
             Arg::U64(p.o.head),
-            Arg::U32(rule.len() as u32),
-            Arg::U32(n_sum as u32),
-            Arg::U32(chunk as u32),
-            Arg::U32(summaries as u32),
-            Arg::U32(window as u32),
-            Arg::U32(mode),
+        ];
+        scalars.extend(geometry.map(Arg::U32));
+        scalars.extend([
             Arg::U32(p.q_heads as u32),
             Arg::U32(group as u32),
             Arg::U32(hp.trailing_zeros()),
             Arg::F32(p.scale * std::f32::consts::LOG2_E),
-        ];
+        ]);
         Ok(Self {
             kernel: format!("ksa_fwd_{}_d{}", p.elem.name(), p.head_dim),
             grid: (
@@ -290,10 +325,10 @@ impl FwdLaunch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{KsaConfig, Layout};
+    use crate::{KsaConfig, KsaLayout};
 
-    fn rule() -> MaskRule {
-        MaskRule::Ksa(Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
+    fn rule() -> Mask {
+        Mask::Ksa(KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())
     }
 
     #[test]

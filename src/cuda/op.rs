@@ -5,9 +5,9 @@
 //! backward kernels ([`backward`]).
 
 use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
-use super::launch::{check_head_dim, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
-use super::schedule::MaskRule;
+use super::launch::{kernel_elem, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
+use crate::mask::Mask;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -42,18 +42,6 @@ fn row_strides(name: &'static str, layout: &Layout) -> Result<Strides> {
     })
 }
 
-fn elem_of(dtype: DType, op: &'static str) -> Result<Elem> {
-    match dtype {
-        DType::BF16 => Ok(Elem::Bf16),
-        DType::F16 => Ok(Elem::F16),
-        got => Err(Error::UnsupportedDType {
-            op,
-            got,
-            supported: "bf16, f16",
-        }),
-    }
-}
-
 fn cuda_device(t: &Tensor, op: &'static str) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
@@ -65,16 +53,13 @@ fn cuda_device(t: &Tensor, op: &'static str) -> Result<CudaDevice> {
     }
 }
 
-fn layout_length(rule: &MaskRule, got: usize) -> Result<()> {
-    if got != rule.len() {
+fn layout_length(mask: &Mask, got: usize) -> Result<()> {
+    if got != mask.len() {
         return Err(Error::LayoutLength {
             name: "q",
-            expected: rule.len(),
+            expected: mask.len(),
             got,
-            text_tokens: match rule {
-                MaskRule::Ksa(l) => l.text_len(),
-                MaskRule::Causal { len } => *len,
-            },
+            text_tokens: mask.text_len(),
         });
     }
     Ok(())
@@ -85,8 +70,7 @@ fn layout_length(rule: &MaskRule, got: usize) -> Result<()> {
 /// autograd op (`crate::op`) runs them before recording itself, so its
 /// errors stay typed instead of arriving wrapped in a candle error.
 pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) -> Result<()> {
-    elem_of(q.dtype(), op)?;
-    check_head_dim(op, q.dim(3)?)?;
+    kernel_elem(op, q.dtype(), q.dim(3)?)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         cuda_device(t, op)?;
         row_strides(name, t.layout())?;
@@ -94,9 +78,10 @@ pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str)
     Ok(())
 }
 
-/// One launch of `kernel` from `ptx` (loaded once per device as `module`).
+/// One launch of `kernel` from `ptx` (loaded once per device as `module`):
+/// the one launcher of every kernel of the crate (forward, backward, decode).
 #[allow(clippy::too_many_arguments)]
-fn launch(
+pub(crate) fn launch(
     dev: &CudaDevice,
     module: &str,
     ptx: &str,
@@ -125,16 +110,16 @@ fn launch(
             Arg::F32(x) => builder.arg(x),
         };
     }
-    // SAFETY: the argument list is the kernel's (built by FwdLaunch / BwdLaunch
-    // for exactly this entry point), the callers keep every buffer alive and
-    // guarded until the launch is enqueued, and the schedules keep every access
-    // inside those buffers.
+    // SAFETY: the argument list is the kernel's (built by FwdLaunch, BwdLaunch
+    // or DecodeLaunch for exactly this entry point), the callers keep every
+    // buffer alive and guarded until the launch is enqueued, and the launch
+    // descriptions keep every access inside those buffers.
     unsafe { builder.launch(cfg) }.w()?;
     Ok(())
 }
 
 /// Runs the forward kernel on CUDA tensors `q: [b, hq, N, d]`, `k, v: [b, hkv,
-/// N, d]` (bf16 or f16, d = 64 or 128, rows contiguous) under `rule`; returns
+/// N, d]` (bf16 or f16, d = 64 or 128, rows contiguous) under `mask`; returns
 /// the output `[b, hq, N, d]` and the log-sum-exp `[b, hq, N]` (f32, natural
 /// log of the scaled scores). Records no backward op: `ksa::attention` does
 /// (through `crate::op`).
@@ -142,11 +127,11 @@ pub fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    rule: MaskRule,
+    mask: Mask,
     scale: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let dims = check_qkv(q, k, v, "ksa CUDA attention")?;
-    layout_length(&rule, dims.len)?;
+    layout_length(&mask, dims.len)?;
     cuda_device(q, "ksa CUDA attention")?;
     let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
     let (o, lse) = {
@@ -160,7 +145,7 @@ pub fn forward(
                 reason: "q, k and v must all live on the CUDA device",
             });
         };
-        forward_storage((qs, ql), (ks, kl), (vs, vl), rule, scale)?
+        forward_storage((qs, ql), (ks, kl), (vs, vl), mask, scale)?
     };
     let o = Tensor::from_storage(Storage::Cuda(o), (b, hq, n, d), BackpropOp::none(), false);
     let lse = Tensor::from_storage(Storage::Cuda(lse), (b, hq, n), BackpropOp::none(), false);
@@ -174,14 +159,14 @@ pub fn forward_storage(
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
-    rule: MaskRule,
+    mask: Mask,
     scale: Option<f64>,
 ) -> Result<(CudaStorage, CudaStorage)> {
     use candle_core::backend::BackendStorage;
     let (b, hq, n, d) = ql.shape().dims4()?;
-    layout_length(&rule, n)?;
+    layout_length(&mask, n)?;
     let hkv = kl.shape().dims4()?.1;
-    let elem = elem_of(qs.dtype(), "ksa CUDA attention")?;
+    let elem = kernel_elem("ksa CUDA attention", qs.dtype(), ql.dim(3)?)?;
     let dev = qs.device.clone();
     let lse = dev.alloc_zeros::<f32>((b * hq * n).max(1))?;
     macro_rules! empty {
@@ -206,7 +191,7 @@ pub fn forward_storage(
     if let Some(s) = scale {
         problem.scale = s as f32;
     }
-    let plan = FwdLaunch::new(rule, &problem)?;
+    let plan = FwdLaunch::new(mask, &problem)?;
     let stream = dev.cuda_stream();
     let tiles = dev.clone_htod(&plan.tiles)?;
     let entries = dev.clone_htod(&plan.entries)?;
@@ -259,7 +244,7 @@ pub fn forward_storage(
 }
 
 /// Gradients `(dq, dk, dv)` of `o = softmax(scale q k^T + mask) v` under
-/// `rule`, given the forward's inputs, its output `o`, the output gradient
+/// `mask`, given the forward's inputs, its output `o`, the output gradient
 /// `dout` and its log-sum-exp `lse: [b, hq, N]` f32 (as [`forward`] returns
 /// it). CUDA tensors, bf16 or f16, d = 64 or 128, rows contiguous; the
 /// gradients are contiguous and in the input dtype.
@@ -271,12 +256,12 @@ pub fn backward(
     o: &Tensor,
     dout: &Tensor,
     lse: &Tensor,
-    rule: MaskRule,
+    mask: Mask,
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "ksa CUDA attention backward";
     let dims = check_qkv(q, k, v, OP)?;
-    layout_length(&rule, dims.len)?;
+    layout_length(&mask, dims.len)?;
     let (b, hq, hkv, n, d) = (
         dims.batch,
         dims.q_heads,
@@ -316,7 +301,7 @@ pub fn backward(
             strides: lse.stride().to_vec(),
         });
     }
-    let elem = elem_of(q.dtype(), OP)?;
+    let elem = kernel_elem(OP, q.dtype(), q.dim(3)?)?;
     let dev = cuda_device(q, OP)?;
     for (name, t) in [("o", o), ("dout", dout), ("lse", lse)] {
         check_same_device("q", q, name, t)?;
@@ -338,7 +323,7 @@ pub fn backward(
     problem.v = row_strides("v", vl)?;
     problem.o = row_strides("o", ol)?;
     problem.dout = row_strides("dout", dol)?;
-    let plan = BwdLaunch::new(rule, &problem)?;
+    let plan = BwdLaunch::new(mask, &problem)?;
     let stream = dev.cuda_stream();
     let (
         Storage::Cuda(qs),

@@ -7,149 +7,51 @@
 //! shared schedule lists their few keys per chunk), one row space for queries
 //! and keys, heaviest-first ordering and the two tables the kernel reads.
 //! The backward kernel walks the same pairs key-major: [`KeyMajorSchedule`]
-//! inverts a forward [`Schedule`].
+//! inverts a forward [`QueryMajorSchedule`].
 //!
-//! Rows are in *gathered* coordinates: under [`MaskRule::Ksa`] row `g <
+//! Rows are in *gathered* coordinates: under [`Mask::Ksa`] row `g <
 //! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
-//! n_sum` is text token `g - n_sum`; under [`MaskRule::Causal`] `g` is the slot.
+//! n_sum` is text token `g - n_sum`; under [`Mask::Causal`] `g` is the slot.
 //! Queries and keys use the same coordinates. Every query's keys are then two
-//! dense ranges of `g` ([`MaskRule::row_ranges`], the closed form of
-//! [`Layout::key_ranges`] that the kernel's edge mask mirrors).
+//! dense ranges of `g` ([`Gathered::keys`], the closed form of
+//! [`KsaLayout::key_ranges`] that the kernel's edge mask mirrors).
 
-use crate::layout::Layout;
-use crate::schedule::{KeySpace, Schedule as TextSchedule, TileSizes};
+use crate::layout::KsaLayout;
+use crate::mask::{KeySpace, Mask};
+use crate::schedule::{Schedule as TextSchedule, TileSizes};
 use crate::{Error, Result};
 use std::ops::Range;
 
 /// Query rows per tile by default (one CTA: 4 warps x 16 rows). With GQA
 /// packing a CTA serves 2 or 4 query heads of 32 or 16 rows each
-/// ([`Schedule::with_block_q`]).
+/// ([`QueryMajorSchedule::with_block_q`]).
 pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 64;
 
-/// Which mask a schedule serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MaskRule {
-    /// The KSA rule of `layout`, in gathered coordinates.
-    Ksa(Layout),
-    /// Plain causal attention over `len` positions (the full-attention baseline).
-    Causal {
-        /// Number of positions.
-        len: usize,
-    },
+/// The tiles (of `block` rows) of a mask's gathered rows: the summary and
+/// text regions each start a new tile.
+fn region_tiles(mask: &Mask, block: usize) -> Vec<Range<usize>> {
+    let (n, ns) = (mask.len(), mask.summary_len());
+    let mut out = Vec::with_capacity(n.div_ceil(block) + 1);
+    for region in [0..ns, ns..n] {
+        let mut a = region.start;
+        while a < region.end {
+            let b = (a + block).min(region.end);
+            out.push(a..b);
+            a = b;
+        }
+    }
+    out
 }
 
-impl MaskRule {
-    /// Number of rows (queries = keys).
-    pub fn len(&self) -> usize {
-        match self {
-            MaskRule::Ksa(l) => l.len(),
-            MaskRule::Causal { len } => *len,
-        }
-    }
-    /// Whether there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Rows of the summary region (`S*floor(n/C)` under KSA, 0 when causal).
-    pub fn summary_rows(&self) -> usize {
-        match self {
-            MaskRule::Ksa(l) => l.summary_len(),
-            MaskRule::Causal { .. } => 0,
-        }
-    }
-    /// Slot (position in the tensors) of gathered row `g < len`.
-    pub fn slot(&self, g: usize) -> usize {
-        match self {
-            MaskRule::Ksa(l) => {
-                let (c, s, ns) = (
-                    l.config().chunk_size(),
-                    l.config().summaries(),
-                    l.summary_len(),
-                );
-                if g < ns {
-                    g + (g / s + 1) * c
-                } else {
-                    let t = g - ns;
-                    t + (t / c) * s
-                }
-            }
-            MaskRule::Causal { .. } => g,
-        }
-    }
-    /// Allowed keys of query row `g` as two disjoint ranges of gathered rows
-    /// (either may be empty): `[summaries, text]` under KSA, `[0..=g, empty]`
-    /// when causal. Rows `>= len` get two empty ranges.
-    pub fn row_ranges(&self, g: usize) -> [Range<usize>; 2] {
-        if g >= self.len() {
-            return [0..0, 0..0];
-        }
-        match self {
-            MaskRule::Ksa(l) => {
-                let (c, s, w, ns) = (
-                    l.config().chunk_size(),
-                    l.config().summaries(),
-                    l.config().window(),
-                    l.summary_len(),
-                );
-                if g < ns {
-                    let chunk = g / s;
-                    [chunk * s..g + 1, ns + chunk * c..ns + chunk * c + c]
-                } else {
-                    let t = g - ns;
-                    let w0 = (t / c).saturating_sub(w);
-                    [0..w0 * s, ns + w0 * c..g + 1]
-                }
-            }
-            MaskRule::Causal { .. } => [0..g + 1, 0..0],
-        }
-    }
-    /// Whether query row `qg` may attend to key row `kg` (both gathered).
-    pub fn allowed(&self, qg: usize, kg: usize) -> bool {
-        self.row_ranges(qg).iter().any(|r| r.contains(&kg))
-    }
-    /// Index in [`MaskRule::tiles`]`(BLOCK_K)` of the key tile holding row `g`.
-    fn key_tile_of(&self, g: usize) -> usize {
-        let ns = self.summary_rows();
-        if g < ns {
-            g / BLOCK_K
-        } else {
-            ns.div_ceil(BLOCK_K) + (g - ns) / BLOCK_K
-        }
-    }
-    /// The kernels' layout scalars `[n_slots, n_sum, chunk, summaries, window,
-    /// mode]` (`Geo` in `kernels/ksa_common.cuh`). The window is clamped to the
-    /// chunks: the kernels only compare it with chunk indices.
-    pub(crate) fn geo(&self) -> [u32; 6] {
-        match self {
-            MaskRule::Ksa(l) => {
-                let c = l.config();
-                [
-                    l.len() as u32,
-                    l.summary_len() as u32,
-                    c.chunk_size() as u32,
-                    c.summaries() as u32,
-                    c.window().min(l.chunks()) as u32,
-                    0,
-                ]
-            }
-            MaskRule::Causal { len } => [*len as u32, 0, 1, 1, 0, 1],
-        }
-    }
-    /// The tiles (of `block` rows) of `[0, len)`: each region starts a new tile.
-    fn tiles(&self, block: usize) -> Vec<Range<usize>> {
-        let (n, ns) = (self.len(), self.summary_rows());
-        let mut out = Vec::with_capacity(n.div_ceil(block) + 1);
-        for region in [0..ns, ns..n] {
-            let mut a = region.start;
-            while a < region.end {
-                let b = (a + block).min(region.end);
-                out.push(a..b);
-                a = b;
-            }
-        }
-        out
+/// Index in [`region_tiles`]`(mask, BLOCK_K)` of the key tile holding row `g`.
+fn key_tile_of(mask: &Mask, g: usize) -> usize {
+    let ns = mask.summary_len();
+    if g < ns {
+        g / BLOCK_K
+    } else {
+        ns.div_ceil(BLOCK_K) + (g - ns) / BLOCK_K
     }
 }
 
@@ -179,7 +81,7 @@ pub struct KeyVisit {
 pub struct QueryTile {
     /// Gathered query rows of the tile (at most [`BLOCK_Q`]).
     pub rows: Range<usize>,
-    /// Its visits, as a range of [`Schedule::visits`].
+    /// Its visits, as a range of [`QueryMajorSchedule::visits`].
     pub visits: Range<usize>,
 }
 
@@ -187,28 +89,28 @@ pub struct QueryTile {
 /// GPU starts the long tiles early) and, per tile, the key tiles it visits in
 /// ascending key order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Schedule {
-    rule: MaskRule,
+pub struct QueryMajorSchedule {
+    mask: Mask,
     block_q: usize,
     query_tiles: Vec<QueryTile>,
     visits: Vec<KeyVisit>,
 }
 
-impl Schedule {
-    /// Builds the schedule of `rule` with [`BLOCK_Q`]-row query tiles. Fails
+impl QueryMajorSchedule {
+    /// Builds the schedule of `mask` with [`BLOCK_Q`]-row query tiles. Fails
     /// if the rows do not fit the kernels' 31-bit row indices.
-    pub fn new(rule: MaskRule) -> Result<Self> {
-        Self::with_block_q(rule, BLOCK_Q)
+    pub fn new(mask: Mask) -> Result<Self> {
+        Self::with_block_q(mask, BLOCK_Q)
     }
 
-    /// [`Schedule::new`] with `block_q` query rows per tile (16, 32 or 64).
-    pub fn with_block_q(rule: MaskRule, block_q: usize) -> Result<Self> {
+    /// [`QueryMajorSchedule::new`] with `block_q` query rows per tile (16, 32 or 64).
+    pub fn with_block_q(mask: Mask, block_q: usize) -> Result<Self> {
         if !matches!(block_q, 16 | 32 | 64) {
             return Err(Error::InvalidConfig(format!(
                 "query tile of {block_q} rows (supported: 16, 32, 64)"
             )));
         }
-        let n = rule.len();
+        let n = mask.len();
         if n >= 1 << 31 {
             return Err(Error::TooLarge {
                 what: "rows of a GPU attention schedule",
@@ -216,7 +118,7 @@ impl Schedule {
                 limit: (1 << 31) - 1,
             });
         }
-        let ns = rule.summary_rows();
+        let ns = mask.summary_len();
         let mut tiles: Vec<(Range<usize>, Vec<KeyVisit>)> = Vec::new();
 
         // Text queries (all queries when causal): the crate's shared schedule
@@ -227,9 +129,9 @@ impl Schedule {
             query: block_q,
             key: BLOCK_K,
         };
-        let text = match rule {
-            MaskRule::Ksa(layout) => TextSchedule::ksa(&layout, sizes)?,
-            MaskRule::Causal { len } => TextSchedule::causal(len, sizes)?,
+        let text = match mask {
+            Mask::Ksa(layout) => TextSchedule::ksa(&layout, sizes)?,
+            Mask::Causal { len } => TextSchedule::causal(len, sizes)?,
         };
         let mut buf = Vec::new();
         for t in 0..text.query_tiles() {
@@ -255,12 +157,16 @@ impl Schedule {
         // chunk; the GPU tiles them too, `block_q` summaries per tile, each
         // visiting the key tiles of a fixed grid its rows can see.
         if ns > 0 {
-            let ktiles = rule.tiles(BLOCK_K);
+            let gathered = mask.gathered();
+            let ktiles = region_tiles(&mask, BLOCK_K);
             let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
             let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
-            for rows in rule.tiles(block_q).into_iter().filter(|r| r.start < ns) {
+            for rows in region_tiles(&mask, block_q)
+                .into_iter()
+                .filter(|r| r.start < ns)
+            {
                 row_ranges.clear();
-                row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
+                row_ranges.extend(rows.clone().map(|g| gathered.keys(g)));
                 spans.clear();
                 spans.extend(
                     row_ranges
@@ -281,8 +187,10 @@ impl Schedule {
                         b = b.max(spans[i].end);
                         i += 1;
                     }
-                    let (first, last) =
-                        (rule.key_tile_of(a).max(next_tile), rule.key_tile_of(b - 1));
+                    let (first, last) = (
+                        key_tile_of(&mask, a).max(next_tile),
+                        key_tile_of(&mask, b - 1),
+                    );
                     for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
                         let keys = keys.clone();
                         let edge = !full_tile(&row_ranges, &keys);
@@ -306,7 +214,7 @@ impl Schedule {
             });
         }
         Ok(Self {
-            rule,
+            mask,
             block_q,
             query_tiles,
             visits,
@@ -314,18 +222,18 @@ impl Schedule {
     }
 
     /// The KSA schedule of `layout`.
-    pub fn ksa(layout: &Layout) -> Result<Self> {
-        Self::new(MaskRule::Ksa(*layout))
+    pub fn ksa(layout: &KsaLayout) -> Result<Self> {
+        Self::new(Mask::Ksa(*layout))
     }
 
     /// The full causal schedule over `len` positions.
     pub fn causal(len: usize) -> Result<Self> {
-        Self::new(MaskRule::Causal { len })
+        Self::new(Mask::Causal { len })
     }
 
     /// The mask this schedule serves.
-    pub fn rule(&self) -> &MaskRule {
-        &self.rule
+    pub fn mask(&self) -> &Mask {
+        &self.mask
     }
     /// Query rows per tile.
     pub fn block_q(&self) -> usize {
@@ -400,16 +308,16 @@ pub struct KeyMajorTile {
     pub visits: Range<usize>,
 }
 
-/// The forward [`Schedule`] inverted for the backward kernel: per key tile of a
+/// The forward [`QueryMajorSchedule`] inverted for the backward kernel: per key tile of a
 /// fixed [`BLOCK_K`]-row grid, the forward's query tiles that visit any of its
 /// keys (ascending). A (query tile, key tile) pair is listed exactly when the
 /// forward visits some key of the tile, so no statement of the mask beyond the
 /// forward's is made here; the edge flags are recomputed per pair from
-/// [`MaskRule::row_ranges`] because the forward's text tiles start wherever a
+/// [`Gathered::keys`] because the forward's text tiles start wherever a
 /// query tile's key run starts, not on the grid. Key tiles are heaviest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyMajorSchedule {
-    rule: MaskRule,
+    mask: Mask,
     block_q: usize,
     key_tiles: Vec<KeyMajorTile>,
     visits: Vec<QueryVisit>,
@@ -417,9 +325,10 @@ pub struct KeyMajorSchedule {
 
 impl KeyMajorSchedule {
     /// Inverts `forward` (any query tile size).
-    pub fn from_forward(forward: &Schedule) -> Self {
-        let rule = *forward.rule();
-        let grid = rule.tiles(BLOCK_K);
+    pub fn from_forward(forward: &QueryMajorSchedule) -> Self {
+        let mask = *forward.mask();
+        let gathered = mask.gathered();
+        let grid = region_tiles(&mask, BLOCK_K);
         let queries = forward.query_tiles();
         // Query tiles per key tile; a query tile's visits ascend, so a repeat
         // of the same key tile is always the last one pushed.
@@ -427,8 +336,8 @@ impl KeyMajorSchedule {
         for (qi, t) in queries.iter().enumerate() {
             for v in forward.visits_of(t) {
                 let (first, last) = (
-                    rule.key_tile_of(v.keys.start),
-                    rule.key_tile_of(v.keys.end - 1),
+                    key_tile_of(&mask, v.keys.start),
+                    key_tile_of(&mask, v.keys.end - 1),
                 );
                 for qs in &mut seen_by[first..=last] {
                     if qs.last() != Some(&qi) {
@@ -445,7 +354,7 @@ impl KeyMajorSchedule {
                 .map(|qi| {
                     let rows = queries[qi].rows.clone();
                     row_ranges.clear();
-                    row_ranges.extend(rows.clone().map(|g| rule.row_ranges(g)));
+                    row_ranges.extend(rows.clone().map(|g| gathered.keys(g)));
                     QueryVisit {
                         edge: !full_tile(&row_ranges, &keys),
                         rows,
@@ -467,7 +376,7 @@ impl KeyMajorSchedule {
             });
         }
         Self {
-            rule,
+            mask,
             block_q: forward.block_q(),
             key_tiles,
             visits,
@@ -475,8 +384,8 @@ impl KeyMajorSchedule {
     }
 
     /// The mask this schedule serves.
-    pub fn rule(&self) -> &MaskRule {
-        &self.rule
+    pub fn mask(&self) -> &Mask {
+        &self.mask
     }
     /// Query rows per query tile (the forward schedule's).
     pub fn block_q(&self) -> usize {
@@ -533,7 +442,7 @@ mod tests {
     use crate::layout::SlotKind;
     use crate::KsaConfig;
 
-    fn layouts() -> Vec<Layout> {
+    fn layouts() -> Vec<KsaLayout> {
         let mut out = Vec::new();
         for (c, s, w, n) in [
             (2, 1, 1, 7),
@@ -545,19 +454,41 @@ mod tests {
             (8, 1, 3, 5),
             (3, 2, 2, 500),
         ] {
-            out.push(Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
+            out.push(KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap());
         }
         out
     }
 
+    /// The kernels' closed form of the gathered row order and the KSA mask
+    /// (`Geo::slot` and `Geo::ranges` in `kernels/ksa_common.cuh`), the one statement
+    /// of the mask outside `KsaLayout::key_ranges`: `(slot, [summaries, text])`.
+    fn kernel_closed_form(l: &KsaLayout, g: usize) -> (usize, [Range<usize>; 2]) {
+        let (c, s, w, ns) = (
+            l.config().chunk_size(),
+            l.config().summaries(),
+            l.config().window(),
+            l.summary_len(),
+        );
+        if g < ns {
+            let chunk = g / s;
+            let slot = g + (g / s + 1) * c;
+            (slot, [chunk * s..g + 1, ns + chunk * c..ns + chunk * c + c])
+        } else {
+            let t = g - ns;
+            let w0 = (t / c).saturating_sub(w);
+            (t + (t / c) * s, [0..w0 * s, ns + w0 * c..g + 1])
+        }
+    }
+
     #[test]
-    fn row_ranges_are_key_ranges_in_gathered_coordinates() {
+    fn the_kernels_closed_form_is_key_ranges_in_gathered_coordinates() {
         for l in layouts() {
-            let rule = MaskRule::Ksa(l);
+            let gathered = Mask::Ksa(l).gathered();
             let ns = l.summary_len();
             let mut seen = vec![false; l.len()];
             for g in 0..l.len() {
-                let slot = rule.slot(g);
+                let (slot, keys) = kernel_closed_form(&l, g);
+                assert_eq!(gathered.slot(g), Some(slot));
                 assert!(!seen[slot], "slot {slot} twice");
                 seen[slot] = true;
                 match l.slot_kind(slot).unwrap() {
@@ -567,16 +498,16 @@ mod tests {
                     SlotKind::Text { token } => assert_eq!(token + ns, g),
                 }
                 let kr = l.key_ranges(slot).unwrap();
-                let [a, b] = rule.row_ranges(g);
-                assert_eq!(a, kr.summaries);
-                assert_eq!(b, kr.text.start + ns..kr.text.end + ns);
+                assert_eq!(keys[0], kr.summaries);
+                assert_eq!(keys[1], kr.text.start + ns..kr.text.end + ns);
+                assert_eq!(gathered.keys(g), keys);
             }
         }
     }
 
-    fn check(s: &Schedule) {
-        let rule = s.rule();
-        let n = rule.len();
+    fn check(s: &QueryMajorSchedule) {
+        let mask = s.mask();
+        let n = mask.len();
         let mut covered = vec![0u8; 0];
         let mut rows_seen = vec![false; n];
         for t in s.query_tiles() {
@@ -590,7 +521,7 @@ mod tests {
                 let mut all = v.keys.len() == BLOCK_K;
                 for q in t.rows.clone() {
                     for k in v.keys.clone() {
-                        let ok = rule.allowed(q, k);
+                        let ok = mask.gathered().allowed(q, k);
                         any |= ok;
                         all &= ok;
                     }
@@ -608,7 +539,7 @@ mod tests {
                         covered[k] += 1;
                     }
                 }
-                for r in rule.row_ranges(q) {
+                for r in mask.gathered().keys(q) {
                     for k in r {
                         assert_eq!(covered[k], 1, "query {q} key {k}");
                     }
@@ -625,18 +556,20 @@ mod tests {
     fn every_allowed_pair_is_visited_once_and_edges_are_exact() {
         for l in layouts() {
             for bq in [16, 32, 64] {
-                check(&Schedule::with_block_q(MaskRule::Ksa(l), bq).unwrap());
-                check(&Schedule::with_block_q(MaskRule::Causal { len: l.len() }, bq).unwrap());
+                check(&QueryMajorSchedule::with_block_q(Mask::Ksa(l), bq).unwrap());
+                check(
+                    &QueryMajorSchedule::with_block_q(Mask::Causal { len: l.len() }, bq).unwrap(),
+                );
             }
         }
-        assert!(Schedule::with_block_q(MaskRule::Causal { len: 5 }, 48).is_err());
-        check(&Schedule::causal(0).unwrap());
+        assert!(QueryMajorSchedule::with_block_q(Mask::Causal { len: 5 }, 48).is_err());
+        check(&QueryMajorSchedule::causal(0).unwrap());
     }
 
     #[test]
     fn tiles_are_heaviest_first() {
-        let l = Layout::new(KsaConfig::new(8, 1, 2).unwrap(), 2000).unwrap();
-        let s = Schedule::ksa(&l).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 2000).unwrap();
+        let s = QueryMajorSchedule::ksa(&l).unwrap();
         let lens: Vec<usize> = s.query_tiles().iter().map(|t| t.visits.len()).collect();
         assert!(lens.windows(2).all(|w| w[0] >= w[1]));
     }
@@ -645,9 +578,9 @@ mod tests {
     fn ksa_visits_track_allowed_pairs_at_long_context() {
         // C = 8, S = 1, W = 128 at 32K text: tiles visited vs full causal is
         // within 10% of the allowed-pair ratio.
-        let l = Layout::new(KsaConfig::new(8, 1, 128).unwrap(), 32 * 1024).unwrap();
-        let ksa = Schedule::ksa(&l).unwrap();
-        let full = Schedule::causal(l.text_len()).unwrap();
+        let l = KsaLayout::new(KsaConfig::new(8, 1, 128).unwrap(), 32 * 1024).unwrap();
+        let ksa = QueryMajorSchedule::ksa(&l).unwrap();
+        let full = QueryMajorSchedule::causal(l.text_len()).unwrap();
         let tile_ratio = full.tiles_visited() as f64 / ksa.tiles_visited() as f64;
         let pair_ratio = l.causal_text_pairs() as f64 / l.pair_counts().total() as f64;
         assert!(
@@ -660,11 +593,11 @@ mod tests {
     fn key_major_visits_exactly_the_forward_pairs() {
         use std::collections::BTreeSet;
         for l in layouts() {
-            for rule in [MaskRule::Ksa(l), MaskRule::Causal { len: l.len() }] {
+            for mask in [Mask::Ksa(l), Mask::Causal { len: l.len() }] {
                 for bq in [32, 64] {
-                    let fwd = Schedule::with_block_q(rule, bq).unwrap();
+                    let fwd = QueryMajorSchedule::with_block_q(mask, bq).unwrap();
                     let km = KeyMajorSchedule::from_forward(&fwd);
-                    let grid = rule.tiles(BLOCK_K);
+                    let grid = region_tiles(&mask, BLOCK_K);
                     let tile_of = |k: usize| grid.iter().position(|t| t.contains(&k)).unwrap();
                     // (query rows start, key tile start) of the forward: every key visited.
                     let mut want = BTreeSet::new();
@@ -676,7 +609,7 @@ mod tests {
                         }
                     }
                     let mut got = BTreeSet::new();
-                    let mut keys_seen = vec![false; rule.len()];
+                    let mut keys_seen = vec![false; mask.len()];
                     let mut pairs = 0usize;
                     for kt in km.key_tiles() {
                         assert!(grid.contains(&kt.keys));
@@ -692,7 +625,7 @@ mod tests {
                             let mut all = kt.keys.len() == BLOCK_K;
                             for q in v.rows.clone() {
                                 for k in kt.keys.clone() {
-                                    let ok = rule.allowed(q, k);
+                                    let ok = mask.gathered().allowed(q, k);
                                     all &= ok;
                                     pairs += usize::from(ok);
                                 }
@@ -703,8 +636,14 @@ mod tests {
                     assert!(keys_seen.iter().all(|&x| x), "the grid covers every key");
                     assert_eq!(got, want);
                     // Hence every allowed pair exactly once (the forward's property).
-                    let allowed: usize = (0..rule.len())
-                        .map(|q| rule.row_ranges(q).iter().map(|r| r.len()).sum::<usize>())
+                    let allowed: usize = (0..mask.len())
+                        .map(|q| {
+                            mask.gathered()
+                                .keys(q)
+                                .iter()
+                                .map(|r| r.len())
+                                .sum::<usize>()
+                        })
                         .sum();
                     assert_eq!(pairs, allowed);
                     let (tiles, entries) = km.gpu_tables();

@@ -5,8 +5,8 @@
 use candle_core::{Device as Cpu, Tensor};
 use half::{bf16, f16};
 use ksa::cuda::launch::{Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
-use ksa::cuda::schedule::MaskRule;
-use ksa::Layout;
+use ksa::mask::Mask;
+use ksa::KsaLayout;
 use ptx_emu::{Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
 
@@ -43,7 +43,7 @@ impl Rng {
 /// One problem: sizes, dtype and the mask.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
-    pub rule: MaskRule,
+    pub mask: Mask,
     pub batch: usize,
     pub q_heads: usize,
     pub kv_heads: usize,
@@ -79,7 +79,7 @@ fn upload(dev: &mut Device, elem: Elem, x: &[f32]) -> ptx_emu::DevPtr {
 
 /// Random q, k, v (already rounded to the element type), `[b, h, N, d]` each.
 pub fn inputs(case: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = case.rule.len();
+    let n = case.mask.len();
     let mut rng = Rng::new(case.seed);
     let mut gen = |heads: usize| -> Vec<f32> {
         (0..case.batch * heads * n * case.head_dim)
@@ -94,7 +94,7 @@ pub fn inputs(case: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 
 /// Runs the kernel under the emulator (sanitizer on; any finding is an error).
 pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
-    let n = case.rule.len();
+    let n = case.mask.len();
     let mut problem = FwdProblem::contiguous(
         case.batch,
         case.q_heads,
@@ -128,7 +128,7 @@ pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
         (k.to_vec(), v.to_vec())
     };
     let (k, v) = (&k[..], &v[..]);
-    let launch = FwdLaunch::new(case.rule, &problem).unwrap();
+    let launch = FwdLaunch::new(case.mask, &problem).unwrap();
     let mut dev = Device::new();
     let qp = upload(&mut dev, case.elem, q);
     let kp = upload(&mut dev, case.elem, k);
@@ -200,21 +200,21 @@ pub fn reference(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec
         case.q_heads,
         case.kv_heads,
         case.head_dim,
-        case.rule.len(),
+        case.mask.len(),
     );
     let t = |x: &[f32], h: usize| Tensor::from_slice(x, (b, h, n, d), &Cpu::Cpu).unwrap();
     let (qt, kt, vt) = (t(q, hq), t(k, hkv), t(v, hkv));
-    let out = match case.rule {
-        MaskRule::Ksa(layout) => ksa::reference::attention(&qt, &kt, &vt, &layout).unwrap(),
-        MaskRule::Causal { .. } => ksa::reference::causal_attention(&qt, &kt, &vt, None).unwrap(),
+    let out = match case.mask {
+        Mask::Ksa(layout) => ksa::reference::attention(&qt, &kt, &vt, &layout).unwrap(),
+        Mask::Causal { .. } => ksa::reference::causal_attention(&qt, &kt, &vt).unwrap(),
     };
     let out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
     let scale = 1.0 / (d as f64).sqrt();
     let mut lse = vec![0f64; b * hq * n];
     let keys_of = |slot: usize| -> Vec<usize> {
-        match case.rule {
-            MaskRule::Ksa(layout) => layout.allowed_keys(slot),
-            MaskRule::Causal { .. } => (0..=slot).collect(),
+        match case.mask {
+            Mask::Ksa(layout) => layout.allowed_keys(slot),
+            Mask::Causal { .. } => (0..=slot).collect(),
         }
     };
     let keys: Vec<Vec<usize>> = (0..n).map(keys_of).collect();
@@ -289,7 +289,7 @@ pub fn check(case: &Case) -> Run {
     eprintln!(
         "ok {:?} N={} {:?} d={} b={} hq={} hkv={} heads/CTA={}: max |err| out {:.2e}, lse {:.2e}; {} visits, mma {}, bank conflicts {}, {:.2}s",
         case.rule_kind(),
-        case.rule.len(),
+        case.mask.len(),
         case.elem,
         case.head_dim,
         case.batch,
@@ -308,9 +308,9 @@ pub fn check(case: &Case) -> Run {
 
 impl Case {
     pub fn ksa(c: usize, s: usize, w: usize, n: usize) -> Self {
-        let layout = Layout::new(ksa::KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+        let layout = KsaLayout::new(ksa::KsaConfig::new(c, s, w).unwrap(), n).unwrap();
         Self {
-            rule: MaskRule::Ksa(layout),
+            mask: Mask::Ksa(layout),
             batch: 1,
             q_heads: 1,
             kv_heads: 1,
@@ -323,7 +323,7 @@ impl Case {
     }
     pub fn causal(n: usize) -> Self {
         Self {
-            rule: MaskRule::Causal { len: n },
+            mask: Mask::Causal { len: n },
             batch: 1,
             q_heads: 1,
             kv_heads: 1,
@@ -357,14 +357,14 @@ impl Case {
         self
     }
     pub fn rule_kind(&self) -> String {
-        match self.rule {
-            MaskRule::Ksa(l) => format!(
+        match self.mask {
+            Mask::Ksa(l) => format!(
                 "KSA C={} S={} W={}",
                 l.config().chunk_size(),
                 l.config().summaries(),
                 l.config().window()
             ),
-            MaskRule::Causal { .. } => "causal".into(),
+            Mask::Causal { .. } => "causal".into(),
         }
     }
 }

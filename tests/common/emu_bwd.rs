@@ -9,7 +9,7 @@ use candle_core::{DType, Device as Cpu, Tensor, Var};
 use half::{bf16, f16};
 use ksa::cuda::backward::{BwdLaunch, BwdPointers, BwdProblem};
 use ksa::cuda::launch::{Arg, Elem, Strides};
-use ksa::cuda::schedule::MaskRule;
+use ksa::mask::Mask;
 use ptx_emu::{Device, LaunchReport, Module, Param};
 use std::sync::OnceLock;
 
@@ -84,7 +84,7 @@ pub fn run(
     dout: &[f32],
     lse: &[f32],
 ) -> BwdRun {
-    let n = case.rule.len();
+    let n = case.mask.len();
     let mut problem = BwdProblem::contiguous(
         case.batch,
         case.q_heads,
@@ -115,7 +115,7 @@ pub fn run(
         (k.to_vec(), v.to_vec())
     };
     let (k, v) = (&k[..], &v[..]);
-    let launch = BwdLaunch::new(case.rule, &problem).unwrap();
+    let launch = BwdLaunch::new(case.mask, &problem).unwrap();
     let mut dev = Device::new();
     let (qp, kp, vp, op, dop) = (
         upload(&mut dev, case.elem, q),
@@ -184,18 +184,18 @@ pub fn reference_grads(
     v: &[f32],
     dout: &[f32],
 ) -> [Vec<f64>; 3] {
-    autograd_grads(case, q, k, v, dout, DType::F64, |q, k, v| match case.rule {
-        MaskRule::Ksa(layout) => ksa::reference::attention(q, k, v, &layout),
-        MaskRule::Causal { .. } => ksa::reference::causal_attention(q, k, v, None),
+    autograd_grads(case, q, k, v, dout, DType::F64, |q, k, v| match case.mask {
+        Mask::Ksa(layout) => ksa::reference::attention(q, k, v, &layout),
+        Mask::Causal { .. } => ksa::reference::causal_attention(q, k, v),
     })
 }
 
 /// The same gradients from the crate's CPU op (`ksa::attention` /
 /// `ksa::causal_attention` in f32, i.e. the CPU backward of `src/backward.rs`).
 pub fn cpu_grads(case: &Case, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> [Vec<f64>; 3] {
-    autograd_grads(case, q, k, v, dout, DType::F32, |q, k, v| match case.rule {
-        MaskRule::Ksa(layout) => ksa::attention(q, k, v, &layout),
-        MaskRule::Causal { .. } => ksa::causal_attention(q, k, v),
+    autograd_grads(case, q, k, v, dout, DType::F32, |q, k, v| match case.mask {
+        Mask::Ksa(layout) => ksa::attention(q, k, v, &layout),
+        Mask::Causal { .. } => ksa::causal_attention(q, k, v),
     })
 }
 
@@ -215,7 +215,7 @@ fn autograd_grads(
         case.q_heads,
         case.kv_heads,
         case.head_dim,
-        case.rule.len(),
+        case.mask.len(),
     );
     let var = |x: &[f32], h: usize| {
         let t = Tensor::from_slice(x, (b, h, n, d), &Cpu::Cpu)
@@ -300,7 +300,7 @@ pub fn check(case: &Case) -> BwdRun {
     eprintln!(
         "ok {} N={} {:?} d={} b={} hq={} hkv={}: rel err dq {:.2e} dk {:.2e} dv {:.2e}; {} key tiles, {} visits ({} edge); mma bwd {} / fwd {}; bank conflicts {}; {:.2}s",
         case.rule_kind(),
-        case.rule.len(),
+        case.mask.len(),
         case.elem,
         case.head_dim,
         case.batch,

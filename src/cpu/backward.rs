@@ -23,8 +23,9 @@
 
 use crate::check::QkvDims;
 use crate::cpu::{self, matmul, simd, tile, Task};
-use crate::op::Mask;
-use crate::schedule::{KeySpace, KeyTile, Schedule, TileSizes};
+use crate::mask::KeySpace;
+use crate::mask::Mask;
+use crate::schedule::{KeyTile, Schedule, TileSizes};
 use rayon::prelude::*;
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
@@ -65,12 +66,8 @@ pub(crate) fn attention_backward(
         return (dq, dk, dv);
     }
     let tiles = TileSizes::default();
-    let schedule = match mask {
-        Mask::Ksa(layout) => Schedule::ksa(&layout, tiles),
-        Mask::Causal => Schedule::causal(n, tiles),
-    }
-    .expect("the default tile sizes are nonzero");
-    let slots = cpu::gathered_slots(&schedule);
+    let schedule = Schedule::new(mask, tiles).expect("the default tile sizes are nonzero");
+    let slots = mask.gathered().slots();
     let identity = schedule.layout().is_none();
     // Partials are in gathered order; output row `slot` sums gathered row
     // `gathered[slot]` of each.
@@ -400,7 +397,7 @@ fn summary_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reference, KsaConfig, Layout};
+    use crate::{reference, KsaConfig, KsaLayout};
     use candle_core::{DType, Device, Tensor, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -473,7 +470,7 @@ mod tests {
         let (qv, kv, vv) = (f64s(&q), f64s(&k), f64s(&v));
         let out = match mask {
             Mask::Ksa(l) => reference::attention(&qv, &kv, &vv, &l),
-            Mask::Causal => reference::causal_attention(&qv, &kv, &vv, None),
+            Mask::Causal { .. } => reference::causal_attention(&qv, &kv, &vv),
         }
         .unwrap();
         let loss = (&out * dout.to_dtype(DType::F64).unwrap())
@@ -484,7 +481,7 @@ mod tests {
         let scale = 1.0 / (d as f64).sqrt();
         let lse = match mask {
             Mask::Ksa(l) => lse(&q, &k, |i, j| l.can_attend(i, j), scale),
-            Mask::Causal => lse(&q, &k, |i, j| j <= i, scale),
+            Mask::Causal { .. } => lse(&q, &k, |i, j| j <= i, scale),
         };
         let (dq, dk, dv) = attention_backward(
             &vec(&q),
@@ -512,7 +509,7 @@ mod tests {
     #[test]
     fn equals_reference_autograd() {
         for (c, s, w, n) in [(3, 2, 1, 17), (4, 1, 0, 13), (2, 3, 9, 9), (5, 1, 2, 4)] {
-            let layout = Layout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
+            let layout = KsaLayout::new(KsaConfig::new(c, s, w).unwrap(), n).unwrap();
             let dims = QkvDims {
                 batch: 2,
                 q_heads: 4,
@@ -523,7 +520,7 @@ mod tests {
             check(Mask::Ksa(layout), dims);
         }
         check(
-            Mask::Causal,
+            Mask::Causal { len: 21 },
             QkvDims {
                 batch: 1,
                 q_heads: 3,

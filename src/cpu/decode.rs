@@ -10,7 +10,9 @@
 //! over cached tensors. [`attend_rows`] is the CPU implementation of exactly
 //! that interface, which a tensor-backed [`crate::KsaCache`] uses off CUDA.
 
-use crate::{Error, Result};
+use super::simd::{axpy, dot};
+use crate::attention::KvRows;
+use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -32,71 +34,16 @@ impl KvSlice<'_> {
     }
 }
 
-/// Rows `rows` of cached K and V, `[kv_heads, capacity, head_dim]` tensors:
-/// one run of a query row's keys. A ring that wraps is two `KvRows` of the
-/// same tensors. For the CUDA kernels (`crate::cuda::decode::decode_attention`)
-/// the tensors live on the query's CUDA device in its dtype with contiguous
-/// rows (the head stride may be anything that keeps heads 16-byte aligned);
-/// [`attend_rows`] takes any device, dtype and layout.
-#[derive(Debug, Clone)]
-pub struct KvRows<'a> {
-    /// Keys.
-    pub k: &'a Tensor,
-    /// Values.
-    pub v: &'a Tensor,
-    /// Rows of dimension 1 to attend to (may be empty).
-    pub rows: Range<usize>,
-}
-
-impl KvRows<'_> {
-    /// Checks `t` (this run's `k` or `v`, named `name`) against the head dim
-    /// and the KV head count seen so far (set by the first tensor checked):
-    /// shape `[kv_heads, capacity, head_dim]` and `rows` inside the capacity.
-    /// Returns the capacity.
-    pub(crate) fn check_tensor(
-        &self,
-        name: &'static str,
-        t: &Tensor,
-        head_dim: usize,
-        kv_heads: &mut Option<usize>,
-    ) -> Result<usize> {
-        let (h, cap, td) = t.dims3().map_err(|_| Error::Rank {
-            name,
-            expected: 3,
-            layout: "[kv_heads, capacity, head_dim]",
-            got: t.dims().to_vec(),
-        })?;
-        let h0 = *kv_heads.get_or_insert(h);
-        for (what, got, want, b) in [("kv heads", h, h0, "k"), ("head_dim", td, head_dim, "q")] {
-            if got != want {
-                return Err(Error::DimMismatch {
-                    what,
-                    a: name,
-                    a_val: got,
-                    b,
-                    b_val: want,
-                });
-            }
-        }
-        if self.rows.start > self.rows.end || self.rows.end > cap {
-            return Err(Error::DimMismatch {
-                what: "cached rows",
-                a: "rows.end",
-                a_val: self.rows.end,
-                b: name,
-                b_val: cap,
-            });
-        }
-        Ok(cap)
-    }
-}
-
 /// Attention of one query row per entry, `q: [n, q_heads, head_dim]`, over
 /// the keys `seqs[i]` of entry `i` (at least one key each), on the CPU in f32
 /// with [`attend`]: the inputs and output `o: [n, q_heads, head_dim]` (q's
 /// dtype and device) of `crate::cuda::decode::decode_attention`, for any
-/// device and float dtype. Scale `1/sqrt(head_dim)` unless given.
-pub fn attend_rows(q: &Tensor, seqs: &[Vec<KvRows<'_>>], scale: Option<f64>) -> Result<Tensor> {
+/// device and float dtype, with the scale of `options`.
+pub fn attend_rows(
+    q: &Tensor,
+    seqs: &[Vec<KvRows<'_>>],
+    options: &AttentionOptions,
+) -> Result<Tensor> {
     let (n, hq, d) = q.dims3().map_err(|_| Error::Rank {
         name: "q",
         expected: 3,
@@ -152,7 +99,7 @@ pub fn attend_rows(q: &Tensor, seqs: &[Vec<KvRows<'_>>], scale: Option<f64>) -> 
         });
     }
     let group = hq / hkv;
-    let scale = scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32);
+    let scale = options.scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32);
     let qd = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0.0f32; n * hq * d];
     out.par_chunks_mut(hq * d)
@@ -230,32 +177,6 @@ pub fn attend(
     }
 }
 
-/// Dot product with eight independent accumulators (vectorizes without
-/// reassociation flags).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `out += p * v`.
-fn axpy(p: f32, v: &[f32], out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += p * x;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +211,7 @@ mod tests {
                 },
             ]]
         };
-        let got: Vec<f32> = attend_rows(&q, &runs(0..2, 3..5), None)
+        let got: Vec<f32> = attend_rows(&q, &runs(0..2, 3..5), &AttentionOptions::default())
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -321,7 +242,9 @@ mod tests {
             );
             assert_eq!(&got[g * group * d..(g + 1) * group * d], &out[..]);
         }
-        let err = |seqs: &[Vec<KvRows<'_>>], q: &Tensor| attend_rows(q, seqs, None).unwrap_err();
+        let err = |seqs: &[Vec<KvRows<'_>>], q: &Tensor| {
+            attend_rows(q, seqs, &AttentionOptions::default()).unwrap_err()
+        };
         assert!(matches!(
             err(&runs(0..0, 2..2), &q),
             Error::DecodeSlices { sequence: 0, .. }
