@@ -6,7 +6,7 @@
 //! causal up to 16K and candle's dense path up to 4K (its `8 x n x n` f32
 //! scores stop fitting comfortably in memory beyond). Full causal at 64K
 //! takes about a minute per call on 2 cores; set `KSA_BENCH_FULL_64K=1` to
-//! include it. `examples/bench_report.rs` is the one-run table.
+//! include it. `measure/bench_report.rs` is the one-run table.
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -2,8 +2,8 @@
 """KSA prefill against its peers, in one run, with useful TFLOP/s.
 
 Times, for each n (text tokens):
-  * ksa-crate          the crate's fused KSA kernel      (examples/gpu_bench.rs)
-  * full-causal-crate  the crate's kernel in causal mode (examples/gpu_bench.rs)
+  * ksa-crate          the crate's fused KSA kernel      (measure/gpu_bench.rs)
+  * full-causal-crate  the crate's kernel in causal mode (measure/gpu_bench.rs)
   * sdpa-full-causal   torch scaled_dot_product_attention(is_causal=True) over n
   * flex-ksa           torch FlexAttention with the KSA mask as a block mask, over
                        the N = n + S*floor(n/C) interleaved slots

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What a user would run today on a CPU, over the shapes of examples/bench_report.rs.
+"""What a user would run today on a CPU, over the shapes of measure/bench_report.rs.
 
 PyTorch's scaled_dot_product_attention (causal, over n text tokens), dense
 SDPA with a boolean KSA mask over the interleaved layout (C=8, S=1, W=128),
