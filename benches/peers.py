@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ksa_pairs(n, c, s, w):
-    """Exact allowed (query, key) pairs of the KSA mask (spec section 2)."""
+    """Exact allowed (query, key) pairs of the KSA mask (docs/spec.md section 2)."""
     full = n // c
     pairs = 0
     for t in range(n):

@@ -34,7 +34,7 @@ def ksa_layout(n, c, s):
 
 
 def ksa_allowed(is_text, chunk, index, qi, ki, w):
-    """The KSA rule (spec section 2) for query slots qi and key slots ki (broadcasting)."""
+    """The KSA rule (docs/spec.md section 2) for query slots qi and key slots ki (broadcasting)."""
     qt, qc, qx = is_text[qi], chunk[qi], index[qi]
     kt, kc, kx = is_text[ki], chunk[ki], index[ki]
     w0 = torch.clamp(qc - w, min=0)

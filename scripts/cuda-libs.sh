@@ -13,7 +13,7 @@
 # start). With them binaries link and run; `Device::new_cuda(0)` fails cleanly
 # and the GPU tests skip (checked: `cargo test --features cuda --test cuda_gpu`). NOT for a machine with a GPU: there use the real
 # driver and the real libraries (for example the PyPI wheels named in
-# /work/shared/cuda-build.md: nvidia-cuda-nvrtc, nvidia-cublas, nvidia-curand).
+# docs/cuda.md: nvidia-cuda-nvrtc, nvidia-cublas, nvidia-curand).
 #
 # - Folder: ${KSA_CUDA_LIBS_DIR:-$HOME/.cache/ksa-cuda-libs}; idempotent.
 # - Needs a C compiler (cc) and the cudarc sources in cargo's registry (runs

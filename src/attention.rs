@@ -25,7 +25,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &KsaLayout) -> Resu
 }
 
 /// [`attention`] with options. Runs where the tensors live (CPU tensors: the
-/// block-sparse [`crate::cpu`] path, computed in f32; CUDA tensors, feature
+/// block-sparse CPU path (`src/cpu`), computed in f32; CUDA tensors, feature
 /// `cuda`: the fused kernels, bf16/f16, head dim 64/128) and is
 /// differentiable with candle's autograd on both; a device this build has no
 /// implementation for is an error, never a silent fallback.
@@ -37,14 +37,7 @@ pub fn attention_with(
     options: &AttentionOptions,
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "ksa::attention")?;
-    if dims.len != layout.len() {
-        return Err(Error::LayoutLength {
-            name: "q",
-            expected: layout.len(),
-            got: dims.len,
-            text_tokens: layout.text_len(),
-        });
-    }
+    layout.check_len("q", dims.len)?;
     match q.device() {
         Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
         #[cfg(feature = "cuda")]
@@ -163,7 +156,7 @@ impl KvRows<'_> {
 /// `[n, q_heads, head_dim]` in q's dtype. CUDA tensors (feature `cuda`) run
 /// the split-KV decode kernels in one launch for all rows (bf16/f16, head dim
 /// 64/128); other devices the CPU implementation of the same interface
-/// ([`crate::cpu::decode::attend_rows`], any float dtype).
+/// (`ksa::cpu::decode::attend_rows`, any float dtype).
 pub fn decode_attention(
     q: &Tensor,
     seqs: &[Vec<KvRows<'_>>],

@@ -1,5 +1,5 @@
 //! KSA hyper-parameters: chunk size `C`, summaries per chunk `S`, window `W`
-//! and the position-id schemes (spec sections 1-3).
+//! and the position-id schemes (docs/spec.md sections 1-3).
 
 use crate::{Error, Result};
 use std::fmt;
@@ -96,7 +96,7 @@ pub const MAX_CHUNK_OR_SUMMARIES: usize = 1 << 20;
 /// Validated KSA hyper-parameters of one attention layer.
 ///
 /// Summaries follow every *complete* chunk only; there is deliberately no
-/// option to add them after a partial tail chunk (spec section 1: no attention
+/// option to add them after a partial tail chunk (docs/spec.md section 1: no attention
 /// path of the reference gives that layout defined semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KsaConfig {

@@ -1,4 +1,4 @@
-//! [`SummaryAttention`]: the attention layer of Qwen3-KSA (spec section 4),
+//! [`SummaryAttention`]: the attention layer of Qwen3-KSA (docs/spec.md section 4),
 //! with the reference's parameter names so checkpoints load unchanged.
 //!
 //! Per slot of the expanded sequence: `q = q_norm(q_proj(x))`,
@@ -264,14 +264,7 @@ impl SummaryAttention {
     /// Returns `[b, N, hidden]`.
     pub fn forward(&self, x: &Tensor, layout: &KsaLayout) -> Result<Tensor> {
         let (_, n, _) = self.check_input(x)?;
-        if n != layout.len() {
-            return Err(Error::LayoutLength {
-                name: "x",
-                expected: layout.len(),
-                got: n,
-                text_tokens: layout.text_len(),
-            });
-        }
+        layout.check_len("x", n)?;
         let (q, k, v) = self.project(x, &layout.position_ids(), &layout.summary_slots())?;
         let out = crate::attention(&q, &k, &v, &layout.with_window(self.config.window))?;
         self.output(&out)

@@ -99,6 +99,12 @@ impl KsaLayout {
         self.len - self.text_len
     }
 
+    /// [`Error::LayoutLength`] unless `got` (the slot dimension of the input
+    /// `name`) is `N`.
+    pub(crate) fn check_len(&self, name: &'static str, got: usize) -> Result<()> {
+        crate::mask::Mask::Ksa(*self).check_len(name, got)
+    }
+
     /// Slot of text token `t`, or `None` if `t >= n`.
     pub fn text_slot(&self, t: usize) -> Option<usize> {
         let c = self.config.chunk_size();
@@ -143,7 +149,7 @@ impl KsaLayout {
         (slot < self.len).then(|| slot / self.config.block_size())
     }
 
-    /// RoPE position id of `slot` under the config's schemes (spec section 3),
+    /// RoPE position id of `slot` under the config's schemes (docs/spec.md section 3),
     /// or `None` if `slot >= N`.
     pub fn position_id(&self, slot: usize) -> Option<u32> {
         let c = self.config.chunk_size();
@@ -264,14 +270,7 @@ impl KsaLayout {
                 got: dims.to_vec(),
             });
         }
-        if dims[dim] != self.len {
-            return Err(Error::LayoutLength {
-                name,
-                expected: self.len,
-                got: dims[dim],
-                text_tokens: self.text_len,
-            });
-        }
+        self.check_len(name, dims[dim])?;
         let count = slots.len();
         if count == 0 {
             let mut shape = dims.to_vec();

@@ -8,15 +8,22 @@
 //!
 //! * [`KsaConfig`] and [`KsaLayout`]: the interleaved sequence, slot kinds, RoPE
 //!   position ids, and the mask ([`KsaLayout::can_attend`], [`KsaLayout::key_ranges`]).
-//! * [`attention`]: KSA attention on candle tensors, differentiable; on CPU
-//!   tensors the block-sparse [`cpu`] path. [`causal_attention`]: the tiled
-//!   full causal baseline. [`schedule`]: the tile schedule every fast path shares.
+//! * [`attention`]: KSA attention on candle tensors, differentiable, routed by
+//!   device (the block-sparse CPU path, or the fused CUDA kernels with feature
+//!   `cuda`); [`causal_attention`]: the full causal baseline on the same
+//!   paths; [`decode_attention`]: new query rows over cached key runs
+//!   ([`KvRows`]). The softmax scale is passed as [`AttentionOptions`].
 //! * [`reference`](mod@reference): the dense f64 oracle every fast path is tested against.
 //! * [`SummaryAttention`] and [`Qwen3Ksa`]: the KSA layer and the Qwen3-KSA
 //!   model, loading the reference's checkpoints ([`Qwen3KsaConfig`]).
 //! * [`KsaCache`]: the batched decode cache (window text and summary K/V per
 //!   layer, `O(W*C + S*n/C)` per sequence), equal to a full forward at every
 //!   step; [`Qwen3Ksa::generate`] decodes over it, greedy or sampled.
+//!
+//! The semantics are stated in `docs/spec.md`, the module map and data flow
+//! in `docs/ARCHITECTURE.md`. Kernel plumbing (`cpu`, `cuda`, `schedule`,
+//! `mask::Mask`) is public for the tests, benchmarks and reports but hidden
+//! from these docs.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -36,7 +43,9 @@ mod attention;
 pub mod cache;
 mod check;
 pub mod config;
+#[doc(hidden)]
 pub mod cpu;
+#[doc(hidden)]
 pub mod cuda;
 mod error;
 pub mod generate;
@@ -47,6 +56,7 @@ pub mod model;
 pub mod model_config;
 mod op;
 pub mod reference;
+#[doc(hidden)]
 pub mod schedule;
 
 pub use attention::{

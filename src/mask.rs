@@ -1,4 +1,4 @@
-//! Who may attend to whom (spec section 2), as a predicate, as closed-form
+//! Who may attend to whom (docs/spec.md section 2), as a predicate, as closed-form
 //! key ranges for fast paths, as a dense tensor for small sizes, and as exact
 //! pair counts for honest FLOP figures.
 //!
@@ -57,7 +57,9 @@ impl PairCounts {
 }
 
 /// Which keys each query row may see: the one mask kind of every path (the
-/// op, the CPU tile schedule, the CUDA launches).
+/// op, the CPU tile schedule, the CUDA launches). Kernel plumbing: users
+/// call [`crate::attention`] or [`crate::causal_attention`].
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mask {
     /// The KSA mask of a layout; rows are its slots.
@@ -99,6 +101,19 @@ impl Mask {
     pub fn summary_len(&self) -> usize {
         self.len() - self.text_len()
     }
+    /// [`Error::LayoutLength`] unless `got` (the row dimension of the input
+    /// `name`) is [`Mask::len`].
+    pub(crate) fn check_len(&self, name: &'static str, got: usize) -> Result<()> {
+        if got != self.len() {
+            return Err(Error::LayoutLength {
+                name,
+                expected: self.len(),
+                got,
+                text_tokens: self.text_len(),
+            });
+        }
+        Ok(())
+    }
     /// The gathered coordinates of this mask's rows.
     pub fn gathered(&self) -> Gathered {
         Gathered { mask: *self }
@@ -106,6 +121,7 @@ impl Mask {
 }
 
 /// Which of the two gathered key lists a key index belongs to.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeySpace {
     /// The chunk-major summary list (`s = chunk*S + j`).
@@ -120,6 +136,7 @@ pub enum KeySpace {
 /// order (row `summary_len + t` is text token `t`). Under causal attention
 /// there are no summaries and row `g` is position `g`. In these coordinates
 /// every query's keys are two dense ranges ([`KeyRanges`]).
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Gathered {
     mask: Mask,

@@ -1,4 +1,4 @@
-//! [`Qwen3Ksa`]: the decoder-only Qwen3-KSA model (spec section 4), loading
+//! [`Qwen3Ksa`]: the decoder-only Qwen3-KSA model (docs/spec.md section 4), loading
 //! the reference's checkpoints (HF safetensors, single file or sharded)
 //! unchanged.
 //!
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
-pub struct Mlp {
+pub(crate) struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
@@ -27,7 +27,11 @@ pub struct Mlp {
 
 impl Mlp {
     /// Builds the block from `vb` (the `mlp` prefix): `gate_proj`, `up_proj`, `down_proj`.
-    pub fn new(hidden_size: usize, intermediate_size: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        hidden_size: usize,
+        intermediate_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             gate_proj: load_linear(&vb, "gate_proj", hidden_size, intermediate_size)?,
             up_proj: load_linear(&vb, "up_proj", hidden_size, intermediate_size)?,
@@ -36,10 +40,19 @@ impl Mlp {
     }
 
     /// Applies the block to `[..., hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         Ok((gate * self.up_proj.forward(x)?)?.apply(&self.down_proj)?)
     }
+}
+
+/// The slots a [`DecoderLayer`] step runs over, as rows of its input: every
+/// row's RoPE position, and which rows are summaries and which are text
+/// (ascending; together, all rows).
+pub(crate) struct StepRows<'a> {
+    pub(crate) positions: &'a [u32],
+    pub(crate) summaries: &'a [u32],
+    pub(crate) text: &'a [u32],
 }
 
 /// One decoder layer: pre-attention RMSNorm (`input_layernorm_summary` for
@@ -102,23 +115,52 @@ impl DecoderLayer {
         }
         // Slot gathers (index_select) need a contiguous source.
         let h = &h.contiguous()?;
+        let rows = StepRows {
+            positions: &layout.position_ids(),
+            summaries: &layout.summary_slots(),
+            text: &layout.text_slots(),
+        };
+        let layout = layout.with_window(self.self_attn.window());
+        self.step(h, &rows, |q, k, v| match self.kind {
+            LayerKind::Summary => crate::attention(q, k, v, &layout),
+            LayerKind::Bypass => crate::causal_attention(q, k, v),
+        })
+    }
+
+    /// The layer on any run of slots `h: [b, L, hidden]` (a whole sequence,
+    /// or a decode step's new slots), written once for the forward and the
+    /// cache: pre-attention norm, projections, `attend(q, k, v)`, `o_proj`,
+    /// residual, feed-forward. A KSA layer attends with all `L` rows; a bypass
+    /// layer with the text rows only (summary rows pass it unchanged).
+    /// `attend` gets `q: [b, hq, R, d]` and the new `k, v: [b, hkv, R, d]`
+    /// (after RoPE: what a cache stores) and returns `[b, hq, R, d]`.
+    pub(crate) fn step(
+        &self,
+        h: &Tensor,
+        rows: &StepRows<'_>,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let attn = &self.self_attn;
         match self.kind {
             LayerKind::Summary => {
-                let normed = self.attention_input(h, &layout.summary_slots())?;
-                let h = (h + self.self_attn.forward(&normed, layout)?)?;
+                let normed = self.attention_input(h, rows.summaries)?;
+                let (q, k, v) = attn.project(&normed, rows.positions, rows.summaries)?;
+                let h = (h + attn.output(&attend(&q, &k, &v)?)?)?;
                 self.feed_forward(&h)
             }
             LayerKind::Bypass => {
-                let text = layout.take_text(h, 1)?;
-                let positions: Vec<u32> = layout
-                    .text_slots()
+                let idx = Tensor::from_slice(rows.text, rows.text.len(), h.device())?;
+                let text = h.index_select(&idx, 1)?;
+                let positions: Vec<u32> = rows
+                    .text
                     .iter()
-                    .map(|&s| layout.position_id(s as usize).expect("text slot < N"))
+                    .map(|&r| rows.positions[r as usize])
                     .collect();
-                let normed = rms_norm(&self.input_layernorm, &text)?;
-                let text = (&text + self.self_attn.forward_causal(&normed, &positions)?)?;
+                let normed = self.attention_input(&text, &[])?;
+                let (q, k, v) = attn.project(&normed, &positions, &[])?;
+                let text = (&text + attn.output(&attend(&q, &k, &v)?)?)?;
                 let text = self.feed_forward(&text)?;
-                replace_slots(h, &text, &layout.text_slots())
+                replace_slots(h, &text, rows.text)
             }
         }
     }
@@ -127,7 +169,7 @@ impl DecoderLayer {
     /// or `input_layernorm_summary` on the slots listed (ascending) in
     /// `summary_slots` when the config has one. Works on any run of slots,
     /// so a decode step can reuse it.
-    pub fn attention_input(&self, h: &Tensor, summary_slots: &[u32]) -> Result<Tensor> {
+    pub(crate) fn attention_input(&self, h: &Tensor, summary_slots: &[u32]) -> Result<Tensor> {
         let normed = rms_norm(&self.input_layernorm, h)?;
         match &self.input_layernorm_summary {
             Some(norm) if !summary_slots.is_empty() => {
@@ -141,7 +183,7 @@ impl DecoderLayer {
 
     /// The second half of the layer on `h: [b, L, hidden]` (after the
     /// attention residual): `h + mlp(post_attention_layernorm(h))`, per slot.
-    pub fn feed_forward(&self, h: &Tensor) -> Result<Tensor> {
+    pub(crate) fn feed_forward(&self, h: &Tensor) -> Result<Tensor> {
         let normed = rms_norm(&self.post_attention_layernorm, h)?;
         Ok((h + self.mlp.forward(&normed)?)?)
     }
@@ -335,7 +377,7 @@ impl Qwen3Ksa {
     /// Embedding rows of `ids: [b, m]` as they are, text ids or summary rows
     /// (`summary_token_begin + j`), without interleaving: `[b, m, hidden]`.
     /// A decode step embeds its new slots with it.
-    pub fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(self.embed_tokens.forward(ids)?)
     }
 

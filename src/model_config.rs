@@ -1,5 +1,5 @@
 //! The Qwen3-KSA model configuration, read from the reference's HF
-//! `config.json` (Qwen3 fields plus the KSA fields of spec section 4), and the
+//! `config.json` (Qwen3 fields plus the KSA fields of docs/spec.md section 4), and the
 //! safe parser of its pattern strings such as `([128]*3+[16768]*1)*9`.
 //!
 //! The reference evaluates those strings with Python's `eval`; here they go

@@ -8,7 +8,7 @@
 
 use crate::check::{check_qkv, QkvDims};
 use crate::layout::KsaLayout;
-use crate::{AttentionOptions, Error, Result};
+use crate::{AttentionOptions, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 /// KSA attention over `layout` with the default scale `1/sqrt(head_dim)`.
@@ -27,14 +27,7 @@ pub fn attention_with(
     options: &AttentionOptions,
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "reference::attention")?;
-    if dims.len != layout.len() {
-        return Err(Error::LayoutLength {
-            name: "q",
-            expected: layout.len(),
-            got: dims.len,
-            text_tokens: layout.text_len(),
-        });
-    }
+    layout.check_len("q", dims.len)?;
     let n = dims.len;
     let bias = mask_bias(n, q.device(), |qi, ki| layout.can_attend(qi, ki))?;
     masked_attention(q, k, v, dims, &bias, options.scale)

@@ -162,13 +162,7 @@ fn tiled_backward_equals_reference_on_tile_edges() {
                 ),
             ),
             None => (
-                grads(
-                    |a, b, c| reference::causal_attention(a, b, c),
-                    &q,
-                    &k,
-                    &v,
-                    &w,
-                ),
+                grads(reference::causal_attention, &q, &k, &v, &w),
                 grads(ksa::causal_attention, &f32s(&q), &f32s(&k), &f32s(&v), &w),
             ),
         };

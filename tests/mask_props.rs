@@ -12,7 +12,7 @@ enum Slot {
     Summary { chunk: usize, j: usize },
 }
 
-/// The expanded sequence, written directly from spec section 1.
+/// The expanded sequence, written directly from docs/spec.md section 1.
 fn slots(c: usize, s: usize, n: usize) -> Vec<Slot> {
     let mut out = Vec::new();
     for t in 0..n {

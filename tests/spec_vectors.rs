@@ -1,4 +1,4 @@
-//! The test vectors of `ksa-spec.md` (section 2's worked example and section
+//! The test vectors of `docs/spec.md` (section 2's worked example and section
 //! 7, taken from the reference's own code), verbatim.
 
 use ksa::{KsaConfig, KsaLayout, SummaryPositions, TextPositions};

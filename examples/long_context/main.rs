@@ -244,7 +244,7 @@ fn attention_mode(a: &AttentionArgs) -> AnyResult<()> {
         ),
         _ => println!("peak RSS unavailable on this platform"),
     }
-    // Decode cache per layer (spec section 5): KSA keeps the current chunk,
+    // Decode cache per layer (docs/spec.md section 5): KSA keeps the current chunk,
     // a ring of W chunks of text and every older chunk's summaries; full
     // attention keeps every token. K and V, all KV heads.
     let per_token = 2 * a.kv_heads as u64 * a.head_dim as u64 * elem;

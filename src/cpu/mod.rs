@@ -94,14 +94,7 @@ impl CpuKernel {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(Tensor, Tensor)> {
         let dims = check_qkv(q, k, v, "ksa::cpu::attention")?;
-        if dims.len != layout.len() {
-            return Err(Error::LayoutLength {
-                name: "q",
-                expected: layout.len(),
-                got: dims.len,
-                text_tokens: layout.text_len(),
-            });
-        }
+        layout.check_len("q", dims.len)?;
         let schedule = Schedule::ksa(layout, self.tiles)?;
         self.run(q, k, v, dims, &schedule, options, Some(progress))
     }

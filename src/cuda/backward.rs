@@ -108,7 +108,7 @@ pub struct BwdPointers {
 /// One kernel launch of the backward.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
-    /// Entry point in [`super::ptx::BWD`].
+    /// Entry point in `ksa::cuda::ptx::BWD`.
     pub kernel: String,
     /// Grid.
     pub grid: (u32, u32, u32),
@@ -165,7 +165,7 @@ impl BwdLaunch {
             p.batch * p.q_heads * mask.len() * p.head_dim,
             (u32::MAX as usize >> 1) * 4 * THREADS as usize,
         )?;
-        let geometry = geometry(&mask)?;
+        let geometry = geometry(&mask);
         let forward = QueryMajorSchedule::with_block_q(mask, block_q(p.head_dim))?;
         let schedule = KeyMajorSchedule::from_forward(&forward);
         let (tiles, entries) = schedule.gpu_tables();

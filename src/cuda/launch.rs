@@ -89,20 +89,15 @@ pub(crate) fn within(what: &'static str, got: usize, limit: usize) -> Result<()>
 /// n_sum, chunk, summaries, window, mode]` (`Geo` in `kernels/ksa_common.cuh`,
 /// whose closed form of the mask the kernels evaluate per element). The window
 /// is clamped to the chunks: the kernels only compare it with chunk indices.
-/// A layout without text -> summary reads (the ablation of
-/// [`crate::KsaConfig::with_summary_reads`]) is refused: the kernels' closed
-/// form has no such switch.
-pub(crate) fn geometry(mask: &Mask) -> Result<[u32; 6]> {
-    Ok(match mask {
+/// The closed form has no switch for the ablation of
+/// [`crate::KsaConfig::with_summary_reads`], and needs none: the schedules
+/// come from [`crate::KsaLayout::key_ranges`], so text query tiles never visit
+/// a summary key tile (the regions start new tiles), and the element mask only
+/// runs inside visited tiles (`tests/cuda_emu_*.rs`, `summary_reads_ablation`).
+pub(crate) fn geometry(mask: &Mask) -> [u32; 6] {
+    match mask {
         Mask::Ksa(l) => {
             let c = l.config();
-            if !c.summary_reads() {
-                return Err(Error::InvalidConfig(
-                    "the CUDA kernels implement the KSA mask with summary reads only \
-                     (KsaConfig::with_summary_reads(false) runs on the CPU)"
-                        .into(),
-                ));
-            }
             [
                 l.len() as u32,
                 l.summary_len() as u32,
@@ -113,7 +108,7 @@ pub(crate) fn geometry(mask: &Mask) -> Result<[u32; 6]> {
             ]
         }
         Mask::Causal { len } => [*len as u32, 0, 1, 1, 0, 1],
-    })
+    }
 }
 
 /// Strides in elements of the batch and head dimensions of a `[b, h, N, d]`
@@ -226,7 +221,7 @@ pub struct FwdPointers {
 /// A complete launch description.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FwdLaunch {
-    /// Entry point in [`super::ptx::FWD`] (`ksa_fwd_{bf16,f16}_d{64,128}`).
+    /// Entry point in `ksa::cuda::ptx::FWD` (`ksa_fwd_{bf16,f16}_d{64,128}`).
     pub kernel: String,
     /// Grid: (query tiles, query heads / heads per CTA, batch).
     pub grid: (u32, u32, u32),
@@ -262,7 +257,7 @@ impl FwdLaunch {
                 )))
             }
         };
-        let geometry = geometry(&mask)?;
+        let geometry = geometry(&mask);
         let schedule = QueryMajorSchedule::with_block_q(mask, BLOCK_Q / hp)?;
         let (tiles, entries) = schedule.gpu_tables();
         let d = p.head_dim as u32;

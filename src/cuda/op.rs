@@ -53,18 +53,6 @@ fn cuda_device(t: &Tensor, op: &'static str) -> Result<CudaDevice> {
     }
 }
 
-fn layout_length(mask: &Mask, got: usize) -> Result<()> {
-    if got != mask.len() {
-        return Err(Error::LayoutLength {
-            name: "q",
-            expected: mask.len(),
-            got,
-            text_tokens: mask.text_len(),
-        });
-    }
-    Ok(())
-}
-
 /// The typed checks of the CUDA path on `q, k, v` (shapes already checked by
 /// `check_qkv`): element type, head dim, CUDA device, row strides. The
 /// autograd op (`crate::op`) runs them before recording itself, so its
@@ -131,7 +119,7 @@ pub fn forward(
     scale: Option<f64>,
 ) -> Result<(Tensor, Tensor)> {
     let dims = check_qkv(q, k, v, "ksa CUDA attention")?;
-    layout_length(&mask, dims.len)?;
+    mask.check_len("q", dims.len)?;
     cuda_device(q, "ksa CUDA attention")?;
     let (b, hq, n, d) = (dims.batch, dims.q_heads, dims.len, dims.head_dim);
     let (o, lse) = {
@@ -164,7 +152,7 @@ pub fn forward_storage(
 ) -> Result<(CudaStorage, CudaStorage)> {
     use candle_core::backend::BackendStorage;
     let (b, hq, n, d) = ql.shape().dims4()?;
-    layout_length(&mask, n)?;
+    mask.check_len("q", n)?;
     let hkv = kl.shape().dims4()?.1;
     let elem = kernel_elem("ksa CUDA attention", qs.dtype(), ql.dim(3)?)?;
     let dev = qs.device.clone();
@@ -261,7 +249,7 @@ pub fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "ksa CUDA attention backward";
     let dims = check_qkv(q, k, v, OP)?;
-    layout_length(&mask, dims.len)?;
+    mask.check_len("q", dims.len)?;
     let (b, hq, hkv, n, d) = (
         dims.batch,
         dims.q_heads,

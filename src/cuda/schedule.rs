@@ -13,7 +13,7 @@
 //! n_sum` is summary `g` in chunk-major order (`g = chunk*S + j`) and row `g >=
 //! n_sum` is text token `g - n_sum`; under [`Mask::Causal`] `g` is the slot.
 //! Queries and keys use the same coordinates. Every query's keys are then two
-//! dense ranges of `g` ([`Gathered::keys`], the closed form of
+//! dense ranges of `g` ([`crate::mask::Gathered::keys`], the closed form of
 //! [`KsaLayout::key_ranges`] that the kernel's edge mask mirrors).
 
 use crate::layout::KsaLayout;
@@ -313,7 +313,7 @@ pub struct KeyMajorTile {
 /// keys (ascending). A (query tile, key tile) pair is listed exactly when the
 /// forward visits some key of the tile, so no statement of the mask beyond the
 /// forward's is made here; the edge flags are recomputed per pair from
-/// [`Gathered::keys`] because the forward's text tiles start wherever a
+/// [`crate::mask::Gathered::keys`] because the forward's text tiles start wherever a
 /// query tile's key run starts, not on the grid. Key tiles are heaviest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyMajorSchedule {

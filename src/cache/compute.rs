@@ -1,0 +1,358 @@
+//! A step's compute: the new slots through every layer (the decoder layer's
+//! own step), each layer attending over the cache and the step's new K/V,
+//! while only reading the cache.
+
+use super::plan::Plan;
+use super::storage::{Kv, LayerStore, Staged};
+use super::{CacheStorage, KsaCache, LogitRows};
+use crate::cpu::decode::{attend, KvSlice};
+use crate::layout::{KsaLayout, SlotKind};
+use crate::model::{Qwen3Ksa, StepRows};
+use crate::model_config::LayerKind;
+use crate::{AttentionOptions, Result};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+
+impl KsaCache {
+    /// Runs the new slots through every layer; returns the final hidden
+    /// states of the text rows `[1, T, hidden]` and, per input, the new K/V
+    /// of every layer. Reads the cache only.
+    pub(super) fn compute(
+        &self,
+        model: &Qwen3Ksa,
+        inputs: &[(usize, &[u32])],
+        plans: &[Plan],
+    ) -> Result<(Tensor, Vec<Vec<Staged>>)> {
+        let config = model.config();
+        let device = model.summary_embeddings()?.device().clone();
+        // Packed rows: every input's new slots in slot order.
+        let (mut ids, mut positions, mut summary_rows, mut text_rows) =
+            (vec![], vec![], vec![], vec![]);
+        let mut kinds = vec![];
+        for (plan, &(_, tokens)) in plans.iter().zip(inputs) {
+            let first = plan.rows.start;
+            let base = plan.layout.len() - plan.rows.len();
+            for slot in base..plan.layout.len() {
+                let kind = plan.layout.slot_kind(slot).expect("slot < N");
+                let row = (first + slot - base) as u32;
+                match kind {
+                    SlotKind::Text { token } => {
+                        ids.push(tokens[token - plan.old]);
+                        text_rows.push(row);
+                    }
+                    SlotKind::Summary { index, .. } => {
+                        ids.push((config.summary_token_begin + index) as u32);
+                        summary_rows.push(row);
+                    }
+                }
+                positions.push(plan.layout.position_id(slot).expect("slot < N"));
+                kinds.push((kind, slot));
+            }
+        }
+        let rows = ids.len();
+        let mut staged: Vec<Vec<Staged>> = plans.iter().map(|_| Vec::new()).collect();
+        let text_idx = Tensor::from_slice(&text_rows, text_rows.len(), &device)?;
+        let mut h = model.embed_rows(&Tensor::from_vec(ids, (1, rows), &device)?)?;
+        let step_rows = StepRows {
+            positions: &positions,
+            summaries: &summary_rows,
+            text: &text_rows,
+        };
+        for (l, layer) in model.layers().iter().enumerate() {
+            // A KSA layer attends with every new slot, a bypass layer with the
+            // new text only; `query(plan, r)` names an input's r-th query row.
+            let ksa = layer.kind() == LayerKind::Summary;
+            let query = |p: &Plan, r: usize| {
+                if ksa {
+                    kinds[p.rows.start + r]
+                } else {
+                    let token = p.old + r;
+                    let slot = p.layout.text_slot(token).expect("new token");
+                    (SlotKind::Text { token }, slot)
+                }
+            };
+            let mut layer_staged = Vec::new();
+            h = layer.step(&h, &step_rows, |q, k, v| {
+                layer_staged = if ksa {
+                    self.stage(k, v, plans, |p| p.rows.clone(), |r| !kinds[r].0.is_text())?
+                } else {
+                    self.stage(k, v, plans, |p| p.text_rows.clone(), |_| false)?
+                };
+                self.attend_layer(l, q, plans, &layer_staged, ksa, query)
+            })?;
+            for (s, st) in staged.iter_mut().zip(layer_staged) {
+                s.push(st);
+            }
+        }
+        Ok((h.index_select(&text_idx, 1)?, staged))
+    }
+
+    /// Splits a layer's new K/V (`[1, kv_heads, R, d]`, R packed rows) into
+    /// each input's text and summary rows, `[kv_heads, rows, d]` each, in the
+    /// cache's storage.
+    fn stage(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        plans: &[Plan],
+        rows_of: impl Fn(&Plan) -> Range<usize>,
+        is_summary: impl Fn(usize) -> bool,
+    ) -> Result<Vec<Staged>> {
+        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let split = |p: &Plan| -> (Vec<u32>, Vec<u32>) {
+            rows_of(p)
+                .map(|r| r as u32)
+                .partition(|&r| !is_summary(r as usize))
+        };
+        match self.storage {
+            CacheStorage::Host => {
+                let total = k.dim(2)?;
+                let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let gather = |rows: &[u32]| {
+                    let pick = |x: &[f32]| -> Vec<Vec<f32>> {
+                        (0..hkv)
+                            .map(|h| {
+                                rows.iter()
+                                    .flat_map(|&r| {
+                                        let at = (h * total + r as usize) * d;
+                                        &x[at..at + d]
+                                    })
+                                    .copied()
+                                    .collect()
+                            })
+                            .collect()
+                    };
+                    Kv::Host {
+                        k: pick(&k),
+                        v: pick(&v),
+                    }
+                };
+                Ok(plans
+                    .iter()
+                    .map(|p| {
+                        let (text, sums) = split(p);
+                        Staged {
+                            text: gather(&text),
+                            text_rows: text.len(),
+                            sums: gather(&sums),
+                            sum_rows: sums.len(),
+                        }
+                    })
+                    .collect())
+            }
+            CacheStorage::Tensors => {
+                let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
+                let gather = |rows: Vec<u32>| -> Result<Kv> {
+                    let n = rows.len();
+                    if n == 0 {
+                        // A view: no zero-size device allocation or launch.
+                        return Ok(Kv::tensor(k.narrow(1, 0, 0)?, v.narrow(1, 0, 0)?));
+                    }
+                    let idx = Tensor::from_vec(rows, n, k.device())?;
+                    Ok(Kv::tensor(
+                        k.index_select(&idx, 1)?,
+                        v.index_select(&idx, 1)?,
+                    ))
+                };
+                plans
+                    .iter()
+                    .map(|p| {
+                        let (text, sums) = split(p);
+                        let (text_rows, sum_rows) = (text.len(), sums.len());
+                        Ok(Staged {
+                            text: gather(text)?,
+                            text_rows,
+                            sums: gather(sums)?,
+                            sum_rows,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The keys of query row `r` of input `p` on layer `layer` as at most four
+    /// runs of storage rows: cached summaries, the step's new summaries,
+    /// cached window text, the step's new text. Both storages attend over
+    /// exactly these runs.
+    fn key_runs<'a>(
+        &self,
+        store: &'a LayerStore,
+        st: &'a Staged,
+        p: &Plan,
+        layout: &KsaLayout,
+        ksa: bool,
+        (kind, slot): (SlotKind, usize),
+    ) -> Vec<(&'a Kv, Range<usize>)> {
+        let ranges = if ksa {
+            layout.key_ranges(slot).expect("slot in layout")
+        } else {
+            let SlotKind::Text { token } = kind else {
+                unreachable!("bypass layers query text only")
+            };
+            crate::KeyRanges {
+                summaries: 0..0,
+                text: 0..token + 1,
+            }
+        };
+        let (cached_sums, first) = (store.summaries.live(), p.old - store.text.live());
+        debug_assert!(ranges.text.start >= first || ranges.text.is_empty());
+        debug_assert!(ranges.summaries.len() <= cached_sums + st.sum_rows);
+        let mut runs = Vec::with_capacity(4);
+        let sums = ranges.summaries;
+        if sums.start < cached_sums.min(sums.end) {
+            let rows = store.summaries.at(sums.start..sums.end.min(cached_sums));
+            runs.push((&store.summaries.kv, rows));
+        }
+        let (a, b) = (sums.start.max(cached_sums), sums.end);
+        if a < b {
+            runs.push((&st.sums, a - cached_sums..b - cached_sums));
+        }
+        let text = ranges.text;
+        if text.start < text.end.min(p.old) {
+            let rows = store
+                .text
+                .at(text.start - first..text.end.min(p.old) - first);
+            runs.push((&store.text.kv, rows));
+        }
+        let (a, b) = (text.start.max(p.old), text.end);
+        if a < b {
+            runs.push((&st.text, a - p.old..b - p.old));
+        }
+        runs
+    }
+
+    /// Attention of one layer's new queries `q: [1, hq, R, d]` over the cache
+    /// plus the step's new K/V; `query(plan, r)` names the `r`-th query row of
+    /// an input (its slot kind and slot). Returns `[1, hq, R, d]`.
+    fn attend_layer(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        plans: &[Plan],
+        staged: &[Staged],
+        ksa: bool,
+        query: impl Fn(&Plan, usize) -> (SlotKind, usize) + Sync,
+    ) -> Result<Tensor> {
+        let window = self.spec.layers[layer].1;
+        // Query rows of input `i`: its first packed row and how many.
+        let rows_of = |i: usize| {
+            let (p, st) = (&plans[i], &staged[i]);
+            let row0 = if ksa { p.rows.start } else { p.text_rows.start };
+            (row0, st.text_rows + if ksa { st.sum_rows } else { 0 })
+        };
+        if self.storage == CacheStorage::Tensors {
+            // One entry per query row, in packed order (the plans' rows are).
+            let mut entries = Vec::with_capacity(q.dim(2)?);
+            for (i, p) in plans.iter().enumerate() {
+                let store = &self.seqs[p.seq].layers[layer];
+                let layout = p.layout.with_window(window);
+                for r in 0..rows_of(i).1 {
+                    let runs = self.key_runs(store, &staged[i], p, &layout, ksa, query(p, r));
+                    entries.push(runs.into_iter().map(|(kv, rows)| kv.rows(rows)).collect());
+                }
+            }
+            let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            return Ok(crate::attention::decode_attention(
+                &q,
+                &entries,
+                &AttentionOptions::default(),
+            )?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()?);
+        }
+        let (_, hq, total, d) = q.dims4()?;
+        let hkv = self.spec.kv_heads;
+        let group = hq / hkv;
+        let dtype = q.dtype();
+        let device = q.device().clone();
+        let qd = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let tasks: Vec<(usize, usize)> = (0..plans.len())
+            .flat_map(|i| (0..hkv).map(move |g| (i, g)))
+            .collect();
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(i, g)| {
+                let p = &plans[i];
+                let store = &self.seqs[p.seq].layers[layer];
+                let (row0, n_rows) = rows_of(i);
+                let layout = p.layout.with_window(window);
+                let mut out = vec![0.0f32; group * n_rows * d];
+                let (mut qbuf, mut obuf, mut scores) =
+                    (vec![0.0f32; group * d], vec![0.0f32; group * d], Vec::new());
+                for r in 0..n_rows {
+                    let slices: Vec<KvSlice<'_>> = self
+                        .key_runs(store, &staged[i], p, &layout, ksa, query(p, r))
+                        .into_iter()
+                        .map(|(kv, rows)| kv.slice(g, rows, d))
+                        .collect();
+                    for j in 0..group {
+                        let at = ((g * group + j) * total + row0 + r) * d;
+                        qbuf[j * d..(j + 1) * d].copy_from_slice(&qd[at..at + d]);
+                    }
+                    attend(&qbuf, d, &slices, scale, &mut obuf, &mut scores);
+                    for j in 0..group {
+                        let at = (j * n_rows + r) * d;
+                        out[at..at + d].copy_from_slice(&obuf[j * d..(j + 1) * d]);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0.0f32; hq * total * d];
+        for (&(i, g), res) in tasks.iter().zip(&results) {
+            let (row0, n_rows) = rows_of(i);
+            for j in 0..group {
+                let at = ((g * group + j) * total + row0) * d;
+                out[at..at + n_rows * d]
+                    .copy_from_slice(&res[j * n_rows * d..(j + 1) * n_rows * d]);
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, hq, total, d), &device)?.to_dtype(dtype)?)
+    }
+
+    /// LogitRows of the text rows `[1, T, hidden]`, split per input.
+    pub(super) fn logits(
+        &self,
+        model: &Qwen3Ksa,
+        hidden: &Tensor,
+        plans: &[Plan],
+        which: LogitRows,
+    ) -> Result<Vec<Tensor>> {
+        let v = model.config().logits_size();
+        let device = hidden.device();
+        let select: Vec<u32> = plans
+            .iter()
+            .flat_map(|p| match which {
+                LogitRows::All => p.text_rows.clone(),
+                LogitRows::Last if p.text_rows.is_empty() => 0..0,
+                LogitRows::Last => p.text_rows.end - 1..p.text_rows.end,
+            })
+            .map(|r| r as u32)
+            .collect();
+        let logits = if select.is_empty() {
+            Tensor::zeros((0, v), hidden.dtype(), device)?
+        } else {
+            let len = select.len();
+            let idx = Tensor::from_vec(select, len, device)?;
+            model.head(&hidden.index_select(&idx, 1)?)?.squeeze(0)?
+        };
+        let mut at = 0;
+        plans
+            .iter()
+            .map(|p| {
+                let m = match which {
+                    LogitRows::All => p.text_rows.len(),
+                    LogitRows::Last => p.text_rows.len().min(1),
+                };
+                let t = logits.narrow(0, at, m)?;
+                at += m;
+                Ok(t)
+            })
+            .collect()
+    }
+}

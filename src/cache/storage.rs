@@ -1,0 +1,342 @@
+//! Where a cache's K/V rows live: one contiguous run of rows per KV head,
+//! in f32 host buffers or in tensors on the model's device, sharing every
+//! index computation; and the commit that appends a step's rows at its end.
+
+use super::plan::Plan;
+use super::KsaCache;
+use crate::attention::KvRows;
+use crate::cpu::decode::KvSlice;
+use crate::model_config::LayerKind;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// K and V of one store, `[kv_heads, rows, head_dim]`; the allocation holds
+/// `capacity` rows. Which rows mean what is [`Rows`]' business: `Kv` only
+/// allocates, copies and hands out row runs, so both storages share every
+/// index computation.
+#[derive(Debug, Clone)]
+pub(super) enum Kv {
+    /// One f32 buffer per KV head (its `Vec` length is the rows written,
+    /// its capacity the allocation).
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// `[kv_heads, capacity, d]` tensors, written in place. Clones of a cache
+    /// share them (cloning is cheap and cannot fail) and hold the same
+    /// `owner`; a shared buffer is copied before its first write.
+    Tensor {
+        k: Tensor,
+        v: Tensor,
+        owner: Arc<()>,
+    },
+}
+
+impl Kv {
+    pub(super) fn host(heads: usize, d: usize, rows: usize) -> Self {
+        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
+        Kv::Host { k: buf(), v: buf() }
+    }
+
+    pub(super) fn tensor(k: Tensor, v: Tensor) -> Self {
+        Kv::Tensor {
+            k,
+            v,
+            owner: Arc::new(()),
+        }
+    }
+
+    /// Zeroed `[heads, rows, d]` tensors of `dtype` on `device`, at least one
+    /// row: a zero-byte device allocation is not portable (`cuMemAlloc`
+    /// rejects it).
+    pub(super) fn zeros(
+        heads: usize,
+        d: usize,
+        rows: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let z = || Tensor::zeros((heads, rows.max(1), d), dtype, device);
+        Ok(Kv::tensor(z()?, z()?))
+    }
+
+    /// Rows the allocation holds.
+    pub(super) fn capacity(&self, d: usize) -> usize {
+        match self {
+            Kv::Host { k, .. } => k.first().map_or(0, |b| b.capacity() / d.max(1)),
+            Kv::Tensor { k, .. } => k.dims()[1],
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Kv::Host { k, v } => k
+                .iter()
+                .chain(v)
+                .map(|b| b.capacity() * std::mem::size_of::<f32>())
+                .sum(),
+            Kv::Tensor { k, v, .. } => {
+                (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+            }
+        }
+    }
+
+    /// Rows `rows` of KV head `head` (host storage).
+    pub(super) fn slice(&self, head: usize, rows: Range<usize>, d: usize) -> KvSlice<'_> {
+        let Kv::Host { k, v } = self else {
+            unreachable!("a cache's stores all have the cache's storage")
+        };
+        let r = rows.start * d..rows.end * d;
+        KvSlice {
+            k: &k[head][r.clone()],
+            v: &v[head][r],
+        }
+    }
+
+    /// Rows `rows` of every KV head (tensor storage).
+    pub(super) fn rows(&self, rows: Range<usize>) -> KvRows<'_> {
+        let Kv::Tensor { k, v, .. } = self else {
+            unreachable!("a cache's stores all have the cache's storage")
+        };
+        KvRows { k, v, rows }
+    }
+
+    /// Whether the first `len` rows (all rows written) are equal.
+    pub(super) fn same_rows(&self, other: &Self, len: usize) -> bool {
+        match (self, other) {
+            (Kv::Host { k, v }, Kv::Host { k: k2, v: v2 }) => k == k2 && v == v2,
+            (Kv::Tensor { k, v, .. }, Kv::Tensor { k: k2, v: v2, .. }) => {
+                let host = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.narrow(1, 0, len)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?)
+                };
+                [(k, k2), (v, v2)]
+                    .iter()
+                    .all(|(a, b)| matches!((host(a), host(b)), (Ok(a), Ok(b)) if a == b))
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies tensors shared with a clone of the cache before a write.
+    pub(super) fn own(&mut self) -> Result<()> {
+        if let Kv::Tensor { k, v, owner } = self {
+            if Arc::strong_count(owner) > 1 {
+                *self = Kv::tensor(k.copy()?, v.copy()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes rows `rows` of `src` (same storage) at row `at`, which is the
+    /// number of rows written so far.
+    pub(super) fn write(
+        &mut self,
+        at: usize,
+        src: &Kv,
+        rows: Range<usize>,
+        d: usize,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.own()?;
+        match (self, src) {
+            (Kv::Host { k, v }, Kv::Host { k: sk, v: sv }) => {
+                for (dst, s) in k.iter_mut().zip(sk).chain(v.iter_mut().zip(sv)) {
+                    debug_assert_eq!(dst.len(), at * d);
+                    dst.extend_from_slice(&s[rows.start * d..rows.end * d]);
+                }
+            }
+            (Kv::Tensor { k, v, .. }, Kv::Tensor { k: sk, v: sv, .. }) => {
+                for (dst, s) in [(k, sk), (v, sv)] {
+                    dst.slice_set(&s.narrow(1, rows.start, rows.len())?.contiguous()?, 1, at)?;
+                }
+            }
+            _ => unreachable!("a cache's stores all have the cache's storage"),
+        }
+        Ok(())
+    }
+
+    /// Moves rows `dead..len` to the front.
+    pub(super) fn compact(&mut self, dead: usize, len: usize, d: usize) -> Result<()> {
+        self.own()?;
+        match self {
+            Kv::Host { k, v } => {
+                for b in k.iter_mut().chain(v.iter_mut()) {
+                    b.drain(..dead * d);
+                }
+            }
+            Kv::Tensor { k, v, .. } => {
+                // Through a copy: source and destination overlap.
+                for t in [k, v] {
+                    t.slice_set(&t.narrow(1, dead, len - dead)?.force_contiguous()?, 1, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reallocates to `rows` rows, keeping the first `len`.
+    pub(super) fn grow(&mut self, len: usize, rows: usize, d: usize) -> Result<()> {
+        match self {
+            Kv::Host { k, v } => {
+                for b in k.iter_mut().chain(v.iter_mut()) {
+                    b.reserve_exact(rows * d - b.len());
+                }
+            }
+            Kv::Tensor { k, .. } => {
+                let (heads, dtype, device) = (k.dims()[0], k.dtype(), k.device().clone());
+                let mut grown = Kv::zeros(heads, d, rows, dtype, &device)?;
+                grown.write(0, self, 0..len, d)?;
+                *self = grown;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// K and V rows of one kind for one (layer, sequence). The first `dead` rows
+/// are no longer visible and wait to be reclaimed; rows `dead..len` are live.
+#[derive(Debug, Clone)]
+pub(super) struct Rows {
+    pub(super) kv: Kv,
+    pub(super) dead: usize,
+    pub(super) len: usize,
+}
+
+impl PartialEq for Rows {
+    fn eq(&self, other: &Self) -> bool {
+        self.dead == other.dead && self.len == other.len && self.kv.same_rows(&other.kv, self.len)
+    }
+}
+
+impl Rows {
+    pub(super) fn new(kv: Kv) -> Self {
+        Self {
+            kv,
+            dead: 0,
+            len: 0,
+        }
+    }
+
+    pub(super) fn live(&self) -> usize {
+        self.len - self.dead
+    }
+
+    /// Storage rows of live rows `rows` (0 = first live row).
+    pub(super) fn at(&self, rows: Range<usize>) -> Range<usize> {
+        self.dead + rows.start..self.dead + rows.end
+    }
+
+    /// Makes room for `rows` live rows in all: drops dead rows first, then
+    /// grows to exactly that (a prompt's rows are known before they come).
+    pub(super) fn reserve(&mut self, rows: usize, d: usize) -> Result<()> {
+        if self.kv.capacity(d) < rows {
+            self.compact(d)?;
+            self.kv.grow(self.len, rows, d)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn compact(&mut self, d: usize) -> Result<()> {
+        if self.dead > 0 {
+            self.kv.compact(self.dead, self.len, d)?;
+        }
+        self.len -= self.dead;
+        self.dead = 0;
+        Ok(())
+    }
+
+    /// Appends rows `rows` of `src` one by one; after each, `evict(row,
+    /// live)` says how many of the oldest live rows leave. Dead rows are
+    /// reclaimed when the buffer is full or half dead; a full buffer without
+    /// dead rows grows by a quarter (amortized O(1), little slack). Rows
+    /// between two such events are copied in one run.
+    pub(super) fn extend(
+        &mut self,
+        src: &Kv,
+        rows: Range<usize>,
+        d: usize,
+        mut evict: impl FnMut(usize, usize) -> usize,
+    ) -> Result<()> {
+        // Source rows counted in `len` but not yet written.
+        let mut run = rows.start..rows.start;
+        for r in rows {
+            let full = self.len + 1 > self.kv.capacity(d);
+            let reclaim = self.dead > 0 && (full || self.dead >= self.live());
+            if full || reclaim {
+                self.kv.write(self.len - run.len(), src, run.clone(), d)?;
+                run = r..r;
+            }
+            if reclaim {
+                self.compact(d)?;
+            }
+            if self.len + 1 > self.kv.capacity(d) {
+                let grow = (self.len / 4).max(16);
+                self.kv.grow(self.len, self.len + grow, d)?;
+            }
+            run.end = r + 1;
+            self.len += 1;
+            self.dead += evict(r, self.live());
+            debug_assert!(self.dead <= self.len);
+        }
+        self.kv.write(self.len - run.len(), src, run, d)
+    }
+}
+
+/// One layer's stores for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct LayerStore {
+    pub(super) text: Rows,
+    pub(super) summaries: Rows,
+}
+
+/// One sequence of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Sequence {
+    pub(super) len: usize,
+    pub(super) layers: Vec<LayerStore>,
+}
+
+/// One sequence's new K/V of one layer, `[kv_heads, rows, d]` per kind, in
+/// the cache's storage.
+pub(super) struct Staged {
+    pub(super) text: Kv,
+    pub(super) text_rows: usize,
+    pub(super) sums: Kv,
+    pub(super) sum_rows: usize,
+}
+
+impl KsaCache {
+    /// Appends one input's new K/V to every layer and drops text that left
+    /// the window. Everything was checked and computed before; only a device
+    /// failure of tensor storage can make it fail.
+    pub(super) fn commit(&mut self, plan: &Plan, staged: Vec<Staged>) -> Result<()> {
+        let (spec, d) = (&self.spec, self.spec.head_dim);
+        let seq = &mut self.seqs[plan.seq];
+        let c = spec.ksa.chunk_size();
+        for (l, (store, st)) in seq.layers.iter_mut().zip(staged).enumerate() {
+            // The most text rows live at once during this commit: the window
+            // plus a full current chunk, or everything on a bypass layer.
+            let peak = match spec.layers[l] {
+                (LayerKind::Summary, w) => plan.new.min(w.saturating_mul(c).saturating_add(c)),
+                (LayerKind::Bypass, _) => plan.new,
+            };
+            store.text.reserve(peak, d)?;
+            store
+                .summaries
+                .reserve(store.summaries.live() + st.sum_rows, d)?;
+            store
+                .summaries
+                .extend(&st.sums, 0..st.sum_rows, d, |_, _| 0)?;
+            store.text.extend(&st.text, 0..st.text_rows, d, |r, live| {
+                let n = plan.old + r + 1;
+                spec.window_first(l, n).saturating_sub(n - live)
+            })?;
+        }
+        seq.len = plan.new;
+        Ok(())
+    }
+}
