@@ -512,8 +512,9 @@ fn decode_kernels_do_not_spill() {
 mod gpu {
     use super::*;
     use candle_core::{DType, Device as Dev, Tensor};
-    use ksa::cuda::decode::{decode_attention, KvRows};
+    use ksa::cuda::decode::decode_attention;
     use ksa::Error;
+    use ksa::KvRows;
 
     #[test]
     fn typed_errors_without_a_gpu() {
