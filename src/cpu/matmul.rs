@@ -2,51 +2,63 @@
 //! read with any strides, so `O += P V` (forward, backward `dQ += dS K`) and
 //! `O += P^T X` (backward `dV += P^T dO`, `dK += dS^T Q`) are one product.
 //!
-//! On x86-64 with AVX2 and FMA and a head dim that is a multiple of 16 they
-//! run on a register-blocked microkernel written for exactly these shapes
-//! (6 rows x 16 columns of accumulators): `A` is read in place (`P^T` is `P`
-//! with swapped strides; the kernel broadcasts single elements, so it needs
-//! no contiguous rows), `B` rows already are the panel layout the kernel
-//! wants, and only the key tile of `S = Q K^T` is packed (transposed, once
-//! per tile product, `keys x d` floats against `rows x keys x d` FMAs). This
-//! avoids the general `gemm` crate's per-call packing of both operands, which
-//! the tile loop would pay once per key tile. Everywhere else the `gemm`
-//! crate computes the same products.
+//! They run on register-blocked microkernels written for exactly these shapes,
+//! one per [`CpuIsa`]: AVX-512F (14 rows x 32 columns of accumulators, 28 of
+//! the 32 zmm registers; masked loads and stores take any head dim) and
+//! AVX2 + FMA (6 rows x 16 columns; head dims that are multiples of 16, the
+//! `gemm` crate otherwise). `A` is read in place (`P^T` is `P` with swapped
+//! strides; the kernels broadcast single elements, so they need no contiguous
+//! rows), `B` rows already are the panel layout the kernels want, and only
+//! the key tile of `S = Q K^T` is packed (transposed, once per tile product,
+//! `keys x d` floats against `rows x keys x d` FMAs). This avoids the general
+//! `gemm` crate's per-call packing of both operands, which the tile loop
+//! would pay once per key tile. [`CpuIsa::Portable`] computes the same
+//! products with the `gemm` crate.
+//!
+//! Callers pass an `isa` the CPU supports ([`CpuIsa::check`] at the API
+//! entry points); the kernels' pointer offsets carry debug assertions.
 
+use super::isa::CpuIsa;
 use gemm::{gemm, Parallelism};
 
-/// Output columns per microkernel panel (two 8-lane vectors).
-const NR: usize = 16;
-/// Rows per microkernel call.
-const MR: usize = 6;
-
-/// Whether the microkernel path is available for head dim `d`.
-pub(crate) fn fast_path(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        d % NR == 0
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
-}
+/// Score rows are padded to a multiple of every kernel's panel width.
+const PAD: usize = 32;
 
 /// Row stride of a score buffer for `keys` keys: padded to whole panels so
-/// the microkernel may write full panels.
+/// the microkernels may write full panels.
 pub(crate) fn score_stride(keys: usize) -> usize {
-    keys.div_ceil(NR) * NR
+    keys.div_ceil(PAD) * PAD
+}
+
+/// The `A` operand of a product: element `(r, i)` is `data[r * rs + i * cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// Transposes key rows (`keys x d`) into panels of `width` keys, `d x width`
+/// each, zero-padded to whole panels.
+fn pack_keys(k: &[f32], keys: usize, d: usize, width: usize, pack: &mut Vec<f32>) {
+    let panels = keys.div_ceil(width);
+    pack.clear();
+    pack.resize(panels * d * width, 0.0);
+    for (j, row) in k[..keys * d].chunks_exact(d).enumerate() {
+        let (p, jj) = (j / width, j % width);
+        let panel = &mut pack[p * d * width..(p + 1) * d * width];
+        for (c, &x) in row.iter().enumerate() {
+            panel[c * width + jj] = x;
+        }
+    }
 }
 
 /// `s[r * stride + j] = sum_c q[r * d + c] * k[j * d + c]` for `r < rows`,
-/// `j < keys` (columns up to the next multiple of 16 may be overwritten).
+/// `j < keys` (columns up to the next multiple of 32 may be overwritten).
 /// `pack` is scratch for the transposed key tile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scores(
-    fast: bool,
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
@@ -58,36 +70,55 @@ pub(crate) fn scores(
 ) {
     assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(keys));
     assert!(s.len() >= rows * stride);
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        let panels = keys.div_ceil(NR);
-        pack.clear();
-        pack.resize(panels * d * NR, 0.0);
-        for (j, row) in k[..keys * d].chunks_exact(d).enumerate() {
-            let (p, jj) = (j / NR, j % NR);
-            let panel = &mut pack[p * d * NR..(p + 1) * d * NR];
-            for (c, &x) in row.iter().enumerate() {
-                panel[c * NR + jj] = x;
-            }
-        }
-        for p in 0..panels {
-            // SAFETY: AVX2/FMA checked by `fast_path`; panel `p` (d x 16) is
-            // inside `pack`, and the rows x 16 block at column 16p inside `s`
-            // because the stride is padded to whole panels (asserted).
-            unsafe {
-                avx2::rows(
-                    rows,
-                    d,
-                    (q.as_ptr(), d, 1),
-                    (pack.as_ptr().add(p * d * NR), NR),
-                    (s.as_mut_ptr().add(p * NR), stride),
-                    false,
-                )
-            };
-        }
+    if rows == 0 || keys == 0 {
         return;
     }
-    let _ = (fast, pack);
+    let a = Strided {
+        data: &q[..rows * d],
+        rs: d,
+        cs: 1,
+    };
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        CpuIsa::Avx512 if d > 0 => {
+            let width = avx512::NR;
+            pack_keys(k, keys, d, width, pack);
+            for p in 0..keys.div_ceil(width) {
+                let panel = &pack[p * d * width..(p + 1) * d * width];
+                // SAFETY: AVX-512F checked by the caller; the rows x 32 block
+                // at column 32p is inside `s` because the stride is padded to
+                // whole panels (asserted), offsets are debug-asserted.
+                unsafe {
+                    avx512::panel(
+                        rows,
+                        d,
+                        a,
+                        panel,
+                        width,
+                        &mut s[p * width..],
+                        stride,
+                        width,
+                        false,
+                    )
+                };
+            }
+            return;
+        }
+        CpuIsa::Avx2 if d > 0 => {
+            let width = avx2::NR;
+            pack_keys(k, keys, d, width, pack);
+            for p in 0..keys.div_ceil(width) {
+                let panel = &pack[p * d * width..(p + 1) * d * width];
+                // SAFETY: AVX2/FMA checked by the caller; as above.
+                unsafe {
+                    avx2::panel(rows, d, a, panel, width, &mut s[p * width..], stride, false)
+                };
+            }
+            return;
+        }
+        _ => {}
+    }
+    let _ = (isa, pack);
     // SAFETY: S (rows x keys, row stride `stride`) and Q (rows x d) are
     // inside their buffers (asserted); K^T reads `k` with swapped strides.
     unsafe {
@@ -119,7 +150,7 @@ pub(crate) fn scores(
 /// `j < keys`: `O += P V`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate(
-    fast: bool,
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
@@ -128,14 +159,14 @@ pub(crate) fn accumulate(
     v: &[f32],
     o: &mut [f32],
 ) {
-    product(fast, rows, keys, d, (p, stride, 1), v, o);
+    product(isa, rows, keys, d, (p, stride, 1), v, o);
 }
 
 /// `o[j * d + c] += sum_r p[r * stride + j] * x[r * d + c]` for `j < keys`,
 /// `r < rows`: `O += P^T X`, with `P` (rows x keys) read in place.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate_transposed(
-    fast: bool,
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
@@ -144,13 +175,13 @@ pub(crate) fn accumulate_transposed(
     x: &[f32],
     o: &mut [f32],
 ) {
-    product(fast, keys, rows, d, (p, 1, stride), x, o);
+    product(isa, keys, rows, d, (p, 1, stride), x, o);
 }
 
 /// `o[r * d + c] += sum_i a[r * rs + i * cs] * b[i * d + c]` for `r < m`,
 /// `i < depth`, `c < d`; `a` is `(data, rs, cs)`.
 fn product(
-    fast: bool,
+    isa: CpuIsa,
     m: usize,
     depth: usize,
     d: usize,
@@ -163,25 +194,31 @@ fn product(
     }
     assert!(a.len() > (m - 1) * rs + (depth - 1) * cs);
     assert!(b.len() >= depth * d && o.len() >= m * d);
+    let (b, o) = (&b[..depth * d], &mut o[..m * d]);
+    let strided = Strided { data: a, rs, cs };
     #[cfg(target_arch = "x86_64")]
-    if fast {
-        for c in (0..d).step_by(NR) {
-            // SAFETY: AVX2/FMA checked by `fast_path` (which also guarantees
-            // d % 16 == 0, so columns c..c + 16 exist); bounds asserted above.
-            unsafe {
-                avx2::rows(
-                    m,
-                    depth,
-                    (a.as_ptr(), rs, cs),
-                    (b.as_ptr().add(c), d),
-                    (o.as_mut_ptr().add(c), d),
-                    true,
-                )
-            };
+    match isa {
+        CpuIsa::Avx512 => {
+            for c in (0..d).step_by(avx512::NR) {
+                let cols = (d - c).min(avx512::NR);
+                // SAFETY: AVX-512F checked by the caller; columns c..c + cols
+                // of every row are inside `b` and `o` (asserted sizes), the
+                // rest of the panel is masked off.
+                unsafe { avx512::panel(m, depth, strided, &b[c..], d, &mut o[c..], d, cols, true) };
+            }
+            return;
         }
-        return;
+        CpuIsa::Avx2 if d % avx2::NR == 0 => {
+            for c in (0..d).step_by(avx2::NR) {
+                // SAFETY: AVX2/FMA checked by the caller, d % 16 == 0 so
+                // columns c..c + 16 exist; sizes asserted above.
+                unsafe { avx2::panel(m, depth, strided, &b[c..], d, &mut o[c..], d, true) };
+            }
+            return;
+        }
+        _ => {}
     }
-    let _ = fast;
+    let _ = (isa, strided);
     // SAFETY: O (m x d) += A (m x depth, strides rs, cs) * B (depth x d), all
     // inside their buffers (asserted).
     unsafe {
@@ -209,74 +246,233 @@ fn product(
     }
 }
 
+/// Calls `$f::<R, $v>($args)` for a runtime row count `R` in `1..=14`.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::MR;
+macro_rules! by_rows {
+    ($rows:expr, $f:ident, $v:literal, ($($arg:expr),*)) => {
+        match $rows {
+            1 => $f::<1, $v>($($arg),*),
+            2 => $f::<2, $v>($($arg),*),
+            3 => $f::<3, $v>($($arg),*),
+            4 => $f::<4, $v>($($arg),*),
+            5 => $f::<5, $v>($($arg),*),
+            6 => $f::<6, $v>($($arg),*),
+            7 => $f::<7, $v>($($arg),*),
+            8 => $f::<8, $v>($($arg),*),
+            9 => $f::<9, $v>($($arg),*),
+            10 => $f::<10, $v>($($arg),*),
+            11 => $f::<11, $v>($($arg),*),
+            12 => $f::<12, $v>($($arg),*),
+            13 => $f::<13, $v>($($arg),*),
+            _ => $f::<14, $v>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Strided;
     use std::arch::x86_64::*;
 
-    /// One 16-column panel of `out (+)= A B` over `m` rows: `A` is `(ptr,
-    /// rs, cs)`, the panel of `B` is `(ptr, row stride)`, `out` is `(ptr, row
-    /// stride)`. Blocks of 6 rows, then one block for the remainder.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows(
-        m: usize,
-        depth: usize,
-        (a, a_rs, a_cs): (*const f32, usize, usize),
-        (b, b_rs): (*const f32, usize),
-        (out, out_rs): (*mut f32, usize),
-        accumulate: bool,
-    ) {
-        let mut r = 0;
-        while r + MR <= m {
-            let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
-            block::<MR>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate);
-            r += MR;
-        }
-        let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
-        match m - r {
-            0 => {}
-            1 => block::<1>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            2 => block::<2>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            3 => block::<3>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            4 => block::<4>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            _ => block::<5>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+    /// Output columns per panel: two 16-lane zmm vectors.
+    pub(super) const NR: usize = 32;
+    /// Rows per block: 14 x 2 accumulators + 2 `B` vectors + 1 broadcast
+    /// leave one of the 32 zmm registers free.
+    const MR: usize = 14;
+
+    /// The lane mask of the first `n` of 16 lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
         }
     }
 
-    /// One `R x 16` output block: `out[r][0..16] (+)= sum_i a[r*a_rs + i*a_cs]
-    /// * b[i*b_rs + 0..16]` for `i < depth`, accumulators in registers.
-    #[inline(always)]
+    /// One panel of `cols <= 32` columns of `out (+)= A B` over `m` rows:
+    /// `B` rows at stride `b_rs`, `out` rows at stride `out_rs`, both
+    /// starting at the panel's first column. Blocks of 14 rows, then one
+    /// block for the remainder.
+    #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize>(
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
+    pub(super) unsafe fn panel(
+        m: usize,
         depth: usize,
-        out: *mut f32,
+        a: Strided<'_>,
+        b: &[f32],
+        b_rs: usize,
+        out: &mut [f32],
         out_rs: usize,
+        cols: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        debug_assert!((1..=NR).contains(&cols));
+        let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(MR);
+            let ar = Strided {
+                data: &a.data[r * a.rs..],
+                ..a
+            };
+            let or = &mut out[r * out_rs..];
+            let args = (ar, b, b_rs, depth, or, out_rs, masks, accumulate);
+            if cols > 16 {
+                by_rows!(rows, block, 2, (args));
+            } else {
+                by_rows!(rows, block, 1, (args));
+            }
+            r += rows;
+        }
+    }
+
+    type BlockArgs<'a, 'b> = (
+        Strided<'a>,
+        &'a [f32],
+        usize,
+        usize,
+        &'b mut [f32],
+        usize,
+        [__mmask16; 2],
+        bool,
+    );
+
+    /// One `R x 16V` output block: `out[r][..] (+)= sum_i a(r, i) *
+    /// b[i * b_rs + ..]` for `i < depth`, accumulators in registers, lanes
+    /// outside `masks` neither read nor written.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const V: usize>(
+        (a, b, b_rs, depth, out, out_rs, masks, accumulate): BlockArgs<'_, '_>,
+    ) {
+        let live = |v: usize| masks[v].count_ones() as usize;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         if accumulate {
             for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(out.add(r * out_rs));
-                acc[1] = _mm256_loadu_ps(out.add(r * out_rs + 8));
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let at = r * out_rs + 16 * v;
+                    debug_assert!(at + live(v) <= out.len());
+                    *acc = _mm512_maskz_loadu_ps(masks[v], out.as_ptr().add(at));
+                }
             }
         }
+        let (ap, bp) = (a.data.as_ptr(), b.as_ptr());
         for i in 0..depth {
-            let b0 = _mm256_loadu_ps(b.add(i * b_rs));
-            let b1 = _mm256_loadu_ps(b.add(i * b_rs + 8));
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                let at = i * b_rs + 16 * v;
+                debug_assert!(at + live(v) <= b.len());
+                *bv = _mm512_maskz_loadu_ps(masks[v], bp.add(at));
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*a.add(r * a_rs + i * a_cs));
-                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+                let at = r * a.rs + i * a.cs;
+                debug_assert!(at < a.data.len());
+                let x = _mm512_set1_ps(*ap.add(at));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(x, bv, *acc);
+                }
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(r * out_rs), acc[0]);
-            _mm256_storeu_ps(out.add(r * out_rs + 8), acc[1]);
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = r * out_rs + 16 * v;
+                debug_assert!(at + live(v) <= out.len());
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), masks[v], acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Strided;
+    use std::arch::x86_64::*;
+
+    /// Output columns per panel: two 8-lane ymm vectors.
+    pub(super) const NR: usize = 16;
+    /// Rows per block: 6 x 2 accumulators + 2 `B` vectors + 1 broadcast of
+    /// the 16 ymm registers.
+    const MR: usize = 6;
+
+    /// One 16-column panel of `out (+)= A B` over `m` rows: `B` rows at
+    /// stride `b_rs`, `out` rows at stride `out_rs`, both starting at the
+    /// panel's first column. Blocks of 6 rows, then one block for the
+    /// remainder.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel(
+        m: usize,
+        depth: usize,
+        a: Strided<'_>,
+        b: &[f32],
+        b_rs: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        accumulate: bool,
+    ) {
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(MR);
+            let ar = Strided {
+                data: &a.data[r * a.rs..],
+                ..a
+            };
+            let or = &mut out[r * out_rs..];
+            let args = (ar, b, b_rs, depth, or, out_rs, accumulate);
+            by_rows!(rows, block, 2, (args));
+            r += rows;
+        }
+    }
+
+    type BlockArgs<'a, 'b> = (
+        Strided<'a>,
+        &'a [f32],
+        usize,
+        usize,
+        &'b mut [f32],
+        usize,
+        bool,
+    );
+
+    /// One `R x 16` output block: `out[r][0..16] (+)= sum_i a(r, i) *
+    /// b[i * b_rs + 0..16]` for `i < depth`, accumulators in registers.
+    /// (`V` is always 2: the shared row dispatch passes it.)
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize, const V: usize>(
+        (a, b, b_rs, depth, out, out_rs, accumulate): BlockArgs<'_, '_>,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let at = r * out_rs + 8 * v;
+                    debug_assert!(at + 8 <= out.len());
+                    *acc = _mm256_loadu_ps(out.as_ptr().add(at));
+                }
+            }
+        }
+        let (ap, bp) = (a.data.as_ptr(), b.as_ptr());
+        for i in 0..depth {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                let at = i * b_rs + 8 * v;
+                debug_assert!(at + 8 <= b.len());
+                *bv = _mm256_loadu_ps(bp.add(at));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = r * a.rs + i * a.cs;
+                debug_assert!(at < a.data.len());
+                let x = _mm256_broadcast_ss(&*ap.add(at));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(x, bv, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = r * out_rs + 8 * v;
+                debug_assert!(at + 8 <= out.len());
+                _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+            }
         }
     }
 }
@@ -291,47 +487,55 @@ mod tests {
             .collect()
     }
 
-    /// Every product on both paths (microkernel where the CPU has it, `gemm`
-    /// otherwise), with row counts that leave every remainder of the 6-row
-    /// blocks and key counts that are not whole panels, against plain sums.
+    /// Every product on every variant this CPU has, with row counts that
+    /// leave every remainder of the row blocks, key counts that are not
+    /// whole panels and head dims that are not whole vectors, against plain
+    /// sums (f32 rounding of up to 256-term dot products: 1e-4 absolute on
+    /// terms in [-1, 1]).
     #[test]
     fn products_match_naive_sums() {
-        let d = 32;
-        for fast in [false, fast_path(d)] {
-            for rows in [1, 5, 6, 13, 20] {
-                for keys in [1, 7, 16, 37] {
-                    let stride = score_stride(keys);
-                    let (q, k) = (data(rows * d, 1), data(keys * d, 2));
-                    let mut s = vec![0.0; rows * stride];
-                    scores(fast, rows, keys, d, &q, &k, &mut s, stride, &mut Vec::new());
-                    let p = data(rows * stride, 3);
-                    let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
-                    let (o0, ot0) = (o.clone(), ot.clone());
-                    accumulate(fast, rows, keys, d, &p, stride, &k, &mut o);
-                    accumulate_transposed(fast, rows, keys, d, &p, stride, &q, &mut ot);
-                    for r in 0..rows {
-                        for j in 0..keys {
-                            let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();
-                            assert!((s[r * stride + j] - want).abs() < 1e-4, "{fast} s");
-                        }
-                        for c in 0..d {
-                            let want: f32 = o0[r * d + c]
-                                + (0..keys)
-                                    .map(|j| p[r * stride + j] * k[j * d + c])
-                                    .sum::<f32>();
-                            assert!((o[r * d + c] - want).abs() < 1e-4, "{fast} pv");
-                        }
-                    }
-                    for j in 0..keys {
-                        for c in 0..d {
-                            let want: f32 = ot0[j * d + c]
-                                + (0..rows)
-                                    .map(|r| p[r * stride + j] * q[r * d + c])
-                                    .sum::<f32>();
-                            assert!((ot[j * d + c] - want).abs() < 1e-4, "{fast} ptx");
-                        }
+        for isa in CpuIsa::available() {
+            for d in [1, 7, 16, 32, 48, 131] {
+                for rows in [1, 5, 6, 13, 14, 29] {
+                    for keys in [1, 7, 16, 37] {
+                        check(isa, d, rows, keys);
                     }
                 }
+            }
+        }
+    }
+
+    fn check(isa: CpuIsa, d: usize, rows: usize, keys: usize) {
+        let stride = score_stride(keys);
+        let (q, k) = (data(rows * d, 1), data(keys * d, 2));
+        let mut s = vec![0.0; rows * stride];
+        scores(isa, rows, keys, d, &q, &k, &mut s, stride, &mut Vec::new());
+        let p = data(rows * stride, 3);
+        let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
+        let (o0, ot0) = (o.clone(), ot.clone());
+        accumulate(isa, rows, keys, d, &p, stride, &k, &mut o);
+        accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
+        let tag = format!("{isa} d={d} rows={rows} keys={keys}");
+        for r in 0..rows {
+            for j in 0..keys {
+                let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();
+                assert!((s[r * stride + j] - want).abs() < 1e-4, "{tag} s");
+            }
+            for c in 0..d {
+                let want: f32 = o0[r * d + c]
+                    + (0..keys)
+                        .map(|j| p[r * stride + j] * k[j * d + c])
+                        .sum::<f32>();
+                assert!((o[r * d + c] - want).abs() < 1e-4, "{tag} pv");
+            }
+        }
+        for j in 0..keys {
+            for c in 0..d {
+                let want: f32 = ot0[j * d + c]
+                    + (0..rows)
+                        .map(|r| p[r * stride + j] * q[r * d + c])
+                        .sum::<f32>();
+                assert!((ot[j * d + c] - want).abs() < 1e-4, "{tag} ptx");
             }
         }
     }

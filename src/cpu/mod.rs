@@ -20,6 +20,7 @@
 
 pub(crate) mod backward;
 pub mod decode;
+pub mod isa;
 pub(crate) mod matmul;
 pub(crate) mod simd;
 pub(crate) mod tile;
@@ -30,6 +31,7 @@ use crate::schedule::{Schedule, TileSizes};
 use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
+pub use isa::CpuIsa;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,12 +61,16 @@ pub fn causal_attention_with_lse(
     CpuKernel::default().causal_attention(q, k, v, options)
 }
 
-/// The CPU kernel with explicit tile sizes (the free functions use the
-/// tuned defaults; other sizes exist for tests and tuning).
+/// The CPU kernel with explicit tile sizes and kernel variant (the free
+/// functions use the tuned defaults and the process's variant; others exist
+/// for tests, tuning and A/B measurement).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuKernel {
     /// Text queries per query tile and keys per key tile.
     pub tiles: TileSizes,
+    /// The kernel variant; `None`: the process's ([`isa::process_isa`]). A
+    /// variant this CPU lacks makes every call return [`Error::CpuIsa`].
+    pub isa: Option<CpuIsa>,
 }
 
 impl CpuKernel {
@@ -130,13 +136,17 @@ impl CpuKernel {
                 reason: "the CPU path takes CPU tensors",
             });
         }
+        let isa = match self.isa {
+            Some(isa) => isa.check()?,
+            None => isa::process_isa()?,
+        };
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (out, lse) = match q.dtype() {
-            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
             got => {
                 return Err(Error::UnsupportedDType {
                     op: "ksa::cpu",
@@ -217,12 +227,13 @@ fn run_typed<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Result<(Tensor, Tensor)> {
     let (out, lse) = with_slice::<T, _>(q, |q| {
         with_slice::<T, _>(k, |k| {
             with_slice::<T, _>(v, |v| {
-                Ok(forward_vecs(q, k, v, dims, schedule, scale, progress))
+                Ok(forward_vecs(q, k, v, dims, schedule, scale, isa, progress))
             })
         })
     })?;
@@ -242,6 +253,7 @@ pub(crate) fn forward_vecs<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> (Vec<T>, Vec<f32>) {
     let QkvDims {
@@ -253,7 +265,9 @@ pub(crate) fn forward_vecs<T: Element>(
     } = dims;
     let mut out = vec![T::from_f32(0.0); b * hq * n * d];
     let mut lse = vec![0f32; b * hq * n];
-    forward(q, k, v, dims, schedule, scale, progress, &mut out, &mut lse);
+    forward(
+        q, k, v, dims, schedule, scale, isa, progress, &mut out, &mut lse,
+    );
     (out, lse)
 }
 
@@ -331,6 +345,7 @@ fn forward<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     out: &mut [T],
     lse: &mut [f32],
@@ -355,7 +370,6 @@ fn forward<T: Element>(
     };
     let group = hq / hkv;
     let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
-    let fast = matmul::fast_path(d);
     let run_head = |&(bi, kvh): &(usize, usize)| {
         let head = (bi * hkv + kvh) * n * d;
         let kg = gather(&k[head..head + n * d], &slots, d, identity);
@@ -372,7 +386,7 @@ fn forward<T: Element>(
             batch: bi,
             first_head: kvh * group,
             group,
-            fast,
+            isa,
             out: ptr,
         };
         tasks.par_iter().for_each_init(

@@ -1,7 +1,7 @@
 //! The per-task kernels: one text query tile against its key tiles, and a
 //! group of chunks' summary queries.
 
-use super::{matmul, simd, Element, Out};
+use super::{matmul, simd, CpuIsa, Element, Out};
 use crate::mask::KeySpace;
 use crate::schedule::{KeyTile, Schedule};
 use std::f32::consts::{LN_2, LOG2_E};
@@ -24,8 +24,8 @@ pub(crate) struct Context<'a, T> {
     /// The query heads `first_head..first_head + group` share this K/V head.
     pub first_head: usize,
     pub group: usize,
-    /// Whether the tile products run on the AVX2 microkernel.
-    pub fast: bool,
+    /// The kernel variant (checked supported by the caller).
+    pub isa: CpuIsa,
     pub out: Out<T>,
 }
 
@@ -123,7 +123,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
         matmul::scores(
-            ctx.fast,
+            ctx.isa,
             rows,
             keys,
             d,
@@ -135,6 +135,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         );
         tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_update(
+            ctx.isa,
             &mut sc.s,
             stride,
             keys,
@@ -144,7 +145,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             &mut sc.o[..rows * d],
             d,
         );
-        matmul::accumulate(ctx.fast, rows, keys, d, &sc.s, stride, v, &mut sc.o);
+        matmul::accumulate(ctx.isa, rows, keys, d, &sc.s, stride, v, &mut sc.o);
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
