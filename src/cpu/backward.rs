@@ -241,7 +241,7 @@ struct Scratch {
     dp: Vec<f32>,
     bounds: Vec<(usize, usize)>,
     tiles: Vec<KeyTile>,
-    pack: Vec<f32>,
+    pack: matmul::Pack,
     /// Gathered key rows of one summary query.
     key_rows: Vec<usize>,
 }
@@ -261,7 +261,7 @@ impl Scratch {
             dp: vec![0.0; scores],
             bounds: vec![(0, 0); rows],
             tiles: Vec::new(),
-            pack: Vec::new(),
+            pack: matmul::Pack::default(),
             key_rows: Vec::new(),
         }
     }
@@ -337,7 +337,17 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut dv[span.clone()],
         );
         matmul::accumulate_transposed(isa, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
-        matmul::accumulate(isa, rows, keys, d, &sc.dp, stride, k, &mut sc.dq);
+        matmul::accumulate(
+            isa,
+            rows,
+            keys,
+            d,
+            &sc.dp,
+            stride,
+            k,
+            &mut sc.dq,
+            &mut sc.pack,
+        );
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {

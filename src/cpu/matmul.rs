@@ -19,7 +19,16 @@
 //! entry points); the kernels' pointer offsets carry debug assertions.
 
 use super::isa::CpuIsa;
+use super::Element;
 use gemm::{gemm, Parallelism};
+
+/// Per-thread scratch of the tile products: the packed key panels, and the
+/// f32 rows of a half-precision K or V tile.
+#[derive(Default)]
+pub(crate) struct Pack {
+    panels: Vec<f32>,
+    rows: Vec<f32>,
+}
 
 /// Score rows are padded to a multiple of every kernel's panel width.
 const PAD: usize = 32;
@@ -55,24 +64,29 @@ fn pack_keys(k: &[f32], keys: usize, d: usize, width: usize, pack: &mut Vec<f32>
 
 /// `s[r * stride + j] = sum_c q[r * d + c] * k[j * d + c]` for `r < rows`,
 /// `j < keys` (columns up to the next multiple of 32 may be overwritten).
-/// `pack` is scratch for the transposed key tile.
+/// Half-precision keys become f32 here, once per tile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores(
+pub(crate) fn scores<T: Element>(
     isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
     q: &[f32],
-    k: &[f32],
+    k: &[T],
     s: &mut [f32],
     stride: usize,
-    pack: &mut Vec<f32>,
+    pack: &mut Pack,
 ) {
     assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(keys));
     assert!(s.len() >= rows * stride);
     if rows == 0 || keys == 0 {
         return;
     }
+    let Pack {
+        panels: pack,
+        rows: conv,
+    } = pack;
+    let k = T::row_f32(&k[..keys * d], conv);
     let a = Strided {
         data: &q[..rows * d],
         rs: d,
@@ -147,18 +161,22 @@ pub(crate) fn scores(
 }
 
 /// `o[r * d + c] += sum_j p[r * stride + j] * v[j * d + c]` for `r < rows`,
-/// `j < keys`: `O += P V`.
+/// `j < keys`: `O += P V`. Half-precision values become f32 here, once per
+/// tile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn accumulate(
+pub(crate) fn accumulate<T: Element>(
     isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
     p: &[f32],
     stride: usize,
-    v: &[f32],
+    v: &[T],
     o: &mut [f32],
+    pack: &mut Pack,
 ) {
+    assert!(v.len() >= keys * d);
+    let v = T::row_f32(&v[..keys * d], &mut pack.rows);
     product(isa, rows, keys, d, (p, stride, 1), v, o);
 }
 
@@ -509,11 +527,12 @@ mod tests {
         let stride = score_stride(keys);
         let (q, k) = (data(rows * d, 1), data(keys * d, 2));
         let mut s = vec![0.0; rows * stride];
-        scores(isa, rows, keys, d, &q, &k, &mut s, stride, &mut Vec::new());
+        let mut pack = Pack::default();
+        scores(isa, rows, keys, d, &q, &k, &mut s, stride, &mut pack);
         let p = data(rows * stride, 3);
         let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
         let (o0, ot0) = (o.clone(), ot.clone());
-        accumulate(isa, rows, keys, d, &p, stride, &k, &mut o);
+        accumulate(isa, rows, keys, d, &p, stride, &k, &mut o, &mut pack);
         accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
         let tag = format!("{isa} d={d} rows={rows} keys={keys}");
         for r in 0..rows {

@@ -1,22 +1,26 @@
 //! The fast CPU path: block-sparse KSA attention and tiled causal attention.
 //!
-//! Per (batch, key/value head) the keys and values are gathered once, as
-//! f32, into gathered order ([`crate::mask::Gathered`]: the summaries
+//! Per (batch, key/value head) the keys and values are gathered once, in
+//! their dtype, into gathered order ([`crate::mask::Gathered`]: the summaries
 //! chunk-major, then the `n` text rows in text order), so that every query's
 //! keys are two dense ranges. Text queries
 //! are processed in tiles of consecutive tokens, all query heads of a GQA
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
 //! [`Schedule`] lists; scores and the value product are register-blocked
-//! GEMM microkernels (AVX2/FMA, `matmul.rs`; the `gemm` crate elsewhere),
+//! GEMM microkernels (AVX-512F or AVX2/FMA as [`CpuIsa`] says, `matmul.rs`;
+//! the `gemm` crate on the portable variant),
 //! the softmax is online (streaming) in f32, and only
 //! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
-//! f32 (`2 * N * d * 4` bytes) plus per-thread tiles; nothing of size `N x N`.
+//! the input dtype (KSA only: causal attention reads K/V in place) plus
+//! per-thread tiles; nothing of size `N x N`.
 //!
 //! Precision: f32, f16 and bf16 are computed in f32 and rounded once to the
-//! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
-//! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
+//! input dtype: half-precision Q, K and V are converted while a tile is
+//! loaded or packed (F16C for f16, shifts for bf16), never copied whole as
+//! f32. f64 is computed in f32 as well (use [`crate::reference`] when f64
+//! accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
 pub(crate) mod backward;
 pub mod decode;
@@ -167,6 +171,25 @@ pub(crate) trait Element: candle_core::WithDType + Copy + Send + Sync {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// `dst[i] = src[i] as f32` (equal lengths), vectorized where the dtype
+    /// allows: F16C for f16 (runtime-detected by `half`), shifts for bf16.
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        for (y, x) in dst.iter_mut().zip(src) {
+            *y = x.to_f32();
+        }
+    }
+    /// `src` as f32: itself for f32, else converted into `buf` (resized).
+    fn row_f32<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match Self::as_f32(src) {
+            Some(x) => x,
+            None => {
+                buf.resize(src.len(), 0.0);
+                let buf = &mut buf[..src.len()];
+                Self::convert(src, buf);
+                buf
+            }
+        }
+    }
 }
 
 impl Element for f32 {
@@ -197,6 +220,10 @@ impl Element for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl Element for bf16 {
@@ -205,6 +232,12 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        // bf16 is the high half of an f32: a shift the compiler vectorizes.
+        for (y, x) in dst.iter_mut().zip(src) {
+            *y = f32::from_bits(u32::from(x.to_bits()) << 16);
+        }
     }
 }
 
@@ -271,28 +304,25 @@ pub(crate) fn forward_vecs<T: Element>(
     (out, lse)
 }
 
-/// One head's K or V (`[N, d]`, slot order) in gathered order as f32,
-/// borrowed when no reordering or conversion is needed.
+/// One head's K or V (`[N, d]`, slot order) in gathered order, in its own
+/// dtype (half-precision rows become f32 only when the tile products pack
+/// them), borrowed when no reordering is needed.
 pub(crate) fn gather<'a, T: Element>(
     src: &'a [T],
     slots: &[u32],
     d: usize,
     identity: bool,
-) -> Cow<'a, [f32]> {
+) -> Cow<'a, [T]> {
     if identity {
-        if let Some(x) = T::as_f32(src) {
-            return Cow::Borrowed(x);
-        }
+        return Cow::Borrowed(src);
     }
-    let mut dst = vec![0f32; slots.len() * d];
+    let mut dst = vec![T::from_f32(0.0); slots.len() * d];
     dst.par_chunks_mut(d * 256)
         .enumerate()
         .for_each(|(block, rows)| {
             for (i, row) in rows.chunks_mut(d).enumerate() {
                 let slot = slots[block * 256 + i] as usize;
-                for (y, x) in row.iter_mut().zip(&src[slot * d..(slot + 1) * d]) {
-                    *y = x.to_f32();
-                }
+                row.copy_from_slice(&src[slot * d..(slot + 1) * d]);
             }
         });
     Cow::Owned(dst)
