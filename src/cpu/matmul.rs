@@ -47,16 +47,47 @@ struct Strided<'a> {
     cs: usize,
 }
 
+/// The `B` operand of a product as column panels: panel `p` starts at
+/// `b[p * b_step]`, its rows `b_rs` apart; `cols` output columns in all.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    b: &'a [f32],
+    b_rs: usize,
+    b_step: usize,
+    cols: usize,
+}
+
 /// Transposes key rows (`keys x d`) into panels of `width` keys, `d x width`
-/// each, zero-padded to whole panels.
-fn pack_keys(k: &[f32], keys: usize, d: usize, width: usize, pack: &mut Vec<f32>) {
+/// each, zero-padded to whole panels. With AVX-512 (`isa`), whole 16 x 16
+/// blocks go through registers (the element-wise transpose cost about a
+/// tenth of the full causal forward); the rest element by element.
+fn pack_keys(isa: CpuIsa, k: &[f32], keys: usize, d: usize, width: usize, pack: &mut Vec<f32>) {
     let panels = keys.div_ceil(width);
     pack.clear();
     pack.resize(panels * d * width, 0.0);
+    let (mut keys_done, mut dims_done) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if isa == CpuIsa::Avx512 && width % 16 == 0 {
+        (keys_done, dims_done) = (keys / 16 * 16, d / 16 * 16);
+        for j in (0..keys_done).step_by(16) {
+            let (p, jj) = (j / width, j % width);
+            let panel = &mut pack[p * d * width..(p + 1) * d * width];
+            for c in (0..dims_done).step_by(16) {
+                // SAFETY: AVX-512F checked by the caller; rows j..j + 16,
+                // columns c..c + 16 of `k` and rows c..c + 16, columns
+                // jj..jj + 16 of the panel exist (debug-asserted inside).
+                unsafe {
+                    avx512::transpose16(&k[j * d + c..], d, &mut panel[c * width + jj..], width)
+                };
+            }
+        }
+    }
+    let _ = isa;
     for (j, row) in k[..keys * d].chunks_exact(d).enumerate() {
         let (p, jj) = (j / width, j % width);
         let panel = &mut pack[p * d * width..(p + 1) * d * width];
-        for (c, &x) in row.iter().enumerate() {
+        let first = if j < keys_done { dims_done } else { 0 };
+        for (c, &x) in row.iter().enumerate().skip(first) {
             panel[c * width + jj] = x;
         }
     }
@@ -96,31 +127,22 @@ pub(crate) fn scores<T: Element>(
     match isa {
         CpuIsa::Avx512 if d > 0 => {
             let width = avx512::NR;
-            pack_keys(k, keys, d, width, pack);
-            for p in 0..keys.div_ceil(width) {
-                let panel = &pack[p * d * width..(p + 1) * d * width];
-                // SAFETY: AVX-512F checked by the caller; the rows x 32 block
-                // at column 32p is inside `s` because the stride is padded to
-                // whole panels (asserted), offsets are debug-asserted.
-                unsafe {
-                    avx512::panel(
-                        rows,
-                        d,
-                        a,
-                        panel,
-                        width,
-                        &mut s[p * width..],
-                        stride,
-                        width,
-                        false,
-                    )
-                };
-            }
+            pack_keys(isa, k, keys, d, width, pack);
+            let panels = Panels {
+                b: pack,
+                b_rs: width,
+                b_step: d * width,
+                cols: keys.div_ceil(width) * width,
+            };
+            // SAFETY: AVX-512F checked by the caller; every rows x 32 block
+            // is inside `s` because the stride is padded to whole panels
+            // (asserted), offsets are debug-asserted.
+            unsafe { avx512::panels(rows, d, a, panels, s, stride, false) };
             return;
         }
         CpuIsa::Avx2 if d > 0 => {
             let width = avx2::NR;
-            pack_keys(k, keys, d, width, pack);
+            pack_keys(isa, k, keys, d, width, pack);
             for p in 0..keys.div_ceil(width) {
                 let panel = &pack[p * d * width..(p + 1) * d * width];
                 // SAFETY: AVX2/FMA checked by the caller; as above.
@@ -217,13 +239,16 @@ fn product(
     #[cfg(target_arch = "x86_64")]
     match isa {
         CpuIsa::Avx512 => {
-            for c in (0..d).step_by(avx512::NR) {
-                let cols = (d - c).min(avx512::NR);
-                // SAFETY: AVX-512F checked by the caller; columns c..c + cols
-                // of every row are inside `b` and `o` (asserted sizes), the
-                // rest of the panel is masked off.
-                unsafe { avx512::panel(m, depth, strided, &b[c..], d, &mut o[c..], d, cols, true) };
-            }
+            let panels = Panels {
+                b,
+                b_rs: d,
+                b_step: avx512::NR,
+                cols: d,
+            };
+            // SAFETY: AVX-512F checked by the caller; the `d` columns of
+            // every row are inside `b` and `o` (asserted sizes), the rest of
+            // the last panel is masked off.
+            unsafe { avx512::panels(m, depth, strided, panels, o, d, true) };
             return;
         }
         CpuIsa::Avx2 if d % avx2::NR == 0 => {
@@ -289,7 +314,7 @@ macro_rules! by_rows {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Strided;
+    use super::{Panels, Strided};
     use std::arch::x86_64::*;
 
     /// Output columns per panel: two 16-lane zmm vectors.
@@ -297,6 +322,43 @@ mod avx512 {
     /// Rows per block: 14 x 2 accumulators + 2 `B` vectors + 1 broadcast
     /// leave one of the 32 zmm registers free.
     const MR: usize = 14;
+
+    /// `dst[i * dst_rs + j] = src[j * src_rs + i]` for `i, j < 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: &[f32], src_rs: usize, dst: &mut [f32], dst_rs: usize) {
+        debug_assert!(src.len() >= 15 * src_rs + 16 && dst.len() >= 15 * dst_rs + 16);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, r) in r.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(src.as_ptr().add(i * src_rs));
+        }
+        // Interleave pairs of rows, then pairs of pairs, then 128-bit lanes
+        // twice: the 16 x 16 transpose in 64 shuffles.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+            r[4 * i + 1] = _mm512_shuffle_ps::<0xee>(a, c);
+            r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            r[4 * i + 3] = _mm512_shuffle_ps::<0xee>(b, d);
+        }
+        for h in [0, 8] {
+            for i in 0..4 {
+                t[h + i] = _mm512_shuffle_f32x4::<0x88>(r[h + i], r[h + i + 4]);
+                t[h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[h + i], r[h + i + 4]);
+            }
+        }
+        for i in 0..8 {
+            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+            r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+        }
+        for (i, r) in r.iter().enumerate() {
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i * dst_rs), *r);
+        }
+    }
 
     /// The lane mask of the first `n` of 16 lanes.
     fn lanes(n: usize) -> __mmask16 {
@@ -307,25 +369,21 @@ mod avx512 {
         }
     }
 
-    /// One panel of `cols <= 32` columns of `out (+)= A B` over `m` rows:
-    /// `B` rows at stride `b_rs`, `out` rows at stride `out_rs`, both
-    /// starting at the panel's first column. Blocks of 14 rows, then one
-    /// block for the remainder.
+    /// `out (+)= A B` over `m` rows and `panels.cols` columns (`out` rows
+    /// at stride `out_rs`), in blocks of 14 rows (then one block for the
+    /// remainder) by 32-column panels. Row blocks are the outer loop: a
+    /// block's `A` rows (14 strided streams) stay in L1 while the panels of
+    /// `B` stream past (one sequential stream each).
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panel(
+    pub(super) unsafe fn panels(
         m: usize,
         depth: usize,
         a: Strided<'_>,
-        b: &[f32],
-        b_rs: usize,
+        panels: Panels<'_>,
         out: &mut [f32],
         out_rs: usize,
-        cols: usize,
         accumulate: bool,
     ) {
-        debug_assert!((1..=NR).contains(&cols));
-        let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(MR);
@@ -333,12 +391,17 @@ mod avx512 {
                 data: &a.data[r * a.rs..],
                 ..a
             };
-            let or = &mut out[r * out_rs..];
-            let args = (ar, b, b_rs, depth, or, out_rs, masks, accumulate);
-            if cols > 16 {
-                by_rows!(rows, block, 2, (args));
-            } else {
-                by_rows!(rows, block, 1, (args));
+            for (p, c) in (0..panels.cols).step_by(NR).enumerate() {
+                let cols = (panels.cols - c).min(NR);
+                let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+                let b = &panels.b[p * panels.b_step..];
+                let or = &mut out[r * out_rs + c..];
+                let args = (ar, b, panels.b_rs, depth, or, out_rs, masks, accumulate);
+                if cols > 16 {
+                    by_rows!(rows, block, 2, (args));
+                } else {
+                    by_rows!(rows, block, 1, (args));
+                }
             }
             r += rows;
         }
