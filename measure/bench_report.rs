@@ -209,7 +209,10 @@ struct Peer {
 
 /// Reads `peers_cpu.py --tsv` output: `#` lines are the peer's description,
 /// rows are `n f32_s f32_cpu_s bf16_s bf16_cpu_s`.
-fn read_peers(path: &str) -> Result<(Vec<String>, Vec<(usize, Peer)>), Box<dyn std::error::Error>> {
+/// The peer's description lines and its rows by size.
+type Peers = (Vec<String>, Vec<(usize, Peer)>);
+
+fn read_peers(path: &str) -> Result<Peers, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let (mut notes, mut rows) = (Vec::new(), Vec::new());
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {

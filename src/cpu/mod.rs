@@ -253,6 +253,7 @@ fn with_slice<T: Element, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> R
     f(&cpu.as_slice::<T>()?[start..end])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_typed<T: Element>(
     q: &Tensor,
     k: &Tensor,
@@ -279,6 +280,7 @@ fn run_typed<T: Element>(
 }
 
 /// The forward on contiguous `[b, h, N, d]` slices: `(out, lse)` as vectors.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_vecs<T: Element>(
     q: &[T],
     k: &[T],
