@@ -6,7 +6,7 @@
 //! code elsewhere). The environment variable `KSA_CPU_ISA` (`avx512`, `avx2`
 //! or `portable`) forces one, for A/B measurement; it is read once, and
 //! asking for a variant this CPU lacks (or an unknown name) makes every CPU
-//! attention call return [`Error::CpuIsa`](crate::Error::CpuIsa) instead of
+//! attention call return [`Error::CpuIsa`] instead of
 //! running something else.
 
 use crate::{Error, Result};
