@@ -4,12 +4,13 @@
 PyTorch's scaled_dot_product_attention (causal, over n text tokens), dense
 SDPA with a boolean KSA mask over the interleaved layout (C=8, S=1, W=128),
 and optionally FlexAttention with a KSA mask_mod. Batch 1, 8 query / 2 KV
-heads (GQA), head_dim 128, f32, best of --reps. Useful GFLOP/s counts
-4 * d * allowed pairs * query heads, like the Rust report.
+heads (GQA), head_dim 128, f32 (SDPA causal also in bf16), best of --reps.
+Useful GFLOP/s counts 4 * d * allowed pairs * query heads, like the Rust
+report. --tsv FILE writes the SDPA causal times for
+`bench_report --peers FILE` (benches/compare_cpu.sh runs both).
 
-Needs only torch (and numpy): python3 -m venv /tmp/torchvenv &&
-/tmp/torchvenv/bin/pip install torch numpy &&
-/tmp/torchvenv/bin/python benches/peers_cpu.py --threads 2
+Needs only torch (and numpy); benches/compare_cpu.sh installs them into a
+venv under the user's cache folder.
 """
 import argparse
 import time
@@ -66,17 +67,23 @@ def main():
     ap.add_argument("--flex", action="store_true", help="also FlexAttention (compiled) with a KSA mask_mod")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--tsv", help="write n and SDPA causal f32/bf16 wall and CPU seconds here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, f32, "
-          f"batch 1, {HQ}/{HKV} heads, d={D}, best of {args.reps}")
+    about = (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+             f"{torch.get_num_threads()} threads, batch 1, {HQ}/{HKV} heads, d={D}, best of {args.reps}")
+    print(about)
+    tsv = open(args.tsv, "w") if args.tsv else None
+    if tsv:
+        tsv.write(f"# {about}\n")
     a = torch.randn(2048, 2048)
     a @ a
     t, _ = best_of(3, lambda: a @ a)
     print(f"machine f32 matmul (torch, 2048^3): {2 * 2048**3 / t / 1e9:.1f} GFLOP/s\n")
-    print("| n | SDPA causal (s) | GFLOP/s | cpu-s | GFLOP/cpu-s | SDPA + KSA bool mask (s) | flex KSA (s) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| n | SDPA causal (s) | GFLOP/s | cpu-s | GFLOP/cpu-s | SDPA causal bf16 (s) "
+          "| SDPA + KSA bool mask (s) | flex KSA (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in [int(x) for x in args.sizes.split(",")]:
         reps = 1 if n >= 32768 else args.reps
         q = torch.randn(1, HQ, n, D)
@@ -85,6 +92,13 @@ def main():
         with torch.no_grad():
             t_causal, c_causal = best_of(reps, lambda: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True))
+        qh, kh, vh = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        with torch.no_grad():
+            t_bf16, c_bf16 = best_of(reps, lambda: F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, enable_gqa=True))
+        if tsv:
+            tsv.write(f"{n}\t{t_causal}\t{c_causal}\t{t_bf16}\t{c_bf16}\n")
+            tsv.flush()
         causal_pairs = n * (n + 1) // 2
         masked, flex = "-", "-"
         is_text, chunk, index = ksa_layout(n, 8, 1)
@@ -112,7 +126,7 @@ def main():
                 tf, _ = best_of(reps, lambda: fa(qb, kb, vb, block_mask=bm, enable_gqa=True))
             flex = f"{tf:.3f}"
         print(f"| {n} | {t_causal:.4f} | {gflops(causal_pairs, t_causal):.1f} | {c_causal:.3f} | "
-              f"{gflops(causal_pairs, c_causal):.1f} | {masked} | {flex} |", flush=True)
+              f"{gflops(causal_pairs, c_causal):.1f} | {t_bf16:.4f} | {masked} | {flex} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,12 @@ pub fn attention_with(
     let dims = check_qkv(q, k, v, "ksa::attention")?;
     layout.check_len("q", dims.len)?;
     match q.device() {
-        Device::Cpu => op::apply(q, k, v, Mask::Ksa(*layout), options.scale),
+        Device::Cpu => {
+            // A refused KSA_CPU_ISA is this call's typed error (inside the
+            // op it would come back wrapped in a candle error).
+            crate::cpu::isa::process_isa()?;
+            op::apply(q, k, v, Mask::Ksa(*layout), options.scale)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             crate::cuda::op::check_inputs(q, k, v, "ksa::attention")?;
@@ -67,7 +72,10 @@ pub fn causal_attention_with(
         len: check_qkv(q, k, v, "ksa::causal_attention")?.len,
     };
     match q.device() {
-        Device::Cpu => op::apply(q, k, v, mask, options.scale),
+        Device::Cpu => {
+            crate::cpu::isa::process_isa()?;
+            op::apply(q, k, v, mask, options.scale)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             crate::cuda::op::check_inputs(q, k, v, "ksa::causal_attention")?;

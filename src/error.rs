@@ -168,6 +168,16 @@ pub enum Error {
     #[error("cache and model disagree: {0}")]
     CacheModelMismatch(String),
 
+    /// The CPU kernel variant asked for (`KSA_CPU_ISA` or
+    /// `CpuKernel::isa`) is unknown or this CPU lacks its instructions.
+    #[error(
+        "CPU kernel variant {requested:?} is not available on this CPU (available: {available})"
+    )]
+    CpuIsa {
+        requested: String,
+        available: String,
+    },
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -91,7 +91,8 @@ impl AttentionOp {
         (q, k, v): (&[T], &[T], &[T]),
     ) -> candle_core::Result<Vec<T>> {
         let schedule = self.schedule().map_err(candle_core::Error::wrap)?;
-        let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale, None);
+        let isa = cpu::isa::process_isa().map_err(candle_core::Error::wrap)?;
+        let (out, lse) = cpu::forward_vecs(q, k, v, dims, &schedule, self.scale, isa, None);
         *self.lse.lock().expect("lse lock") = Some(Saved::Cpu(lse));
         Ok(out)
     }
@@ -203,6 +204,7 @@ impl CustomOp3 for AttentionOp {
             len: n,
             head_dim: d,
         };
+        let isa = crate::cpu::isa::process_isa().map_err(candle_core::Error::wrap)?;
         let (dq, dk, dv) = attention_backward(
             &f32s(q)?,
             &f32s(k)?,
@@ -213,6 +215,7 @@ impl CustomOp3 for AttentionOp {
             dims,
             self.scale,
             self.mask,
+            isa,
         );
         let back = |g: Vec<f32>, like: &Tensor| {
             Tensor::from_vec(g, like.shape(), like.device())?.to_dtype(like.dtype())

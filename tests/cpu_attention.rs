@@ -178,7 +178,13 @@ fn check_case(case: &Case) {
     );
     let want = reference::attention(&q, &k, &v, &layout).unwrap();
     let opts = AttentionOptions::default();
-    for kernel in [CpuKernel::default(), CpuKernel { tiles: case.tiles }] {
+    for kernel in [
+        CpuKernel::default(),
+        CpuKernel {
+            tiles: case.tiles,
+            ..Default::default()
+        },
+    ] {
         let (out, lse) = kernel.attention(&q, &k, &v, &layout, &opts).unwrap();
         assert_eq!(out.dtype(), case.dtype);
         let err = max_rel_err(&out, &want);
@@ -196,9 +202,12 @@ fn check_case(case: &Case) {
     let routed = ksa::attention(&q, &k, &v, &layout).unwrap();
     assert!(max_rel_err(&routed, &want) <= tolerance(case.dtype));
 
-    let (out, lse) = CpuKernel { tiles: case.tiles }
-        .causal_attention(&q, &k, &v, &opts)
-        .unwrap();
+    let (out, lse) = CpuKernel {
+        tiles: case.tiles,
+        ..Default::default()
+    }
+    .causal_attention(&q, &k, &v, &opts)
+    .unwrap();
     let want = reference::causal_attention(&q, &k, &v).unwrap();
     let err = max_rel_err(&out, &want);
     assert!(err <= tolerance(case.dtype), "{case:?} causal: err {err}");
@@ -355,7 +364,11 @@ fn bad_inputs_are_typed_errors() {
     ));
     let zero = TileSizes { query: 0, key: 1 };
     assert!(matches!(
-        CpuKernel { tiles: zero }.causal_attention(&q, &k, &v, &AttentionOptions::default()),
+        CpuKernel {
+            tiles: zero,
+            ..Default::default()
+        }
+        .causal_attention(&q, &k, &v, &AttentionOptions::default()),
         Err(Error::InvalidConfig(_))
     ));
 }

@@ -22,7 +22,7 @@
 //! head in flight and one read each (under 2% of the backward at 4K).
 
 use crate::check::QkvDims;
-use crate::cpu::{self, matmul, simd, tile, Task};
+use crate::cpu::{self, matmul, simd, tile, CpuIsa, Task};
 use crate::mask::KeySpace;
 use crate::mask::Mask;
 use crate::schedule::{KeyTile, Schedule, TileSizes};
@@ -50,6 +50,7 @@ pub(crate) fn attention_backward(
     dims: QkvDims,
     scale: f32,
     mask: Mask,
+    isa: CpuIsa,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let QkvDims {
         batch,
@@ -80,7 +81,6 @@ pub(crate) fn attention_backward(
     let heads_per_pass = (PASS_MAX_BYTES / (2 * head * std::mem::size_of::<f32>())).max(1);
     let heads: Vec<usize> = (0..batch * hkv).collect();
     let dq_rows = Rows(dq.as_mut_ptr());
-    let fast = matmul::fast_path(d);
     for pass in heads.chunks(heads_per_pass) {
         let kv: Vec<_> = pass
             .iter()
@@ -110,7 +110,7 @@ pub(crate) fn attention_backward(
                 batch: h / hkv,
                 first_head: (h % hkv) * (hq / hkv),
                 group: hq / hkv,
-                fast,
+                isa,
                 dq: dq_rows,
             })
             .collect();
@@ -192,7 +192,8 @@ struct Context<'a> {
     /// The query heads `first_head..first_head + group` share this KV head.
     first_head: usize,
     group: usize,
-    fast: bool,
+    /// The kernel variant (checked supported by the caller).
+    isa: CpuIsa,
     dq: Rows,
 }
 
@@ -240,7 +241,7 @@ struct Scratch {
     dp: Vec<f32>,
     bounds: Vec<(usize, usize)>,
     tiles: Vec<KeyTile>,
-    pack: Vec<f32>,
+    pack: matmul::Pack,
     /// Gathered key rows of one summary query.
     key_rows: Vec<usize>,
 }
@@ -260,7 +261,7 @@ impl Scratch {
             dp: vec![0.0; scores],
             bounds: vec![(0, 0); rows],
             tiles: Vec::new(),
-            pack: Vec::new(),
+            pack: matmul::Pack::default(),
             key_rows: Vec::new(),
         }
     }
@@ -269,7 +270,7 @@ impl Scratch {
 /// Text query tile `tile` of all heads of the group against its key tiles:
 /// its dQ rows, and its share of `dk`, `dv` (this head's gathered partials).
 fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], dv: &mut [f32]) {
-    let (d, schedule, fast) = (ctx.d, ctx.schedule, ctx.fast);
+    let (d, schedule, isa) = (ctx.d, ctx.schedule, ctx.isa);
     let tokens = schedule.query_tile(tile);
     let bq = tokens.len();
     let rows = ctx.group * bq;
@@ -292,7 +293,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             ..schedule.gathered_row(kt.space, kt.end) * d;
         let (k, v) = (&ctx.k[span.clone()], &ctx.v[span.clone()]);
         matmul::scores(
-            fast,
+            isa,
             rows,
             keys,
             d,
@@ -303,7 +304,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut sc.pack,
         );
         matmul::scores(
-            fast,
+            isa,
             rows,
             keys,
             d,
@@ -315,6 +316,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
         );
         tile::tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_grad(
+            isa,
             &mut sc.s,
             &mut sc.dp,
             stride,
@@ -325,7 +327,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             ctx.scale * LOG2_E,
         );
         matmul::accumulate_transposed(
-            fast,
+            isa,
             rows,
             keys,
             d,
@@ -334,8 +336,18 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &sc.dout,
             &mut dv[span.clone()],
         );
-        matmul::accumulate_transposed(fast, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
-        matmul::accumulate(fast, rows, keys, d, &sc.dp, stride, k, &mut sc.dq);
+        matmul::accumulate_transposed(isa, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
+        matmul::accumulate(
+            isa,
+            rows,
+            keys,
+            d,
+            &sc.dp,
+            stride,
+            k,
+            &mut sc.dq,
+            &mut sc.pack,
+        );
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
@@ -483,25 +495,28 @@ mod tests {
             Mask::Ksa(l) => lse(&q, &k, |i, j| l.can_attend(i, j), scale),
             Mask::Causal { .. } => lse(&q, &k, |i, j| j <= i, scale),
         };
-        let (dq, dk, dv) = attention_backward(
-            &vec(&q),
-            &vec(&k),
-            &vec(&v),
-            &vec(&out),
-            &vec(&dout),
-            &lse,
-            dims,
-            scale as f32,
-            mask,
-        );
-        for (got, var, name) in [(dq, &qv, "dq"), (dk, &kv, "dk"), (dv, &vv, "dv")] {
-            let want = vec(grads.get(var.as_tensor()).unwrap());
-            let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-4 * top.max(1.0),
-                    "{name}[{i}]: {g} vs {w}"
-                );
+        for isa in CpuIsa::available() {
+            let (dq, dk, dv) = attention_backward(
+                &vec(&q),
+                &vec(&k),
+                &vec(&v),
+                &vec(&out),
+                &vec(&dout),
+                &lse,
+                dims,
+                scale as f32,
+                mask,
+                isa,
+            );
+            for (got, var, name) in [(dq, &qv, "dq"), (dk, &kv, "dk"), (dv, &vv, "dv")] {
+                let want = vec(grads.get(var.as_tensor()).unwrap());
+                let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * top.max(1.0),
+                        "{isa} {name}[{i}]: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -2,92 +2,159 @@
 //! read with any strides, so `O += P V` (forward, backward `dQ += dS K`) and
 //! `O += P^T X` (backward `dV += P^T dO`, `dK += dS^T Q`) are one product.
 //!
-//! On x86-64 with AVX2 and FMA and a head dim that is a multiple of 16 they
-//! run on a register-blocked microkernel written for exactly these shapes
-//! (6 rows x 16 columns of accumulators): `A` is read in place (`P^T` is `P`
-//! with swapped strides; the kernel broadcasts single elements, so it needs
-//! no contiguous rows), `B` rows already are the panel layout the kernel
-//! wants, and only the key tile of `S = Q K^T` is packed (transposed, once
-//! per tile product, `keys x d` floats against `rows x keys x d` FMAs). This
-//! avoids the general `gemm` crate's per-call packing of both operands, which
-//! the tile loop would pay once per key tile. Everywhere else the `gemm`
-//! crate computes the same products.
+//! They run on register-blocked microkernels written for exactly these shapes,
+//! one per [`CpuIsa`]: AVX-512F (14 rows x 32 columns of accumulators, 28 of
+//! the 32 zmm registers; masked loads and stores take any head dim) and
+//! AVX2 + FMA (6 rows x 16 columns; head dims that are multiples of 16, the
+//! `gemm` crate otherwise). `A` is read in place (`P^T` is `P` with swapped
+//! strides; the kernels broadcast single elements, so they need no contiguous
+//! rows), `B` rows already are the panel layout the kernels want, and only
+//! the key tile of `S = Q K^T` is packed (transposed, once per tile product,
+//! `keys x d` floats against `rows x keys x d` FMAs). This avoids the general
+//! `gemm` crate's per-call packing of both operands, which the tile loop
+//! would pay once per key tile. [`CpuIsa::Portable`] computes the same
+//! products with the `gemm` crate.
+//!
+//! Callers pass an `isa` the CPU supports ([`CpuIsa::check`] at the API
+//! entry points); the kernels' pointer offsets carry debug assertions.
 
+use super::isa::CpuIsa;
+use super::Element;
 use gemm::{gemm, Parallelism};
 
-/// Output columns per microkernel panel (two 8-lane vectors).
-const NR: usize = 16;
-/// Rows per microkernel call.
-const MR: usize = 6;
-
-/// Whether the microkernel path is available for head dim `d`.
-pub(crate) fn fast_path(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        d % NR == 0
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
+/// Per-thread scratch of the tile products: the packed key panels, and the
+/// f32 rows of a half-precision K or V tile.
+#[derive(Default)]
+pub(crate) struct Pack {
+    panels: Vec<f32>,
+    rows: Vec<f32>,
 }
 
+/// Score rows are padded to a multiple of every kernel's panel width.
+const PAD: usize = 32;
+
 /// Row stride of a score buffer for `keys` keys: padded to whole panels so
-/// the microkernel may write full panels.
+/// the microkernels may write full panels.
 pub(crate) fn score_stride(keys: usize) -> usize {
-    keys.div_ceil(NR) * NR
+    keys.div_ceil(PAD) * PAD
+}
+
+/// The `A` operand of a product: element `(r, i)` is `data[r * rs + i * cs]`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// The `B` operand of a product as column panels: panel `p` starts at
+/// `b[p * b_step]`, its rows `b_rs` apart; `cols` output columns in all.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    b: &'a [f32],
+    b_rs: usize,
+    b_step: usize,
+    cols: usize,
+}
+
+/// Transposes key rows (`keys x d`) into panels of `width` keys, `d x width`
+/// each, zero-padded to whole panels. With AVX-512 (`isa`), whole 16 x 16
+/// blocks go through registers (the element-wise transpose cost about a
+/// tenth of the full causal forward); the rest element by element.
+fn pack_keys(isa: CpuIsa, k: &[f32], keys: usize, d: usize, width: usize, pack: &mut Vec<f32>) {
+    let panels = keys.div_ceil(width);
+    pack.clear();
+    pack.resize(panels * d * width, 0.0);
+    let (mut keys_done, mut dims_done) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if isa == CpuIsa::Avx512 && width % 16 == 0 {
+        (keys_done, dims_done) = (keys / 16 * 16, d / 16 * 16);
+        for j in (0..keys_done).step_by(16) {
+            let (p, jj) = (j / width, j % width);
+            let panel = &mut pack[p * d * width..(p + 1) * d * width];
+            for c in (0..dims_done).step_by(16) {
+                // SAFETY: AVX-512F checked by the caller; rows j..j + 16,
+                // columns c..c + 16 of `k` and rows c..c + 16, columns
+                // jj..jj + 16 of the panel exist (debug-asserted inside).
+                unsafe {
+                    avx512::transpose16(&k[j * d + c..], d, &mut panel[c * width + jj..], width)
+                };
+            }
+        }
+    }
+    let _ = isa;
+    for (j, row) in k[..keys * d].chunks_exact(d).enumerate() {
+        let (p, jj) = (j / width, j % width);
+        let panel = &mut pack[p * d * width..(p + 1) * d * width];
+        let first = if j < keys_done { dims_done } else { 0 };
+        for (c, &x) in row.iter().enumerate().skip(first) {
+            panel[c * width + jj] = x;
+        }
+    }
 }
 
 /// `s[r * stride + j] = sum_c q[r * d + c] * k[j * d + c]` for `r < rows`,
-/// `j < keys` (columns up to the next multiple of 16 may be overwritten).
-/// `pack` is scratch for the transposed key tile.
+/// `j < keys` (columns up to the next multiple of 32 may be overwritten).
+/// Half-precision keys become f32 here, once per tile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores(
-    fast: bool,
+pub(crate) fn scores<T: Element>(
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
     q: &[f32],
-    k: &[f32],
+    k: &[T],
     s: &mut [f32],
     stride: usize,
-    pack: &mut Vec<f32>,
+    pack: &mut Pack,
 ) {
     assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(keys));
     assert!(s.len() >= rows * stride);
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        let panels = keys.div_ceil(NR);
-        pack.clear();
-        pack.resize(panels * d * NR, 0.0);
-        for (j, row) in k[..keys * d].chunks_exact(d).enumerate() {
-            let (p, jj) = (j / NR, j % NR);
-            let panel = &mut pack[p * d * NR..(p + 1) * d * NR];
-            for (c, &x) in row.iter().enumerate() {
-                panel[c * NR + jj] = x;
-            }
-        }
-        for p in 0..panels {
-            // SAFETY: AVX2/FMA checked by `fast_path`; panel `p` (d x 16) is
-            // inside `pack`, and the rows x 16 block at column 16p inside `s`
-            // because the stride is padded to whole panels (asserted).
-            unsafe {
-                avx2::rows(
-                    rows,
-                    d,
-                    (q.as_ptr(), d, 1),
-                    (pack.as_ptr().add(p * d * NR), NR),
-                    (s.as_mut_ptr().add(p * NR), stride),
-                    false,
-                )
-            };
-        }
+    if rows == 0 || keys == 0 {
         return;
     }
-    let _ = (fast, pack);
+    let Pack {
+        panels: pack,
+        rows: conv,
+    } = pack;
+    let k = T::row_f32(&k[..keys * d], conv);
+    let a = Strided {
+        data: &q[..rows * d],
+        rs: d,
+        cs: 1,
+    };
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        CpuIsa::Avx512 if d > 0 => {
+            let width = avx512::NR;
+            pack_keys(isa, k, keys, d, width, pack);
+            let panels = Panels {
+                b: pack,
+                b_rs: width,
+                b_step: d * width,
+                cols: keys.div_ceil(width) * width,
+            };
+            // SAFETY: AVX-512F checked by the caller; every rows x 32 block
+            // is inside `s` because the stride is padded to whole panels
+            // (asserted), offsets are debug-asserted.
+            unsafe { avx512::panels(rows, d, a, panels, s, stride, false) };
+            return;
+        }
+        CpuIsa::Avx2 if d > 0 => {
+            let width = avx2::NR;
+            pack_keys(isa, k, keys, d, width, pack);
+            for p in 0..keys.div_ceil(width) {
+                let panel = &pack[p * d * width..(p + 1) * d * width];
+                // SAFETY: AVX2/FMA checked by the caller; as above.
+                unsafe {
+                    avx2::panel(rows, d, a, panel, width, &mut s[p * width..], stride, false)
+                };
+            }
+            return;
+        }
+        _ => {}
+    }
+    let _ = (isa, pack);
     // SAFETY: S (rows x keys, row stride `stride`) and Q (rows x d) are
     // inside their buffers (asserted); K^T reads `k` with swapped strides.
     unsafe {
@@ -116,26 +183,30 @@ pub(crate) fn scores(
 }
 
 /// `o[r * d + c] += sum_j p[r * stride + j] * v[j * d + c]` for `r < rows`,
-/// `j < keys`: `O += P V`.
+/// `j < keys`: `O += P V`. Half-precision values become f32 here, once per
+/// tile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn accumulate(
-    fast: bool,
+pub(crate) fn accumulate<T: Element>(
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
     p: &[f32],
     stride: usize,
-    v: &[f32],
+    v: &[T],
     o: &mut [f32],
+    pack: &mut Pack,
 ) {
-    product(fast, rows, keys, d, (p, stride, 1), v, o);
+    assert!(v.len() >= keys * d);
+    let v = T::row_f32(&v[..keys * d], &mut pack.rows);
+    product(isa, rows, keys, d, (p, stride, 1), v, o);
 }
 
 /// `o[j * d + c] += sum_r p[r * stride + j] * x[r * d + c]` for `j < keys`,
 /// `r < rows`: `O += P^T X`, with `P` (rows x keys) read in place.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate_transposed(
-    fast: bool,
+    isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
@@ -144,13 +215,13 @@ pub(crate) fn accumulate_transposed(
     x: &[f32],
     o: &mut [f32],
 ) {
-    product(fast, keys, rows, d, (p, 1, stride), x, o);
+    product(isa, keys, rows, d, (p, 1, stride), x, o);
 }
 
 /// `o[r * d + c] += sum_i a[r * rs + i * cs] * b[i * d + c]` for `r < m`,
 /// `i < depth`, `c < d`; `a` is `(data, rs, cs)`.
 fn product(
-    fast: bool,
+    isa: CpuIsa,
     m: usize,
     depth: usize,
     d: usize,
@@ -163,25 +234,34 @@ fn product(
     }
     assert!(a.len() > (m - 1) * rs + (depth - 1) * cs);
     assert!(b.len() >= depth * d && o.len() >= m * d);
+    let (b, o) = (&b[..depth * d], &mut o[..m * d]);
+    let strided = Strided { data: a, rs, cs };
     #[cfg(target_arch = "x86_64")]
-    if fast {
-        for c in (0..d).step_by(NR) {
-            // SAFETY: AVX2/FMA checked by `fast_path` (which also guarantees
-            // d % 16 == 0, so columns c..c + 16 exist); bounds asserted above.
-            unsafe {
-                avx2::rows(
-                    m,
-                    depth,
-                    (a.as_ptr(), rs, cs),
-                    (b.as_ptr().add(c), d),
-                    (o.as_mut_ptr().add(c), d),
-                    true,
-                )
+    match isa {
+        CpuIsa::Avx512 => {
+            let panels = Panels {
+                b,
+                b_rs: d,
+                b_step: avx512::NR,
+                cols: d,
             };
+            // SAFETY: AVX-512F checked by the caller; the `d` columns of
+            // every row are inside `b` and `o` (asserted sizes), the rest of
+            // the last panel is masked off.
+            unsafe { avx512::panels(m, depth, strided, panels, o, d, true) };
+            return;
         }
-        return;
+        CpuIsa::Avx2 if d % avx2::NR == 0 => {
+            for c in (0..d).step_by(avx2::NR) {
+                // SAFETY: AVX2/FMA checked by the caller, d % 16 == 0 so
+                // columns c..c + 16 exist; sizes asserted above.
+                unsafe { avx2::panel(m, depth, strided, &b[c..], d, &mut o[c..], d, true) };
+            }
+            return;
+        }
+        _ => {}
     }
-    let _ = fast;
+    let _ = (isa, strided);
     // SAFETY: O (m x d) += A (m x depth, strides rs, cs) * B (depth x d), all
     // inside their buffers (asserted).
     unsafe {
@@ -209,74 +289,271 @@ fn product(
     }
 }
 
+/// Calls `$f::<R, $v>($args)` for a runtime row count `R` in `1..=14`.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::MR;
+macro_rules! by_rows {
+    ($rows:expr, $f:ident, $v:literal, ($($arg:expr),*)) => {
+        match $rows {
+            1 => $f::<1, $v>($($arg),*),
+            2 => $f::<2, $v>($($arg),*),
+            3 => $f::<3, $v>($($arg),*),
+            4 => $f::<4, $v>($($arg),*),
+            5 => $f::<5, $v>($($arg),*),
+            6 => $f::<6, $v>($($arg),*),
+            7 => $f::<7, $v>($($arg),*),
+            8 => $f::<8, $v>($($arg),*),
+            9 => $f::<9, $v>($($arg),*),
+            10 => $f::<10, $v>($($arg),*),
+            11 => $f::<11, $v>($($arg),*),
+            12 => $f::<12, $v>($($arg),*),
+            13 => $f::<13, $v>($($arg),*),
+            _ => $f::<14, $v>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Panels, Strided};
     use std::arch::x86_64::*;
 
-    /// One 16-column panel of `out (+)= A B` over `m` rows: `A` is `(ptr,
-    /// rs, cs)`, the panel of `B` is `(ptr, row stride)`, `out` is `(ptr, row
-    /// stride)`. Blocks of 6 rows, then one block for the remainder.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows(
-        m: usize,
-        depth: usize,
-        (a, a_rs, a_cs): (*const f32, usize, usize),
-        (b, b_rs): (*const f32, usize),
-        (out, out_rs): (*mut f32, usize),
-        accumulate: bool,
-    ) {
-        let mut r = 0;
-        while r + MR <= m {
-            let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
-            block::<MR>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate);
-            r += MR;
+    /// Output columns per panel: two 16-lane zmm vectors.
+    pub(super) const NR: usize = 32;
+    /// Rows per block: 14 x 2 accumulators + 2 `B` vectors + 1 broadcast
+    /// leave one of the 32 zmm registers free.
+    const MR: usize = 14;
+
+    /// `dst[i * dst_rs + j] = src[j * src_rs + i]` for `i, j < 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: &[f32], src_rs: usize, dst: &mut [f32], dst_rs: usize) {
+        debug_assert!(src.len() >= 15 * src_rs + 16 && dst.len() >= 15 * dst_rs + 16);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, r) in r.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(src.as_ptr().add(i * src_rs));
         }
-        let (ap, op) = (a.add(r * a_rs), out.add(r * out_rs));
-        match m - r {
-            0 => {}
-            1 => block::<1>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            2 => block::<2>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            3 => block::<3>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            4 => block::<4>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
-            _ => block::<5>(ap, a_rs, a_cs, b, b_rs, depth, op, out_rs, accumulate),
+        // Interleave pairs of rows, then pairs of pairs, then 128-bit lanes
+        // twice: the 16 x 16 transpose in 64 shuffles.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+            r[4 * i + 1] = _mm512_shuffle_ps::<0xee>(a, c);
+            r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            r[4 * i + 3] = _mm512_shuffle_ps::<0xee>(b, d);
+        }
+        for h in [0, 8] {
+            for i in 0..4 {
+                t[h + i] = _mm512_shuffle_f32x4::<0x88>(r[h + i], r[h + i + 4]);
+                t[h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[h + i], r[h + i + 4]);
+            }
+        }
+        for i in 0..8 {
+            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+            r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+        }
+        for (i, r) in r.iter().enumerate() {
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i * dst_rs), *r);
         }
     }
 
-    /// One `R x 16` output block: `out[r][0..16] (+)= sum_i a[r*a_rs + i*a_cs]
-    /// * b[i*b_rs + 0..16]` for `i < depth`, accumulators in registers.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize>(
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
+    /// The lane mask of the first `n` of 16 lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// `out (+)= A B` over `m` rows and `panels.cols` columns (`out` rows
+    /// at stride `out_rs`), in blocks of 14 rows (then one block for the
+    /// remainder) by 32-column panels. Row blocks are the outer loop: a
+    /// block's `A` rows (14 strided streams) stay in L1 while the panels of
+    /// `B` stream past (one sequential stream each).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn panels(
+        m: usize,
         depth: usize,
-        out: *mut f32,
+        a: Strided<'_>,
+        panels: Panels<'_>,
+        out: &mut [f32],
         out_rs: usize,
         accumulate: bool,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(MR);
+            let ar = Strided {
+                data: &a.data[r * a.rs..],
+                ..a
+            };
+            for (p, c) in (0..panels.cols).step_by(NR).enumerate() {
+                let cols = (panels.cols - c).min(NR);
+                let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+                let b = &panels.b[p * panels.b_step..];
+                let or = &mut out[r * out_rs + c..];
+                let args = (ar, b, panels.b_rs, depth, or, out_rs, masks, accumulate);
+                if cols > 16 {
+                    by_rows!(rows, block, 2, (args));
+                } else {
+                    by_rows!(rows, block, 1, (args));
+                }
+            }
+            r += rows;
+        }
+    }
+
+    type BlockArgs<'a, 'b> = (
+        Strided<'a>,
+        &'a [f32],
+        usize,
+        usize,
+        &'b mut [f32],
+        usize,
+        [__mmask16; 2],
+        bool,
+    );
+
+    /// One `R x 16V` output block: `out[r][..] (+)= sum_i a(r, i) *
+    /// b[i * b_rs + ..]` for `i < depth`, accumulators in registers, lanes
+    /// outside `masks` neither read nor written.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const V: usize>(
+        (a, b, b_rs, depth, out, out_rs, masks, accumulate): BlockArgs<'_, '_>,
+    ) {
+        let live = |v: usize| masks[v].count_ones() as usize;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         if accumulate {
             for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(out.add(r * out_rs));
-                acc[1] = _mm256_loadu_ps(out.add(r * out_rs + 8));
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let at = r * out_rs + 16 * v;
+                    debug_assert!(at + live(v) <= out.len());
+                    *acc = _mm512_maskz_loadu_ps(masks[v], out.as_ptr().add(at));
+                }
             }
         }
+        let (ap, bp) = (a.data.as_ptr(), b.as_ptr());
         for i in 0..depth {
-            let b0 = _mm256_loadu_ps(b.add(i * b_rs));
-            let b1 = _mm256_loadu_ps(b.add(i * b_rs + 8));
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                let at = i * b_rs + 16 * v;
+                debug_assert!(at + live(v) <= b.len());
+                *bv = _mm512_maskz_loadu_ps(masks[v], bp.add(at));
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*a.add(r * a_rs + i * a_cs));
-                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+                let at = r * a.rs + i * a.cs;
+                debug_assert!(at < a.data.len());
+                let x = _mm512_set1_ps(*ap.add(at));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(x, bv, *acc);
+                }
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(r * out_rs), acc[0]);
-            _mm256_storeu_ps(out.add(r * out_rs + 8), acc[1]);
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = r * out_rs + 16 * v;
+                debug_assert!(at + live(v) <= out.len());
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), masks[v], acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Strided;
+    use std::arch::x86_64::*;
+
+    /// Output columns per panel: two 8-lane ymm vectors.
+    pub(super) const NR: usize = 16;
+    /// Rows per block: 6 x 2 accumulators + 2 `B` vectors + 1 broadcast of
+    /// the 16 ymm registers.
+    const MR: usize = 6;
+
+    /// One 16-column panel of `out (+)= A B` over `m` rows: `B` rows at
+    /// stride `b_rs`, `out` rows at stride `out_rs`, both starting at the
+    /// panel's first column. Blocks of 6 rows, then one block for the
+    /// remainder.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panel(
+        m: usize,
+        depth: usize,
+        a: Strided<'_>,
+        b: &[f32],
+        b_rs: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        accumulate: bool,
+    ) {
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(MR);
+            let ar = Strided {
+                data: &a.data[r * a.rs..],
+                ..a
+            };
+            let or = &mut out[r * out_rs..];
+            let args = (ar, b, b_rs, depth, or, out_rs, accumulate);
+            by_rows!(rows, block, 2, (args));
+            r += rows;
+        }
+    }
+
+    type BlockArgs<'a, 'b> = (
+        Strided<'a>,
+        &'a [f32],
+        usize,
+        usize,
+        &'b mut [f32],
+        usize,
+        bool,
+    );
+
+    /// One `R x 16` output block: `out[r][0..16] (+)= sum_i a(r, i) *
+    /// b[i * b_rs + 0..16]` for `i < depth`, accumulators in registers.
+    /// (`V` is always 2: the shared row dispatch passes it.)
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize, const V: usize>(
+        (a, b, b_rs, depth, out, out_rs, accumulate): BlockArgs<'_, '_>,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let at = r * out_rs + 8 * v;
+                    debug_assert!(at + 8 <= out.len());
+                    *acc = _mm256_loadu_ps(out.as_ptr().add(at));
+                }
+            }
+        }
+        let (ap, bp) = (a.data.as_ptr(), b.as_ptr());
+        for i in 0..depth {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                let at = i * b_rs + 8 * v;
+                debug_assert!(at + 8 <= b.len());
+                *bv = _mm256_loadu_ps(bp.add(at));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = r * a.rs + i * a.cs;
+                debug_assert!(at < a.data.len());
+                let x = _mm256_broadcast_ss(&*ap.add(at));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(x, bv, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = r * out_rs + 8 * v;
+                debug_assert!(at + 8 <= out.len());
+                _mm256_storeu_ps(out.as_mut_ptr().add(at), acc);
+            }
         }
     }
 }
@@ -291,47 +568,56 @@ mod tests {
             .collect()
     }
 
-    /// Every product on both paths (microkernel where the CPU has it, `gemm`
-    /// otherwise), with row counts that leave every remainder of the 6-row
-    /// blocks and key counts that are not whole panels, against plain sums.
+    /// Every product on every variant this CPU has, with row counts that
+    /// leave every remainder of the row blocks, key counts that are not
+    /// whole panels and head dims that are not whole vectors, against plain
+    /// sums (f32 rounding of up to 256-term dot products: 1e-4 absolute on
+    /// terms in [-1, 1]).
     #[test]
     fn products_match_naive_sums() {
-        let d = 32;
-        for fast in [false, fast_path(d)] {
-            for rows in [1, 5, 6, 13, 20] {
-                for keys in [1, 7, 16, 37] {
-                    let stride = score_stride(keys);
-                    let (q, k) = (data(rows * d, 1), data(keys * d, 2));
-                    let mut s = vec![0.0; rows * stride];
-                    scores(fast, rows, keys, d, &q, &k, &mut s, stride, &mut Vec::new());
-                    let p = data(rows * stride, 3);
-                    let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
-                    let (o0, ot0) = (o.clone(), ot.clone());
-                    accumulate(fast, rows, keys, d, &p, stride, &k, &mut o);
-                    accumulate_transposed(fast, rows, keys, d, &p, stride, &q, &mut ot);
-                    for r in 0..rows {
-                        for j in 0..keys {
-                            let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();
-                            assert!((s[r * stride + j] - want).abs() < 1e-4, "{fast} s");
-                        }
-                        for c in 0..d {
-                            let want: f32 = o0[r * d + c]
-                                + (0..keys)
-                                    .map(|j| p[r * stride + j] * k[j * d + c])
-                                    .sum::<f32>();
-                            assert!((o[r * d + c] - want).abs() < 1e-4, "{fast} pv");
-                        }
-                    }
-                    for j in 0..keys {
-                        for c in 0..d {
-                            let want: f32 = ot0[j * d + c]
-                                + (0..rows)
-                                    .map(|r| p[r * stride + j] * q[r * d + c])
-                                    .sum::<f32>();
-                            assert!((ot[j * d + c] - want).abs() < 1e-4, "{fast} ptx");
-                        }
+        for isa in CpuIsa::available() {
+            for d in [1, 7, 16, 32, 48, 131] {
+                for rows in [1, 5, 6, 13, 14, 29] {
+                    for keys in [1, 7, 16, 37] {
+                        check(isa, d, rows, keys);
                     }
                 }
+            }
+        }
+    }
+
+    fn check(isa: CpuIsa, d: usize, rows: usize, keys: usize) {
+        let stride = score_stride(keys);
+        let (q, k) = (data(rows * d, 1), data(keys * d, 2));
+        let mut s = vec![0.0; rows * stride];
+        let mut pack = Pack::default();
+        scores(isa, rows, keys, d, &q, &k, &mut s, stride, &mut pack);
+        let p = data(rows * stride, 3);
+        let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
+        let (o0, ot0) = (o.clone(), ot.clone());
+        accumulate(isa, rows, keys, d, &p, stride, &k, &mut o, &mut pack);
+        accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
+        let tag = format!("{isa} d={d} rows={rows} keys={keys}");
+        for r in 0..rows {
+            for j in 0..keys {
+                let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();
+                assert!((s[r * stride + j] - want).abs() < 1e-4, "{tag} s");
+            }
+            for c in 0..d {
+                let want: f32 = o0[r * d + c]
+                    + (0..keys)
+                        .map(|j| p[r * stride + j] * k[j * d + c])
+                        .sum::<f32>();
+                assert!((o[r * d + c] - want).abs() < 1e-4, "{tag} pv");
+            }
+        }
+        for j in 0..keys {
+            for c in 0..d {
+                let want: f32 = ot0[j * d + c]
+                    + (0..rows)
+                        .map(|r| p[r * stride + j] * q[r * d + c])
+                        .sum::<f32>();
+                assert!((ot[j * d + c] - want).abs() < 1e-4, "{tag} ptx");
             }
         }
     }

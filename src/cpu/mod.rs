@@ -1,25 +1,30 @@
 //! The fast CPU path: block-sparse KSA attention and tiled causal attention.
 //!
-//! Per (batch, key/value head) the keys and values are gathered once, as
-//! f32, into gathered order ([`crate::mask::Gathered`]: the summaries
+//! Per (batch, key/value head) the keys and values are gathered once, in
+//! their dtype, into gathered order ([`crate::mask::Gathered`]: the summaries
 //! chunk-major, then the `n` text rows in text order), so that every query's
 //! keys are two dense ranges. Text queries
 //! are processed in tiles of consecutive tokens, all query heads of a GQA
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
 //! [`Schedule`] lists; scores and the value product are register-blocked
-//! GEMM microkernels (AVX2/FMA, `matmul.rs`; the `gemm` crate elsewhere),
+//! GEMM microkernels (AVX-512F or AVX2/FMA as [`CpuIsa`] says, `matmul.rs`;
+//! the `gemm` crate on the portable variant),
 //! the softmax is online (streaming) in f32, and only
 //! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
-//! f32 (`2 * N * d * 4` bytes) plus per-thread tiles; nothing of size `N x N`.
+//! the input dtype (KSA only: causal attention reads K/V in place) plus
+//! per-thread tiles; nothing of size `N x N`.
 //!
 //! Precision: f32, f16 and bf16 are computed in f32 and rounded once to the
-//! input dtype; f64 is computed in f32 as well (use [`crate::reference`] when
-//! f64 accuracy matters). Non-contiguous inputs are copied to contiguous ones.
+//! input dtype: half-precision Q, K and V are converted while a tile is
+//! loaded or packed (F16C for f16, shifts for bf16), never copied whole as
+//! f32. f64 is computed in f32 as well (use [`crate::reference`] when f64
+//! accuracy matters). Non-contiguous inputs are copied to contiguous ones.
 
 pub(crate) mod backward;
 pub mod decode;
+pub mod isa;
 pub(crate) mod matmul;
 pub(crate) mod simd;
 pub(crate) mod tile;
@@ -30,6 +35,7 @@ use crate::schedule::{Schedule, TileSizes};
 use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
+pub use isa::CpuIsa;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,12 +65,16 @@ pub fn causal_attention_with_lse(
     CpuKernel::default().causal_attention(q, k, v, options)
 }
 
-/// The CPU kernel with explicit tile sizes (the free functions use the
-/// tuned defaults; other sizes exist for tests and tuning).
+/// The CPU kernel with explicit tile sizes and kernel variant (the free
+/// functions use the tuned defaults and the process's variant; others exist
+/// for tests, tuning and A/B measurement).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuKernel {
     /// Text queries per query tile and keys per key tile.
     pub tiles: TileSizes,
+    /// The kernel variant; `None`: the process's ([`isa::process_isa`]). A
+    /// variant this CPU lacks makes every call return [`Error::CpuIsa`].
+    pub isa: Option<CpuIsa>,
 }
 
 impl CpuKernel {
@@ -130,13 +140,17 @@ impl CpuKernel {
                 reason: "the CPU path takes CPU tensors",
             });
         }
+        let isa = match self.isa {
+            Some(isa) => isa.check()?,
+            None => isa::process_isa()?,
+        };
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (out, lse) = match q.dtype() {
-            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, progress)?,
-            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, progress)?,
+            DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::BF16 => run_typed::<bf16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
+            DType::F64 => run_typed::<f64>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
             got => {
                 return Err(Error::UnsupportedDType {
                     op: "ksa::cpu",
@@ -156,6 +170,25 @@ pub(crate) trait Element: candle_core::WithDType + Copy + Send + Sync {
     /// The slice itself when it already is f32 (no conversion copy needed).
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+    /// `dst[i] = src[i] as f32` (equal lengths), vectorized where the dtype
+    /// allows: F16C for f16 (runtime-detected by `half`), shifts for bf16.
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        for (y, x) in dst.iter_mut().zip(src) {
+            *y = x.to_f32();
+        }
+    }
+    /// `src` as f32: itself for f32, else converted into `buf` (resized).
+    fn row_f32<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match Self::as_f32(src) {
+            Some(x) => x,
+            None => {
+                buf.resize(src.len(), 0.0);
+                let buf = &mut buf[..src.len()];
+                Self::convert(src, buf);
+                buf
+            }
+        }
     }
 }
 
@@ -187,6 +220,10 @@ impl Element for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl Element for bf16 {
@@ -195,6 +232,12 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        // bf16 is the high half of an f32: a shift the compiler vectorizes.
+        for (y, x) in dst.iter_mut().zip(src) {
+            *y = f32::from_bits(u32::from(x.to_bits()) << 16);
+        }
     }
 }
 
@@ -210,6 +253,7 @@ fn with_slice<T: Element, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> R
     f(&cpu.as_slice::<T>()?[start..end])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_typed<T: Element>(
     q: &Tensor,
     k: &Tensor,
@@ -217,12 +261,13 @@ fn run_typed<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Result<(Tensor, Tensor)> {
     let (out, lse) = with_slice::<T, _>(q, |q| {
         with_slice::<T, _>(k, |k| {
             with_slice::<T, _>(v, |v| {
-                Ok(forward_vecs(q, k, v, dims, schedule, scale, progress))
+                Ok(forward_vecs(q, k, v, dims, schedule, scale, isa, progress))
             })
         })
     })?;
@@ -235,6 +280,7 @@ fn run_typed<T: Element>(
 }
 
 /// The forward on contiguous `[b, h, N, d]` slices: `(out, lse)` as vectors.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_vecs<T: Element>(
     q: &[T],
     k: &[T],
@@ -242,6 +288,7 @@ pub(crate) fn forward_vecs<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> (Vec<T>, Vec<f32>) {
     let QkvDims {
@@ -253,32 +300,31 @@ pub(crate) fn forward_vecs<T: Element>(
     } = dims;
     let mut out = vec![T::from_f32(0.0); b * hq * n * d];
     let mut lse = vec![0f32; b * hq * n];
-    forward(q, k, v, dims, schedule, scale, progress, &mut out, &mut lse);
+    forward(
+        q, k, v, dims, schedule, scale, isa, progress, &mut out, &mut lse,
+    );
     (out, lse)
 }
 
-/// One head's K or V (`[N, d]`, slot order) in gathered order as f32,
-/// borrowed when no reordering or conversion is needed.
+/// One head's K or V (`[N, d]`, slot order) in gathered order, in its own
+/// dtype (half-precision rows become f32 only when the tile products pack
+/// them), borrowed when no reordering is needed.
 pub(crate) fn gather<'a, T: Element>(
     src: &'a [T],
     slots: &[u32],
     d: usize,
     identity: bool,
-) -> Cow<'a, [f32]> {
+) -> Cow<'a, [T]> {
     if identity {
-        if let Some(x) = T::as_f32(src) {
-            return Cow::Borrowed(x);
-        }
+        return Cow::Borrowed(src);
     }
-    let mut dst = vec![0f32; slots.len() * d];
+    let mut dst = vec![T::from_f32(0.0); slots.len() * d];
     dst.par_chunks_mut(d * 256)
         .enumerate()
         .for_each(|(block, rows)| {
             for (i, row) in rows.chunks_mut(d).enumerate() {
                 let slot = slots[block * 256 + i] as usize;
-                for (y, x) in row.iter_mut().zip(&src[slot * d..(slot + 1) * d]) {
-                    *y = x.to_f32();
-                }
+                row.copy_from_slice(&src[slot * d..(slot + 1) * d]);
             }
         });
     Cow::Owned(dst)
@@ -331,6 +377,7 @@ fn forward<T: Element>(
     dims: QkvDims,
     schedule: &Schedule,
     scale: f32,
+    isa: CpuIsa,
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     out: &mut [T],
     lse: &mut [f32],
@@ -355,7 +402,6 @@ fn forward<T: Element>(
     };
     let group = hq / hkv;
     let (done, total) = (AtomicUsize::new(0), batch * hkv * tasks.len());
-    let fast = matmul::fast_path(d);
     let run_head = |&(bi, kvh): &(usize, usize)| {
         let head = (bi * hkv + kvh) * n * d;
         let kg = gather(&k[head..head + n * d], &slots, d, identity);
@@ -372,7 +418,7 @@ fn forward<T: Element>(
             batch: bi,
             first_head: kvh * group,
             group,
-            fast,
+            isa,
             out: ptr,
         };
         tasks.par_iter().for_each_init(

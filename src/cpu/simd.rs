@@ -1,16 +1,18 @@
 //! Row-wise softmax work of a score tile (forward and backward) and the
 //! vector helpers of the direct summary-query paths, vectorized by the
-//! compiler under runtime-detected target features (the crate is built for baseline x86-64,
-//! so without this the exponentials would run 4 lanes wide at best).
+//! compiler under the process's [`CpuIsa`] (the crate is built for baseline
+//! x86-64, so without this the exponentials would run 4 lanes wide at best).
 
-/// Defines `pub(crate) fn $name(args)` that runs `$body` (an `#[inline(always)]`
-/// function) compiled for AVX-512, for AVX2 + FMA or for baseline x86-64,
-/// whichever the CPU supports.
+use super::isa::CpuIsa;
+
+/// Defines `pub(crate) fn $name(isa, args)` that runs `$body` (an
+/// `#[inline(always)]` function) compiled for AVX-512, for AVX2 + FMA or for
+/// baseline x86-64, as `isa` (checked supported by the caller) says.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($arg: $ty),*) {
+        pub(crate) fn $name(isa: CpuIsa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -23,17 +25,16 @@ macro_rules! dispatch {
                 unsafe fn avx2($($arg: $ty),*) {
                     $body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                match isa {
+                    // SAFETY: the caller checked that the CPU supports `isa`
+                    // (`CpuIsa::supported`).
+                    CpuIsa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    CpuIsa::Avx2 => return unsafe { avx2($($arg),*) },
+                    CpuIsa::Portable => {}
                 }
             }
+            let _ = isa;
             $body($($arg),*)
         }
     };
@@ -265,7 +266,8 @@ mod tests {
         let bounds = [(0, 37), (3, 20), (5, 5)];
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0; rows]);
         let mut o = vec![1.0; rows * d];
-        softmax_update(&mut s, stride, len, &bounds, &mut m, &mut l, &mut o, d);
+        let isa = *CpuIsa::available().first().unwrap();
+        softmax_update(isa, &mut s, stride, len, &bounds, &mut m, &mut l, &mut o, d);
         for (r, &(a, b)) in bounds.iter().enumerate() {
             let seg = &orig[r * stride + a..r * stride + b];
             let mx = seg.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -1,7 +1,7 @@
 //! The per-task kernels: one text query tile against its key tiles, and a
 //! group of chunks' summary queries.
 
-use super::{matmul, simd, Element, Out};
+use super::{matmul, simd, CpuIsa, Element, Out};
 use crate::mask::KeySpace;
 use crate::schedule::{KeyTile, Schedule};
 use std::f32::consts::{LN_2, LOG2_E};
@@ -11,9 +11,9 @@ use std::ops::Range;
 pub(crate) struct Context<'a, T> {
     /// All queries, `[b, hq, N, d]` in slot order.
     pub q: &'a [T],
-    /// This head's keys and values in gathered order, f32.
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    /// This head's keys and values in gathered order.
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub schedule: &'a Schedule,
     pub scale: f32,
     /// `N` and `d`.
@@ -24,8 +24,8 @@ pub(crate) struct Context<'a, T> {
     /// The query heads `first_head..first_head + group` share this K/V head.
     pub first_head: usize,
     pub group: usize,
-    /// Whether the tile products run on the AVX2 microkernel.
-    pub fast: bool,
+    /// The kernel variant (checked supported by the caller).
+    pub isa: CpuIsa,
     pub out: Out<T>,
 }
 
@@ -40,8 +40,19 @@ impl<T: Element> Context<'_, T> {
     fn load_query(&self, head: usize, slot: usize, dst: &mut [f32]) {
         let row = self.row(head, slot) * self.d;
         let factor = self.scale * LOG2_E;
-        for (y, x) in dst.iter_mut().zip(&self.q[row..row + self.d]) {
-            *y = x.to_f32() * factor;
+        let src = &self.q[row..row + self.d];
+        match T::as_f32(src) {
+            Some(src) => {
+                for (y, x) in dst.iter_mut().zip(src) {
+                    *y = x * factor;
+                }
+            }
+            None => {
+                T::convert(src, dst);
+                for y in dst.iter_mut() {
+                    *y *= factor;
+                }
+            }
         }
     }
 
@@ -70,11 +81,13 @@ pub(crate) struct Scratch {
     l: Vec<f32>,
     bounds: Vec<(usize, usize)>,
     tiles: Vec<KeyTile>,
-    /// The transposed key tile of the microkernel.
-    pack: Vec<f32>,
+    /// The tile products' packed keys and converted rows.
+    pack: matmul::Pack,
     /// Gathered key rows and scores of one summary query.
     key_rows: Vec<usize>,
     scores: Vec<f32>,
+    /// One key or value row as f32 (half-precision inputs).
+    row: Vec<f32>,
 }
 
 impl Scratch {
@@ -89,9 +102,10 @@ impl Scratch {
             l: vec![0.0; rows],
             bounds: vec![(0, 0); rows],
             tiles: Vec::new(),
-            pack: Vec::new(),
+            pack: matmul::Pack::default(),
             key_rows: Vec::new(),
             scores: Vec::new(),
+            row: Vec::new(),
         }
     }
 }
@@ -123,7 +137,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
         matmul::scores(
-            ctx.fast,
+            ctx.isa,
             rows,
             keys,
             d,
@@ -135,6 +149,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         );
         tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_update(
+            ctx.isa,
             &mut sc.s,
             stride,
             keys,
@@ -144,7 +159,17 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             &mut sc.o[..rows * d],
             d,
         );
-        matmul::accumulate(ctx.fast, rows, keys, d, &sc.s, stride, v, &mut sc.o);
+        matmul::accumulate(
+            ctx.isa,
+            rows,
+            keys,
+            d,
+            &sc.s,
+            stride,
+            v,
+            &mut sc.o,
+            &mut sc.pack,
+        );
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
@@ -198,7 +223,8 @@ pub(crate) fn summary_chunks<T: Element>(
                 let head = ctx.first_head + hh;
                 ctx.load_query(head, slot, qrow);
                 for (score, &r) in scores.iter_mut().zip(rows.iter()) {
-                    *score = simd::dot(qrow, &ctx.k[r * d..(r + 1) * d]);
+                    let key = T::row_f32(&ctx.k[r * d..(r + 1) * d], &mut sc.row);
+                    *score = simd::dot(qrow, key);
                 }
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 acc.fill(0.0);
@@ -206,7 +232,8 @@ pub(crate) fn summary_chunks<T: Element>(
                 for (&score, &r) in scores.iter().zip(rows.iter()) {
                     let p = simd::exp2(score - m);
                     l += p;
-                    simd::axpy(p, &ctx.v[r * d..(r + 1) * d], acc);
+                    let value = T::row_f32(&ctx.v[r * d..(r + 1) * d], &mut sc.row);
+                    simd::axpy(p, value, acc);
                 }
                 ctx.store(head, slot, acc, m, l);
             }
