@@ -181,7 +181,9 @@ except Exception:
 dirs = set()
 for base in bases:
     for so in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True):
-        dirs.add(os.path.dirname(so))
+        # Never a stubs folder: a stub libcuda would hide the driver's.
+        if "stubs" not in so.split(os.sep):
+            dirs.add(os.path.dirname(so))
 print(":".join(sorted(dirs)))
 EOF
 }
