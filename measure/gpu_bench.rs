@@ -13,7 +13,7 @@
 //! `SKIP (no device: ...)` and one `{"skipped": ...}` line per
 //! implementation. Times are medians over `reps` calls, each followed by a
 //! device synchronize, after one warm-up call (module load, PTX JIT); fewer
-//! calls when one takes more than `budget-s / reps` seconds (at least 3).
+//! calls when one takes more than `budget-s / reps` seconds (at least one).
 //! Useful TFLOP/s counts allowed pairs only: `4 * d * pairs * q_heads / time`.
 
 use candle_core::{DType, Device, Tensor};
@@ -29,7 +29,10 @@ fn main() -> ksa::Result<()> {
         args.iter()
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number, got {v}")))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name} takes a number, got {v}"))
+            })
             .unwrap_or(default)
     };
     let int = |name: &str, default: usize| num(name, default as f64) as usize;
@@ -67,7 +70,7 @@ fn main() -> ksa::Result<()> {
         f()?; // warm-up (module load, JIT)
         device.synchronize()?;
         let first = start.elapsed().as_secs_f64();
-        let reps = reps.min(((budget / first.max(1e-9)) as usize).max(3));
+        let reps = reps.min(((budget / first.max(1e-9)) as usize).max(1));
         let mut times: Vec<f64> = (0..reps)
             .map(|_| {
                 let start = Instant::now();
@@ -84,8 +87,18 @@ fn main() -> ksa::Result<()> {
     let ksa_mask = ksa::mask::Mask::Ksa(layout);
     let causal_mask = ksa::mask::Mask::Causal { len: n };
     for (name, (q, k, v), pairs, mask) in [
-        (IMPLS[0], (&q, &k, &v), layout.pair_counts().total(), ksa_mask),
-        (IMPLS[1], (&qc, &kc, &vc), layout.causal_text_pairs(), causal_mask),
+        (
+            IMPLS[0],
+            (&q, &k, &v),
+            layout.pair_counts().total(),
+            ksa_mask,
+        ),
+        (
+            IMPLS[1],
+            (&qc, &kc, &vc),
+            layout.causal_text_pairs(),
+            causal_mask,
+        ),
     ] {
         let (ms, used) = match mask {
             ksa::mask::Mask::Ksa(_) => time(&|| ksa::attention(q, k, v, &layout))?,
@@ -97,7 +110,10 @@ fn main() -> ksa::Result<()> {
             None
         };
         let bwd_fields = bwd.map_or(String::new(), |(b, r)| {
-            format!(", \"bwd_ms\": {b:.4}, \"bwd_reps\": {r}, \"bwd_over_fwd\": {:.3}", b / ms)
+            format!(
+                ", \"bwd_ms\": {b:.4}, \"bwd_reps\": {r}, \"bwd_over_fwd\": {:.3}",
+                b / ms
+            )
         });
         println!(
             "{{\"impl\": \"{name}\", \"device\": \"{dev}\", \"n\": {n}, \"slots\": {}, \"C\": {c}, \"S\": {s}, \"W\": {w}, \"q_heads\": {hq}, \"kv_heads\": {hkv}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \"ms\": {ms:.4}, \"reps\": {used}, \"pairs\": {pairs}, \"tflops\": {:.3}{bwd_fields}}}",
@@ -112,7 +128,15 @@ fn main() -> ksa::Result<()> {
 /// CPU, or the reason there is none when `need_gpu`.
 fn pick_device(need_gpu: bool) -> Result<Device, String> {
     #[cfg(feature = "cuda")]
-    let gpu = Device::new_cuda(0).map_err(|e| format!("no device: {}", e.to_string().replace(['\n', '"'], " ")));
+    let gpu = Device::new_cuda(0).map_err(|e| {
+        // The first line (candle appends a backtrace when RUST_BACKTRACE is
+        // set), without quotes: it goes into a JSON string.
+        let e = e.to_string();
+        format!(
+            "no device: {}",
+            e.lines().next().unwrap_or_default().replace('"', "'")
+        )
+    });
     #[cfg(not(feature = "cuda"))]
     let gpu: Result<Device, String> = Err("no device: built without the cuda feature".into());
     match gpu {

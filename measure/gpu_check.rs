@@ -43,7 +43,9 @@ fn main() {
     let dev = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
-            let reason = format!("no device: {}", e.to_string().replace('\n', " "));
+            // The first line: candle appends a backtrace when RUST_BACKTRACE is set.
+            let e = e.to_string();
+            let reason = format!("no device: {}", e.lines().next().unwrap_or_default());
             eprintln!("SKIP ({reason})");
             println!("{}", json!({"step": cmd, "skipped": reason}));
             return;
@@ -185,7 +187,11 @@ impl Qkv {
             .iter()
             .map(|&j| {
                 let k = self.row(&self.k, kv_head, j);
-                scale * q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                scale
+                    * q.iter()
+                        .zip(k)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
             })
             .collect();
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -299,9 +305,8 @@ fn check_case(dev: &Device, checks: &mut Checks, c: &Case, seed: u64) -> Res<()>
     let heads_rows: Vec<(usize, usize)> = (0..c.hq)
         .flat_map(|h| rows.iter().map(move |&r| (h, r)))
         .collect();
-    let ksa_keys = |r: usize| -> Vec<usize> {
-        (0..big).filter(|&j| layout.can_attend(r, j)).collect()
-    };
+    let ksa_keys =
+        |r: usize| -> Vec<usize> { (0..big).filter(|&j| layout.can_attend(r, j)).collect() };
     let want: Vec<RowRef> = heads_rows
         .par_iter()
         .map(|&(h, r)| qkv.attend(h, h / group, r, ksa_keys(r)))
@@ -385,7 +390,11 @@ fn check_case(dev: &Device, checks: &mut Checks, c: &Case, seed: u64) -> Res<()>
         })
         .collect();
     let dec_ids = ids(dec_rows.iter().map(|&r| r as u32).collect())?;
-    let qd = q.i(0)?.index_select(&dec_ids, 1)?.transpose(0, 1)?.contiguous()?;
+    let qd = q
+        .i(0)?
+        .index_select(&dec_ids, 1)?
+        .transpose(0, 1)?
+        .contiguous()?;
     let od = host(&ksa::decode_attention(
         &qd,
         &seqs,
@@ -432,7 +441,11 @@ fn check_case(dev: &Device, checks: &mut Checks, c: &Case, seed: u64) -> Res<()>
         .map(|x| host(grads.get(x).ok_or("missing gradient")?))
         .collect::<Res<_>>()?;
     let (dq, dk, dv) = grad_ref(&qkv, &layout, c, &grad_rows, &dout);
-    for (name, g, want) in [("dq", &got[0], dq), ("dk", &got[1], dk), ("dv", &got[2], dv)] {
+    for (name, g, want) in [
+        ("dq", &got[0], dq),
+        ("dk", &got[1], dk),
+        ("dv", &got[2], dv),
+    ] {
         let scale = want.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
         let err = max_abs_diff(g, want.into_iter()) / scale;
         checks.check(&format!("ksa backward {name} vs f64"), &info, err, tol_grad);
@@ -515,28 +528,81 @@ fn typed_errors(dev: &Device, checks: &mut Checks) -> Res<()> {
     let layout = KsaLayout::new(KsaConfig::new(8, 1, 2)?, 64)?;
     let n = layout.len();
     let t = |h: usize, d: usize, dt: DType| Tensor::zeros((1, h, n, d), dt, dev);
-    let e = ksa::attention(&t(2, 64, DType::F32)?, &t(2, 64, DType::F32)?, &t(2, 64, DType::F32)?, &layout);
-    checks.typed("attention f32", matches!(e, Err(ksa::Error::UnsupportedDType { .. })), format!("{e:?}"));
-    let e = ksa::attention(&t(2, 96, DType::BF16)?, &t(2, 96, DType::BF16)?, &t(2, 96, DType::BF16)?, &layout);
-    checks.typed("attention head dim 96", matches!(e, Err(ksa::Error::UnsupportedHeadDim { .. })), format!("{e:?}"));
+    let e = ksa::attention(
+        &t(2, 64, DType::F32)?,
+        &t(2, 64, DType::F32)?,
+        &t(2, 64, DType::F32)?,
+        &layout,
+    );
+    checks.typed(
+        "attention f32",
+        matches!(e, Err(ksa::Error::UnsupportedDType { .. })),
+        format!("{e:?}"),
+    );
+    let e = ksa::attention(
+        &t(2, 96, DType::BF16)?,
+        &t(2, 96, DType::BF16)?,
+        &t(2, 96, DType::BF16)?,
+        &layout,
+    );
+    checks.typed(
+        "attention head dim 96",
+        matches!(e, Err(ksa::Error::UnsupportedHeadDim { .. })),
+        format!("{e:?}"),
+    );
     let cpu_k = Tensor::zeros((1, 2, n, 64), DType::BF16, &Device::Cpu)?;
-    let e = ksa::attention(&t(2, 64, DType::BF16)?, &cpu_k, &t(2, 64, DType::BF16)?, &layout);
-    checks.typed("attention k on the CPU", matches!(e, Err(ksa::Error::DeviceMismatch { .. })), format!("{e:?}"));
+    let e = ksa::attention(
+        &t(2, 64, DType::BF16)?,
+        &cpu_k,
+        &t(2, 64, DType::BF16)?,
+        &layout,
+    );
+    checks.typed(
+        "attention k on the CPU",
+        matches!(e, Err(ksa::Error::DeviceMismatch { .. })),
+        format!("{e:?}"),
+    );
     let short = Tensor::zeros((1, 2, n - 1, 64), DType::BF16, dev)?;
     let e = ksa::attention(&short, &short, &short, &layout);
-    checks.typed("attention wrong length", matches!(e, Err(ksa::Error::LayoutLength { .. })), format!("{e:?}"));
+    checks.typed(
+        "attention wrong length",
+        matches!(e, Err(ksa::Error::LayoutLength { .. })),
+        format!("{e:?}"),
+    );
     let kv = Tensor::zeros((2, 16, 64), DType::BF16, dev)?;
     let q = |dt: DType, d: usize| Tensor::zeros((1, 4, d), dt, dev);
-    let rows = |r: std::ops::Range<usize>| vec![vec![KvRows { k: &kv, v: &kv, rows: r }]];
+    let rows = |r: std::ops::Range<usize>| {
+        vec![vec![KvRows {
+            k: &kv,
+            v: &kv,
+            rows: r,
+        }]]
+    };
     let opts = AttentionOptions::default();
     let e = ksa::decode_attention(&q(DType::F32, 64)?, &rows(0..4), &opts);
-    checks.typed("decode f32", matches!(e, Err(ksa::Error::UnsupportedDType { .. })), format!("{e:?}"));
+    checks.typed(
+        "decode f32",
+        matches!(e, Err(ksa::Error::UnsupportedDType { .. })),
+        format!("{e:?}"),
+    );
     let e = ksa::decode_attention(&q(DType::BF16, 64)?, &rows(0..17), &opts);
-    checks.typed("decode rows past the capacity", matches!(e, Err(ksa::Error::DimMismatch { .. })), format!("{e:?}"));
+    checks.typed(
+        "decode rows past the capacity",
+        matches!(e, Err(ksa::Error::DimMismatch { .. })),
+        format!("{e:?}"),
+    );
     let e = ksa::decode_attention(&q(DType::F16, 64)?, &rows(0..4), &opts);
-    checks.typed("decode k/v dtype differs from q", matches!(e, Err(ksa::Error::DTypeMismatch { .. })), format!("{e:?}"));
+    checks.typed(
+        "decode k/v dtype differs from q",
+        matches!(e, Err(ksa::Error::DTypeMismatch { .. })),
+        format!("{e:?}"),
+    );
     let e = ksa::decode_attention(&q(DType::BF16, 64)?, &rows(3..3), &opts);
-    checks.typed("decode without keys", matches!(e, Err(ksa::Error::DecodeSlices { .. })), format!("{e:?}"));
+    checks.typed(
+        "decode without keys",
+        matches!(e, Err(ksa::Error::DecodeSlices { .. })),
+        format!("{e:?}"),
+    );
     Ok(())
 }
 
@@ -554,20 +620,31 @@ fn sanitize(dev: &Device) -> Res<usize> {
         });
         let o = ksa::attention(&vars[0], &vars[1], &vars[2], &layout)?;
         let oc = ksa::causal_attention(&vars[0], &vars[1], &vars[2])?;
-        let loss = (o.to_dtype(DType::F32)?.sum_all()? + oc.to_dtype(DType::F32)?.sqr()?.sum_all()?)?;
+        let loss =
+            (o.to_dtype(DType::F32)?.sum_all()? + oc.to_dtype(DType::F32)?.sqr()?.sum_all()?)?;
         let grads = loss.backward()?;
         let (k0, v0) = (vars[1].i(0)?.contiguous()?, vars[2].i(0)?.contiguous()?);
         let last = layout.key_ranges(big - 1).expect("last slot");
         let seqs = vec![
-            vec![KvRows { k: &k0, v: &v0, rows: 0..big }],
-            vec![KvRows { k: &k0, v: &v0, rows: last.text }],
+            vec![KvRows {
+                k: &k0,
+                v: &v0,
+                rows: 0..big,
+            }],
+            vec![KvRows {
+                k: &k0,
+                v: &v0,
+                rows: last.text,
+            }],
         ];
-        let q2 = vars[0].i(0)?.narrow(1, big - 2, 2)?.transpose(0, 1)?.contiguous()?;
+        let q2 = vars[0]
+            .i(0)?
+            .narrow(1, big - 2, 2)?
+            .transpose(0, 1)?
+            .contiguous()?;
         let od = ksa::decode_attention(&q2, &seqs, &AttentionOptions::default())?;
         dev.synchronize()?;
-        let finite = |t: &Tensor| -> Res<bool> {
-            Ok(host(t)?.iter().all(|x| x.is_finite()))
-        };
+        let finite = |t: &Tensor| -> Res<bool> { Ok(host(t)?.iter().all(|x| x.is_finite())) };
         let mut ok = finite(&o)? && finite(&oc)? && finite(&od)?;
         for x in &vars {
             ok &= finite(grads.get(x).ok_or("missing gradient")?)?;
@@ -635,7 +712,8 @@ fn decode_bench(dev: &Device) -> Res<usize> {
                         runs.iter()
                             .filter(|&&r| r > 0)
                             .map(|&r| {
-                                let t = || Tensor::randn(0f32, 1.0, (hkv, r, d), dev)?.to_dtype(dtype);
+                                let t =
+                                    || Tensor::randn(0f32, 1.0, (hkv, r, d), dev)?.to_dtype(dtype);
                                 Ok((t()?, t()?))
                             })
                             .collect::<Res<_>>()
