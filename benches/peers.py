@@ -138,21 +138,41 @@ def torch_rows(args, n):
     backends = [("sdpa-full-causal", "FLASH_ATTENTION")]
     if args.device == "cuda":
         backends.append(("sdpa-cudnn-full-causal", "CUDNN_ATTENTION"))
+    group = hq // hkv
     for name, backend in backends:
         try:
+            import contextlib
+
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if args.device == "cuda" else sdpa_kernel(list(SDPBackend))
+            def ctx():
+                if args.device == "cuda":
+                    return sdpa_kernel([getattr(SDPBackend, backend)])
+                return contextlib.nullcontext()
 
-            def sdpa():
+            def sdpa_gqa():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-            with ctx:
+            def sdpa_expanded():
+                # A backend without GQA support: K/V heads repeated to the
+                # query heads (what models did before enable_gqa).
+                ke, ve = (t.repeat_interleave(group, dim=1) for t in (k, v))
+                return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+
+            note = ""
+            with ctx():
                 with torch.no_grad():
-                    ms, reps = timed(sdpa)
+                    try:
+                        sdpa = sdpa_gqa
+                        ms, reps = timed(sdpa)
+                    except RuntimeError as e:
+                        sdpa, note = sdpa_expanded, "enable_gqa refused (%s): K/V repeated to %d heads, repeat included" % (str(e)[:80], hq)
+                        ms, reps = timed(sdpa)
                 row = {"impl": name, "device": args.device, "n": n, "slots": n, "ms": ms, "reps": reps,
                        "pairs": pairs_full, "tflops": flops_full / (ms * 1e-3) / 1e12,
                        "backend": backend if args.device == "cuda" else "default"}
+                if note:
+                    row["note"] = note
                 if args.backward:
                     out = sdpa()
                     dout = torch.randn_like(out)

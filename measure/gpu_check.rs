@@ -23,6 +23,9 @@
 //!   attention) at 32K and 128K cached tokens, batch 1 and 8, against the
 //!   device's copy bandwidth measured in the same run.
 //!
+//! `--cpu` runs a command on the CPU path (`decode` at small sizes): a test
+//! of the program itself, without a GPU.
+//!
 //! `cargo run --release --features cuda --example gpu_check -- correct`
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
@@ -34,7 +37,7 @@ use std::time::Instant;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-const USAGE: &str = "usage: gpu_check correct [--quick] [--cpu] | sanitize | decode";
+const USAGE: &str = "usage: gpu_check correct [--quick] | sanitize | decode  [--cpu]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,7 +46,7 @@ fn main() {
         eprintln!("{USAGE}");
         std::process::exit(2);
     }
-    let cpu = cmd == "correct" && args.iter().any(|a| a == "--cpu");
+    let cpu = args.iter().any(|a| a == "--cpu");
     let dev = match Device::new_cuda(0) {
         _ if cpu => Device::Cpu,
         Ok(d) => d,
@@ -706,7 +709,11 @@ fn decode_bench(dev: &Device) -> Res<usize> {
     let (hq, hkv, d, dtype) = (32, 8, 128, DType::BF16);
     let opts = AttentionOptions::default();
     // Copy bandwidth: a 2 GiB device-to-device copy, bytes read + written.
-    let elems = 1usize << 30;
+    // `--cpu` (the program's own test) shrinks everything.
+    let (elems, lengths) = match dev {
+        Device::Cpu => (1usize << 22, [1024, 2048]),
+        _ => (1usize << 30, [32 * 1024, 128 * 1024]),
+    };
     let src = Tensor::zeros(elems, dtype, dev)?;
     let copy_ms = median_ms(dev, 7, 3, &|| Ok(src.copy()?))?;
     let copy_gbs = 2.0 * (elems * 2) as f64 / (copy_ms * 1e-3) / 1e9;
@@ -717,7 +724,7 @@ fn decode_bench(dev: &Device) -> Res<usize> {
             "note": "device-to-device copy; GB/s counts bytes read + written"})
     );
     let config = KsaConfig::new(8, 1, 128)?;
-    for n in [32 * 1024, 128 * 1024] {
+    for n in lengths {
         // The token after n cached ones: its keys in the cache's stores.
         let layout = KsaLayout::new(config, n + 1)?;
         let kr = layout

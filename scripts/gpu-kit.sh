@@ -253,8 +253,10 @@ libcuda = [l.split("=>")[-1].strip() for l in run("ldconfig", "-p").splitlines()
 env["libcuda"] = [p + " -> " + os.path.realpath(p) for p in libcuda]
 env["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
 bin_dir = os.path.dirname(sys.argv[1]) + "/bin"
-env["kit_libraries"] = sorted({l.strip() for l in run("ldd", bin_dir + "/gpu_check").splitlines()
-                               if re.search(r"lib(cuda|nvrtc|cublas|cublasLt|curand|cudart)\b", l)})
+env["kit_libraries"] = sorted({
+    l.split("=>")[0].strip() + " => " + os.path.realpath(l.split("=>")[1].split("(")[0].strip())
+    for l in run("ldd", bin_dir + "/gpu_check").splitlines()
+    if "=>" in l and "/" in l and re.search(r"lib(cuda|nvrtc|cublas|cublasLt|curand|cudart)\b", l)})
 env["python"] = run(sys.executable, "--version")
 env["python_packages"] = run(sys.executable, "-c",
     "import importlib\nfor m in ('torch','triton','cupy'):\n  try:\n    x=importlib.import_module(m); print(m, x.__version__, getattr(getattr(x,'version',None),'cuda','') or '')\n  except Exception as e: print(m, 'unavailable:', type(e).__name__)").splitlines()

@@ -157,6 +157,7 @@ def main():
             continue
         sd = row("sdpa-full-causal", r["n"])
         note = "%.2fx faster than SDPA" % (sd["ms"] / r["ms"]) if sd and r["impl"] == "ksa-crate" else r.get("backend", "")
+        note = (note + "; " + r["note"]) if r.get("note") else note
         md.append("| %d | %s | %.3f | %.1f | %s | %s | %s |" % (r["n"], r["impl"], r["ms"], r["tflops"],
                   "%.3f" % r["bwd_ms"] if "bwd_ms" in r else "-", "%.2f" % r["bwd_over_fwd"] if "bwd_over_fwd" in r else "-", note))
     md += ["", "## Decode (c): one layer, 32 query / 8 KV heads of 128, bf16", "",
