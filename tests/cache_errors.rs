@@ -219,8 +219,9 @@ fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: CacheStorage) {
     assert_eq!(cache.seq_len(0).unwrap(), 8);
 }
 
-/// Tensor storage counts the bytes of its dtype, keeps to the model's dtype
-/// and device, and clones share their tensors until one writes.
+/// Both storages count the bytes of the model's dtype (a bf16 host cache is
+/// half an f32 one); tensor storage keeps to the model's dtype and device,
+/// and clones share their tensors until one writes.
 #[test]
 fn tensor_storage_bytes_dtype_and_clones() {
     let t = text(12, 7);
@@ -231,14 +232,23 @@ fn tensor_storage_bytes_dtype_and_clones() {
         CacheStorage::Host
     );
     let host = KsaCache::with_capacity(&bf16_model, 1, 20).unwrap();
+    let host_f32 = KsaCache::with_capacity(&f32_model, 1, 20).unwrap();
     let mut cache =
         KsaCache::with_storage(&bf16_model, 1, Some(20), CacheStorage::Tensors).unwrap();
+    // Host storage keeps a bf16 model's dtype: the bytes of the bf16 tensors,
+    // half those of an f32 model's host buffers.
     assert_eq!(
-        cache.bytes() * 2,
+        cache.bytes(),
         host.bytes(),
-        "bf16 tensors vs f32 host buffers"
+        "bf16 tensors vs bf16 host buffers"
     );
-    assert_eq!(cache.layer_bytes(0) * 2, host.layer_bytes(0));
+    assert_eq!(
+        host.bytes() * 2,
+        host_f32.bytes(),
+        "bf16 vs f32 host buffers"
+    );
+    assert_eq!(cache.layer_bytes(0), host.layer_bytes(0));
+    assert_eq!(host.layer_bytes(0) * 2, host_f32.layer_bytes(0));
     cache
         .append(&bf16_model, &[(0, &t[..5])], LogitRows::Last)
         .unwrap();

@@ -3,7 +3,7 @@
 //! while only reading the cache.
 
 use super::plan::Plan;
-use super::storage::{Kv, LayerStore, Staged};
+use super::storage::{host_dtype, HostBufs, HostElem, Kv, LayerStore, Staged};
 use super::{CacheStorage, KsaCache, LogitRows};
 use crate::cpu::decode::{attend, KvSlice};
 use crate::layout::{KsaLayout, SlotKind};
@@ -11,6 +11,7 @@ use crate::model::{Qwen3Ksa, StepRows};
 use crate::model_config::LayerKind;
 use crate::{AttentionOptions, Result};
 use candle_core::{DType, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -99,49 +100,17 @@ impl KsaCache {
         rows_of: impl Fn(&Plan) -> Range<usize>,
         is_summary: impl Fn(usize) -> bool,
     ) -> Result<Vec<Staged>> {
-        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
         let split = |p: &Plan| -> (Vec<u32>, Vec<u32>) {
             rows_of(p)
                 .map(|r| r as u32)
                 .partition(|&r| !is_summary(r as usize))
         };
         match self.storage {
-            CacheStorage::Host => {
-                let total = k.dim(2)?;
-                let k = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let gather = |rows: &[u32]| {
-                    let pick = |x: &[f32]| -> Vec<Vec<f32>> {
-                        (0..hkv)
-                            .map(|h| {
-                                rows.iter()
-                                    .flat_map(|&r| {
-                                        let at = (h * total + r as usize) * d;
-                                        &x[at..at + d]
-                                    })
-                                    .copied()
-                                    .collect()
-                            })
-                            .collect()
-                    };
-                    Kv::Host {
-                        k: pick(&k),
-                        v: pick(&v),
-                    }
-                };
-                Ok(plans
-                    .iter()
-                    .map(|p| {
-                        let (text, sums) = split(p);
-                        Staged {
-                            text: gather(&text),
-                            text_rows: text.len(),
-                            sums: gather(&sums),
-                            sum_rows: sums.len(),
-                        }
-                    })
-                    .collect())
-            }
+            CacheStorage::Host => match host_dtype(self.place.0) {
+                DType::BF16 => stage_host::<bf16>(k, v, plans, split),
+                DType::F16 => stage_host::<f16>(k, v, plans, split),
+                _ => stage_host::<f32>(k, v, plans, split),
+            },
             CacheStorage::Tensors => {
                 let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
                 let gather = |rows: Vec<u32>| -> Result<Kv> {
@@ -264,6 +233,24 @@ impl KsaCache {
             .unsqueeze(0)?
             .contiguous()?);
         }
+        let query: &(dyn Fn(&Plan, usize) -> (SlotKind, usize) + Sync) = &query;
+        let rows_of: &(dyn Fn(usize) -> (usize, usize) + Sync) = &rows_of;
+        let run = (layer, q, plans, staged, ksa, query, rows_of);
+        match host_dtype(self.place.0) {
+            DType::BF16 => self.attend_host::<bf16>(run),
+            DType::F16 => self.attend_host::<f16>(run),
+            _ => self.attend_host::<f32>(run),
+        }
+    }
+
+    /// The host-storage branch of [`KsaCache::attend_layer`], for host
+    /// buffers of element type `T`: (sequence, KV head) pairs on rayon, each
+    /// query row through `ksa::cpu::decode::attend` over its key runs.
+    fn attend_host<T: HostElem>(&self, run: HostAttend<'_>) -> Result<Tensor> {
+        let (layer, q, plans, staged, ksa, query, rows_of) = run;
+        // An unusable forced CPU variant (`KSA_CPU_ISA`) is a typed error here.
+        crate::cpu::isa::process_isa()?;
+        let window = self.spec.layers[layer].1;
         let (_, hq, total, d) = q.dims4()?;
         let hkv = self.spec.kv_heads;
         let group = hq / hkv;
@@ -285,7 +272,7 @@ impl KsaCache {
                 let (mut qbuf, mut obuf, mut scores) =
                     (vec![0.0f32; group * d], vec![0.0f32; group * d], Vec::new());
                 for r in 0..n_rows {
-                    let slices: Vec<KvSlice<'_>> = self
+                    let slices: Vec<KvSlice<'_, T>> = self
                         .key_runs(store, &staged[i], p, &layout, ksa, query(p, r))
                         .into_iter()
                         .map(|(kv, rows)| kv.slice(g, rows, d))
@@ -355,4 +342,58 @@ impl KsaCache {
             })
             .collect()
     }
+}
+
+/// The arguments of [`KsaCache::attend_host`]: layer, queries, plans, staged
+/// K/V, whether the layer is a KSA layer, the query rows' (kind, slot), and
+/// each input's (first packed row, query rows).
+type HostAttend<'a> = (
+    usize,
+    &'a Tensor,
+    &'a [Plan],
+    &'a [Staged],
+    bool,
+    &'a (dyn Fn(&Plan, usize) -> (SlotKind, usize) + Sync),
+    &'a (dyn Fn(usize) -> (usize, usize) + Sync),
+);
+
+/// Host staging of a layer's new K/V (`[1, kv_heads, R, d]`) in element type
+/// `T`: each input's text and summary rows, `split(plan)` naming them.
+fn stage_host<T: HostElem>(
+    k: &Tensor,
+    v: &Tensor,
+    plans: &[Plan],
+    split: impl Fn(&Plan) -> (Vec<u32>, Vec<u32>),
+) -> Result<Vec<Staged>> {
+    let (_, hkv, total, d) = k.dims4()?;
+    let k = k.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+    let v = v.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+    let gather = |rows: &[u32]| {
+        let pick = |x: &[T]| -> Vec<Vec<T>> {
+            (0..hkv)
+                .map(|h| {
+                    rows.iter()
+                        .flat_map(|&r| {
+                            let at = (h * total + r as usize) * d;
+                            &x[at..at + d]
+                        })
+                        .copied()
+                        .collect()
+                })
+                .collect()
+        };
+        T::wrap(HostBufs::new(pick(&k), pick(&v)))
+    };
+    Ok(plans
+        .iter()
+        .map(|p| {
+            let (text, sums) = split(p);
+            Staged {
+                text: gather(&text),
+                text_rows: text.len(),
+                sums: gather(&sums),
+                sum_rows: sums.len(),
+            }
+        })
+        .collect())
 }

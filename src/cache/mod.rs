@@ -43,10 +43,12 @@ use storage::{Kv, LayerStore, Rows, Sequence};
 /// Where a [`KsaCache`] keeps its K/V, and so how it attends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStorage {
-    /// f32 host buffers, one per KV head, attended on the CPU by
-    /// `ksa::cpu::decode::attend` on rayon. The default on the CPU, and for
-    /// CUDA models the decode kernels cannot take (f32, head_dim other than
-    /// 64 or 128): those copy every layer's new K/V to the host.
+    /// Host buffers, one per KV head, in the model's dtype when it is bf16 or
+    /// f16 (half the bytes of f32) and f32 otherwise, attended on the CPU by
+    /// `ksa::cpu::decode::attend` on rayon, which reads half-precision rows
+    /// directly. The default on the CPU, and for CUDA models the decode
+    /// kernels cannot take (f32, head_dim other than 64 or 128): those copy
+    /// every layer's new K/V to the host.
     Host,
     /// `[kv_heads, capacity, head_dim]` tensors on the model's device in the
     /// model's dtype, attended per query row over [`crate::KvRows`] lists by
@@ -145,7 +147,7 @@ impl KsaCache {
         let (hkv, d) = (spec.kv_heads, spec.head_dim);
         let store = |rows: usize| -> Result<Rows> {
             Ok(Rows::new(match storage {
-                CacheStorage::Host => Kv::host(hkv, d, rows),
+                CacheStorage::Host => Kv::host(hkv, d, rows, dtype),
                 CacheStorage::Tensors => Kv::zeros(hkv, d, rows, dtype, &device)?,
             }))
         };

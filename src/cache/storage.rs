@@ -1,16 +1,132 @@
 //! Where a cache's K/V rows live: one contiguous run of rows per KV head,
-//! in f32 host buffers or in tensors on the model's device, sharing every
-//! index computation; and the commit that appends a step's rows at its end.
+//! in host buffers (the model's dtype when it is bf16 or f16, else f32) or in
+//! tensors on the model's device, sharing every index computation; and the
+//! commit that appends a step's rows at its end.
 
 use super::plan::Plan;
 use super::KsaCache;
 use crate::attention::KvRows;
 use crate::cpu::decode::KvSlice;
+use crate::cpu::Element;
 use crate::model_config::LayerKind;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use std::ops::Range;
 use std::sync::Arc;
+
+/// The element type of host storage for a model of `dtype`: bf16 and f16
+/// models keep their dtype (half the bytes of f32, read directly by the CPU
+/// decode), every other dtype is stored as f32.
+pub(super) fn host_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => dtype,
+        _ => DType::F32,
+    }
+}
+
+/// Host buffers of one element type: one per KV head for K and for V (a
+/// `Vec`'s length is the rows written, its capacity the allocation).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct HostBufs<T> {
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+}
+
+impl<T: Copy> HostBufs<T> {
+    /// `k[h]` and `v[h]` hold KV head `h`'s rows.
+    pub(super) fn new(k: Vec<Vec<T>>, v: Vec<Vec<T>>) -> Self {
+        Self { k, v }
+    }
+
+    fn empty(heads: usize, d: usize, rows: usize) -> Self {
+        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
+        Self { k: buf(), v: buf() }
+    }
+
+    fn capacity(&self, d: usize) -> usize {
+        self.k.first().map_or(0, |b| b.capacity() / d.max(1))
+    }
+
+    fn bytes(&self) -> usize {
+        let elems: usize = self.k.iter().chain(&self.v).map(Vec::capacity).sum();
+        elems * std::mem::size_of::<T>()
+    }
+
+    fn slice(&self, head: usize, rows: Range<usize>, d: usize) -> KvSlice<'_, T> {
+        let r = rows.start * d..rows.end * d;
+        KvSlice {
+            k: &self.k[head][r.clone()],
+            v: &self.v[head][r],
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &Self, rows: Range<usize>, d: usize) {
+        let pairs = self.k.iter_mut().zip(&src.k);
+        for (dst, s) in pairs.chain(self.v.iter_mut().zip(&src.v)) {
+            debug_assert_eq!(dst.len(), at * d);
+            dst.extend_from_slice(&s[rows.start * d..rows.end * d]);
+        }
+    }
+
+    fn compact(&mut self, dead: usize, d: usize) {
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            b.drain(..dead * d);
+        }
+    }
+
+    fn grow(&mut self, rows: usize, d: usize) {
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            b.reserve_exact(rows * d - b.len());
+        }
+    }
+}
+
+/// Host storage in one of its element types ([`host_dtype`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum HostKv {
+    F32(HostBufs<f32>),
+    Bf16(HostBufs<bf16>),
+    F16(HostBufs<f16>),
+}
+
+/// The same expression on whichever element type a [`HostKv`] holds.
+macro_rules! each_host {
+    ($host:expr, $bufs:ident => $e:expr) => {
+        match $host {
+            HostKv::F32($bufs) => $e,
+            HostKv::Bf16($bufs) => $e,
+            HostKv::F16($bufs) => $e,
+        }
+    };
+}
+
+/// The element types of host storage, with their [`HostKv`] variant.
+pub(super) trait HostElem: Element + PartialEq {
+    /// The buffers of `kv`, which must be host storage of this type.
+    fn bufs(kv: &Kv) -> &HostBufs<Self>;
+    /// `bufs` as a store.
+    fn wrap(bufs: HostBufs<Self>) -> Kv;
+}
+
+macro_rules! host_elem {
+    ($t:ty, $variant:ident) => {
+        impl HostElem for $t {
+            fn bufs(kv: &Kv) -> &HostBufs<Self> {
+                match kv {
+                    Kv::Host(HostKv::$variant(b)) => b,
+                    _ => unreachable!("a cache's stores all have the cache's storage"),
+                }
+            }
+            fn wrap(bufs: HostBufs<Self>) -> Kv {
+                Kv::Host(HostKv::$variant(bufs))
+            }
+        }
+    };
+}
+host_elem!(f32, F32);
+host_elem!(bf16, Bf16);
+host_elem!(f16, F16);
 
 /// K and V of one store, `[kv_heads, rows, head_dim]`; the allocation holds
 /// `capacity` rows. Which rows mean what is [`Rows`]' business: `Kv` only
@@ -18,9 +134,8 @@ use std::sync::Arc;
 /// index computation.
 #[derive(Debug, Clone)]
 pub(super) enum Kv {
-    /// One f32 buffer per KV head (its `Vec` length is the rows written,
-    /// its capacity the allocation).
-    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// Host buffers ([`HostKv`]).
+    Host(HostKv),
     /// `[kv_heads, capacity, d]` tensors, written in place. Clones of a cache
     /// share them (cloning is cheap and cannot fail) and hold the same
     /// `owner`; a shared buffer is copied before its first write.
@@ -32,9 +147,13 @@ pub(super) enum Kv {
 }
 
 impl Kv {
-    pub(super) fn host(heads: usize, d: usize, rows: usize) -> Self {
-        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
-        Kv::Host { k: buf(), v: buf() }
+    /// Empty host buffers for `rows` rows, for a model of `dtype`.
+    pub(super) fn host(heads: usize, d: usize, rows: usize, dtype: DType) -> Self {
+        Kv::Host(match host_dtype(dtype) {
+            DType::BF16 => HostKv::Bf16(HostBufs::empty(heads, d, rows)),
+            DType::F16 => HostKv::F16(HostBufs::empty(heads, d, rows)),
+            _ => HostKv::F32(HostBufs::empty(heads, d, rows)),
+        })
     }
 
     pub(super) fn tensor(k: Tensor, v: Tensor) -> Self {
@@ -62,34 +181,28 @@ impl Kv {
     /// Rows the allocation holds.
     pub(super) fn capacity(&self, d: usize) -> usize {
         match self {
-            Kv::Host { k, .. } => k.first().map_or(0, |b| b.capacity() / d.max(1)),
+            Kv::Host(host) => each_host!(host, b => b.capacity(d)),
             Kv::Tensor { k, .. } => k.dims()[1],
         }
     }
 
     pub(super) fn bytes(&self) -> usize {
         match self {
-            Kv::Host { k, v } => k
-                .iter()
-                .chain(v)
-                .map(|b| b.capacity() * std::mem::size_of::<f32>())
-                .sum(),
+            Kv::Host(host) => each_host!(host, b => b.bytes()),
             Kv::Tensor { k, v, .. } => {
                 (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
             }
         }
     }
 
-    /// Rows `rows` of KV head `head` (host storage).
-    pub(super) fn slice(&self, head: usize, rows: Range<usize>, d: usize) -> KvSlice<'_> {
-        let Kv::Host { k, v } = self else {
-            unreachable!("a cache's stores all have the cache's storage")
-        };
-        let r = rows.start * d..rows.end * d;
-        KvSlice {
-            k: &k[head][r.clone()],
-            v: &v[head][r],
-        }
+    /// Rows `rows` of KV head `head` (host storage of element type `T`).
+    pub(super) fn slice<T: HostElem>(
+        &self,
+        head: usize,
+        rows: Range<usize>,
+        d: usize,
+    ) -> KvSlice<'_, T> {
+        T::bufs(self).slice(head, rows, d)
     }
 
     /// Rows `rows` of every KV head (tensor storage).
@@ -103,7 +216,7 @@ impl Kv {
     /// Whether the first `len` rows (all rows written) are equal.
     pub(super) fn same_rows(&self, other: &Self, len: usize) -> bool {
         match (self, other) {
-            (Kv::Host { k, v }, Kv::Host { k: k2, v: v2 }) => k == k2 && v == v2,
+            (Kv::Host(a), Kv::Host(b)) => a == b,
             (Kv::Tensor { k, v, .. }, Kv::Tensor { k: k2, v: v2, .. }) => {
                 let host = |t: &Tensor| -> Result<Vec<f32>> {
                     Ok(t.narrow(1, 0, len)?
@@ -143,12 +256,9 @@ impl Kv {
         }
         self.own()?;
         match (self, src) {
-            (Kv::Host { k, v }, Kv::Host { k: sk, v: sv }) => {
-                for (dst, s) in k.iter_mut().zip(sk).chain(v.iter_mut().zip(sv)) {
-                    debug_assert_eq!(dst.len(), at * d);
-                    dst.extend_from_slice(&s[rows.start * d..rows.end * d]);
-                }
-            }
+            (Kv::Host(HostKv::F32(a)), Kv::Host(HostKv::F32(b))) => a.write(at, b, rows, d),
+            (Kv::Host(HostKv::Bf16(a)), Kv::Host(HostKv::Bf16(b))) => a.write(at, b, rows, d),
+            (Kv::Host(HostKv::F16(a)), Kv::Host(HostKv::F16(b))) => a.write(at, b, rows, d),
             (Kv::Tensor { k, v, .. }, Kv::Tensor { k: sk, v: sv, .. }) => {
                 for (dst, s) in [(k, sk), (v, sv)] {
                     dst.slice_set(&s.narrow(1, rows.start, rows.len())?.contiguous()?, 1, at)?;
@@ -163,11 +273,7 @@ impl Kv {
     pub(super) fn compact(&mut self, dead: usize, len: usize, d: usize) -> Result<()> {
         self.own()?;
         match self {
-            Kv::Host { k, v } => {
-                for b in k.iter_mut().chain(v.iter_mut()) {
-                    b.drain(..dead * d);
-                }
-            }
+            Kv::Host(host) => each_host!(host, b => b.compact(dead, d)),
             Kv::Tensor { k, v, .. } => {
                 // Through a copy: source and destination overlap.
                 for t in [k, v] {
@@ -181,11 +287,7 @@ impl Kv {
     /// Reallocates to `rows` rows, keeping the first `len`.
     pub(super) fn grow(&mut self, len: usize, rows: usize, d: usize) -> Result<()> {
         match self {
-            Kv::Host { k, v } => {
-                for b in k.iter_mut().chain(v.iter_mut()) {
-                    b.reserve_exact(rows * d - b.len());
-                }
-            }
+            Kv::Host(host) => each_host!(host, b => b.grow(rows, d)),
             Kv::Tensor { k, .. } => {
                 let (heads, dtype, device) = (k.dims()[0], k.dtype(), k.device().clone());
                 let mut grown = Kv::zeros(heads, d, rows, dtype, &device)?;

@@ -10,7 +10,9 @@
 //! over cached tensors. [`attend_rows`] is the CPU implementation of exactly
 //! that interface, which a tensor-backed [`crate::KsaCache`] uses off CUDA.
 
-use super::simd::{axpy, dot};
+use super::isa::{process_isa, CpuIsa};
+use super::simd::{axpy, axpy_wide, dot, dot_wide};
+use super::Element;
 use crate::attention::KvRows;
 use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Tensor};
@@ -18,16 +20,17 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Contiguous K and V rows (`rows * head_dim` values each, row-major) of one
-/// KV head: one run of keys a query may attend to.
+/// KV head: one run of keys a query may attend to, in f32 or, as a
+/// half-precision host cache stores them, in bf16 or f16.
 #[derive(Debug, Clone, Copy)]
-pub struct KvSlice<'a> {
+pub struct KvSlice<'a, T = f32> {
     /// Keys, `[rows, head_dim]`.
-    pub k: &'a [f32],
+    pub k: &'a [T],
     /// Values, `[rows, head_dim]`.
-    pub v: &'a [f32],
+    pub v: &'a [T],
 }
 
-impl KvSlice<'_> {
+impl<T> KvSlice<'_, T> {
     /// Number of rows, given the head width.
     pub fn rows(&self, head_dim: usize) -> usize {
         self.k.len() / head_dim
@@ -44,6 +47,7 @@ pub fn attend_rows(
     seqs: &[Vec<KvRows<'_>>],
     options: &AttentionOptions,
 ) -> Result<Tensor> {
+    process_isa()?;
     let (n, hq, d) = q.dims3().map_err(|_| Error::Rank {
         name: "q",
         expected: 3,
@@ -131,15 +135,69 @@ pub fn attend_rows(
 /// `q` is `[group, head_dim]`, `out` receives `[group, head_dim]`; `scores`
 /// is scratch space reused across calls. The slices must hold at least one
 /// row in total (a KSA query always sees itself).
-pub fn attend(
+pub fn attend<T: Element>(
     q: &[f32],
     head_dim: usize,
-    slices: &[KvSlice<'_>],
+    slices: &[KvSlice<'_, T>],
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    // The entry points (`attend_rows`, `KsaCache::append`) report an unusable
+    // forced variant as a typed error before they get here.
+    let isa = process_isa().unwrap_or(CpuIsa::Portable);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512<T: Element>(
+            q: &[f32],
+            d: usize,
+            s: &[KvSlice<'_, T>],
+            scale: f32,
+            out: &mut [f32],
+            scores: &mut Vec<f32>,
+        ) {
+            attend_impl(q, d, s, scale, out, scores)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Element>(
+            q: &[f32],
+            d: usize,
+            s: &[KvSlice<'_, T>],
+            scale: f32,
+            out: &mut [f32],
+            scores: &mut Vec<f32>,
+        ) {
+            attend_impl(q, d, s, scale, out, scores)
+        }
+        match isa {
+            // SAFETY: `process_isa` only chooses a variant the CPU supports.
+            CpuIsa::Avx512 => return unsafe { avx512(q, head_dim, slices, scale, out, scores) },
+            // SAFETY: as above.
+            CpuIsa::Avx2 => return unsafe { avx2(q, head_dim, slices, scale, out, scores) },
+            CpuIsa::Portable => {}
+        }
+    }
+    let _ = isa;
+    attend_impl(q, head_dim, slices, scale, out, scores)
+}
+
+/// The body of [`attend`], inlined into each target-feature variant.
+#[inline(always)]
+fn attend_impl<T: Element>(
+    q: &[f32],
+    head_dim: usize,
+    slices: &[KvSlice<'_, T>],
     scale: f32,
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
     let d = head_dim;
+    // Rows whose widening is a few vector instructions (f32, bf16) are read
+    // in place; f16 runs are widened a block of rows at a time (F16C) into a
+    // scratch buffer that stays in cache.
+    const BLOCK_ROWS: usize = 256;
+    let mut wide = Vec::new();
     let group = q.len() / d;
     let keys: usize = slices.iter().map(|s| s.rows(d)).sum();
     debug_assert!(keys > 0, "a query row with no keys");
@@ -148,11 +206,22 @@ pub fn attend(
     // Scores, key-major: each K row is loaded once for all heads of the group.
     let mut col = 0;
     for s in slices {
-        for k_row in s.k.chunks_exact(d) {
-            for (h, q_row) in q.chunks_exact(d).enumerate() {
-                scores[h * keys + col] = dot(q_row, k_row) * scale;
+        if T::CHEAP_WIDEN {
+            for k_row in s.k.chunks_exact(d) {
+                for (h, q_row) in q.chunks_exact(d).enumerate() {
+                    scores[h * keys + col] = dot_wide(q_row, k_row) * scale;
+                }
+                col += 1;
             }
-            col += 1;
+            continue;
+        }
+        for block in s.k.chunks(BLOCK_ROWS * d) {
+            for k_row in T::row_f32(block, &mut wide).chunks_exact(d) {
+                for (h, q_row) in q.chunks_exact(d).enumerate() {
+                    scores[h * keys + col] = dot(q_row, k_row) * scale;
+                }
+                col += 1;
+            }
         }
     }
     for row in scores.chunks_exact_mut(keys) {
@@ -168,11 +237,22 @@ pub fn attend(
     out.fill(0.0);
     let mut col = 0;
     for s in slices {
-        for v_row in s.v.chunks_exact(d) {
-            for (h, o) in out.chunks_exact_mut(d).enumerate() {
-                axpy(scores[h * keys + col], v_row, o);
+        if T::CHEAP_WIDEN {
+            for v_row in s.v.chunks_exact(d) {
+                for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                    axpy_wide(scores[h * keys + col], v_row, o);
+                }
+                col += 1;
             }
-            col += 1;
+            continue;
+        }
+        for block in s.v.chunks(BLOCK_ROWS * d) {
+            for v_row in T::row_f32(block, &mut wide).chunks_exact(d) {
+                for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                    axpy(scores[h * keys + col], v_row, o);
+                }
+                col += 1;
+            }
         }
     }
 }

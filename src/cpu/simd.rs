@@ -4,6 +4,7 @@
 //! x86-64, so without this the exponentials would run 4 lanes wide at best).
 
 use super::isa::CpuIsa;
+use super::Element;
 
 /// Defines `pub(crate) fn $name(isa, args)` that runs `$body` (an
 /// `#[inline(always)]` function) compiled for AVX-512, for AVX2 + FMA or for
@@ -204,8 +205,8 @@ pub(crate) fn exp2(x: f32) -> f32 {
     f32::from_bits(((n + 127) << 23) as u32) * p
 }
 
-/// `a . b`.
-#[inline]
+/// `a . b` (inlined, so it vectorizes for the caller's target features).
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent sums so the compiler can vectorize the reduction.
     let mut acc = [0f32; 8];
@@ -224,8 +225,36 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y += a * x`.
-#[inline]
+/// `a . b` with `b` widened to f32 element by element ([`Element::to_f32`]):
+/// for f32 exactly [`dot`], for bf16 a shift inside the same loop.
+#[inline(always)]
+pub(crate) fn dot_wide<T: Element>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i].to_f32();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a * x` with `x` widened element by element, like [`dot_wide`].
+#[inline(always)]
+pub(crate) fn axpy_wide<T: Element>(a: f32, x: &[T], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x.to_f32();
+    }
+}
+
+/// `y += a * x` (inlined, so it vectorizes for the caller's target features).
+#[inline(always)]
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
