@@ -7,7 +7,7 @@ use super::KsaCache;
 use crate::attention::KvRows;
 use crate::cpu::decode::KvSlice;
 use crate::model_config::LayerKind;
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
@@ -32,9 +32,25 @@ pub(super) enum Kv {
 }
 
 impl Kv {
-    pub(super) fn host(heads: usize, d: usize, rows: usize) -> Self {
-        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
-        Kv::Host { k: buf(), v: buf() }
+    /// Host buffers of `rows` rows per head, or [`Error::OutOfMemory`] when
+    /// the memory is not there (instead of aborting the process).
+    pub(super) fn host(heads: usize, d: usize, rows: usize) -> Result<Self> {
+        let elements = rows.checked_mul(d);
+        let oom = || Error::OutOfMemory {
+            what: "decode cache rows",
+            bytes: elements.map_or(usize::MAX, |e| e.saturating_mul(4)),
+        };
+        let buf = || -> Result<Vec<Vec<f32>>> {
+            (0..heads)
+                .map(|_| {
+                    let mut b = Vec::new();
+                    b.try_reserve_exact(elements.ok_or_else(oom)?)
+                        .map_err(|_| oom())?;
+                    Ok(b)
+                })
+                .collect()
+        };
+        Ok(Kv::Host { k: buf()?, v: buf()? })
     }
 
     pub(super) fn tensor(k: Tensor, v: Tensor) -> Self {
@@ -55,7 +71,7 @@ impl Kv {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let z = || Tensor::zeros((heads, rows.max(1), d), dtype, device);
+        let z = || zeros((heads, rows.max(1), d), dtype, device);
         Ok(Kv::tensor(z()?, z()?))
     }
 
@@ -183,7 +199,11 @@ impl Kv {
         match self {
             Kv::Host { k, v } => {
                 for b in k.iter_mut().chain(v.iter_mut()) {
-                    b.reserve_exact(rows * d - b.len());
+                    let more = rows * d - b.len();
+                    b.try_reserve_exact(more).map_err(|_| Error::OutOfMemory {
+                        what: "decode cache rows",
+                        bytes: more.saturating_mul(4),
+                    })?;
                 }
             }
             Kv::Tensor { k, .. } => {
@@ -194,6 +214,32 @@ impl Kv {
             }
         }
         Ok(())
+    }
+}
+
+/// A zeroed tensor; on the CPU from a fallibly reserved buffer, so memory
+/// that is not there is [`Error::OutOfMemory`] rather than an abort inside
+/// candle's allocation (devices report their own allocation errors).
+fn zeros(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    fn host<T: candle_core::WithDType>(shape: (usize, usize, usize)) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2;
+        let mut data: Vec<T> = Vec::new();
+        data.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            what: "decode cache tensors",
+            bytes: n.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+        data.resize(n, T::zero());
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+    if !device.is_cpu() {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    match dtype {
+        DType::F32 => host::<f32>(shape),
+        DType::F16 => host::<half::f16>(shape),
+        DType::BF16 => host::<half::bf16>(shape),
+        DType::F64 => host::<f64>(shape),
+        _ => Ok(Tensor::zeros(shape, dtype, device)?),
     }
 }
 

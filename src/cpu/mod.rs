@@ -244,6 +244,11 @@ impl Element for bf16 {
 /// Runs `f` on the data of a contiguous CPU tensor.
 fn with_slice<T: Element, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = x.storage_and_layout();
+    if layout.shape().elem_count() == 0 {
+        // An empty view's offset may lie past its storage (a `narrow` of an
+        // empty tensor): there is nothing to slice.
+        return f(&[]);
+    }
     let Storage::Cpu(cpu) = &*storage else {
         unreachable!("checked to be a CPU tensor")
     };
