@@ -87,7 +87,9 @@ fn choose(logits: &[f32], excluded: Range<usize>, sampling: Sampling, rng: &mut 
     else {
         return argmax();
     };
-    let max = candidates().map(|(_, &x)| x).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = candidates()
+        .map(|(_, &x)| x)
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(u32, f64)> = candidates()
         .map(|(i, &x)| (i as u32, ((x as f64 - max) / temperature).exp()))
         .collect();

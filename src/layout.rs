@@ -241,7 +241,8 @@ impl KsaLayout {
         let idx = Tensor::from_vec(idx, self.len, hidden.device())?;
         // Any strided view is valid input; candle's cat and index_select want rows.
         let summaries = summaries.unsqueeze(0)?.broadcast_as((b, s, d))?;
-        let rows = Tensor::cat(&[&hidden.contiguous()?, &summaries.contiguous()?], 1)?;
+        let contiguous = crate::check::contiguous;
+        let rows = Tensor::cat(&[&contiguous(hidden)?, &contiguous(&summaries)?], 1)?;
         Ok(rows.index_select(&idx, 1)?)
     }
 
@@ -280,6 +281,6 @@ impl KsaLayout {
         }
         let idx = Tensor::from_vec(slots, count, x.device())?;
         // Any strided view is valid input; candle's index_select wants rows.
-        Ok(x.contiguous()?.index_select(&idx, dim)?)
+        Ok(crate::check::contiguous(x)?.index_select(&idx, dim)?)
     }
 }

@@ -368,7 +368,7 @@ impl Qwen3KsaConfig {
     /// documented maxima (products included), heads divisible (GQA), one
     /// window and one kind per layer, summary rows inside the embedding
     /// table, the float fields in their domains (`rms_norm_eps` finite and
-    /// positive, `rope_theta` finite and `>= 1`, `mix_coeff` finite), a valid
+    /// positive, `rope_theta` finite and `>= 1`, `mix_coeff` in `[0, 1]`), a valid
     /// KSA config.
     pub fn validate(&self) -> Result<()> {
         self.check_sizes()?;
@@ -440,7 +440,10 @@ impl Qwen3KsaConfig {
             bound(name, v, MAX_DIM)?;
         }
         let width = |heads: usize| heads.checked_mul(self.head_dim).unwrap_or(usize::MAX);
-        let (q, kv) = (width(self.num_attention_heads), width(self.num_key_value_heads));
+        let (q, kv) = (
+            width(self.num_attention_heads),
+            width(self.num_key_value_heads),
+        );
         bound("num_attention_heads * head_dim", q, MAX_DIM)?;
         bound("num_key_value_heads * head_dim", kv, MAX_DIM)?;
         let h = self.hidden_size;
@@ -449,7 +452,11 @@ impl Qwen3KsaConfig {
             ("intermediate_size * hidden_size", self.intermediate_size),
             ("num_attention_heads * head_dim * hidden_size", q),
         ] {
-            bound(name, rows.checked_mul(h).unwrap_or(usize::MAX), MAX_TENSOR_ELEMENTS)?;
+            bound(
+                name,
+                rows.checked_mul(h).unwrap_or(usize::MAX),
+                MAX_TENSOR_ELEMENTS,
+            )?;
         }
         Ok(())
     }
@@ -651,9 +658,11 @@ pub(crate) fn check_floats(rms_norm_eps: f64, rope_theta: f64, mix_coeff: f64) -
             "`rope_theta` must be finite and at least 1, got {rope_theta}"
         )));
     }
-    if !mix_coeff.is_finite() {
+    // A blend weight: `mix * summary + (1 - mix) * text` stays a convex
+    // combination (a huge weight overflows the activations).
+    if !(0.0..=1.0).contains(&mix_coeff) {
         return Err(Error::ModelConfig(format!(
-            "`mix_coeff` must be finite, got {mix_coeff}"
+            "`mix_coeff` must be in [0, 1], got {mix_coeff}"
         )));
     }
     Ok(())

@@ -38,7 +38,8 @@ pub(crate) fn apply(
     };
     let op = Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>);
     if q.device().is_cpu() {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let contiguous = crate::check::contiguous;
+        let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
         Ok(q.apply_op3_arc(&k, &v, op)?)
     } else {
         Ok(q.apply_op3_arc(k, v, op)?)

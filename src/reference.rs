@@ -36,6 +36,7 @@ pub fn attention_with(
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "reference::attention")?;
     layout.check_len("q", dims.len)?;
+    check_size(dims)?;
     let n = dims.len;
     let allowed = mask(n, q.device(), |qi, ki| layout.can_attend(qi, ki))?;
     masked_attention(q, k, v, dims, &allowed, options.scale)
@@ -55,13 +56,39 @@ pub fn causal_attention_with(
     options: &AttentionOptions,
 ) -> Result<Tensor> {
     let dims = check_qkv(q, k, v, "reference::causal_attention")?;
+    check_size(dims)?;
     let allowed = mask(dims.len, q.device(), |qi, ki| ki <= qi)?;
     masked_attention(q, k, v, dims, &allowed, options.scale)
 }
 
+/// The oracle materialises an `[N, N]` mask and `[b, hq, N, N]` scores
+/// (times `d` on the non-finite path): bounded before anything is allocated.
+fn check_size(dims: QkvDims) -> Result<()> {
+    let QkvDims {
+        batch: b,
+        q_heads: hq,
+        len: n,
+        head_dim: d,
+        ..
+    } = dims;
+    let elements = [b.max(1), hq.max(1), n, n, d.max(1)]
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x));
+    match elements {
+        Some(e) if n <= DENSE_MASK_MAX_LEN && e <= REFERENCE_MAX_ELEMENTS => Ok(()),
+        _ => Err(Error::TooLarge {
+            what: "reference attention elements (b * hq * N * N * d, N at most DENSE_MASK_MAX_LEN)",
+            got: elements.unwrap_or(usize::MAX),
+            limit: REFERENCE_MAX_ELEMENTS,
+        }),
+    }
+}
+
 /// `[n, n]` u8 mask: 1 where `allowed(query, key)`, 0 elsewhere.
 fn mask(n: usize, device: &Device, allowed: impl Fn(usize, usize) -> bool) -> Result<Tensor> {
-    let mask: Vec<u8> = (0..n * n).map(|i| u8::from(allowed(i / n, i % n))).collect();
+    let mask: Vec<u8> = (0..n * n)
+        .map(|i| u8::from(allowed(i / n, i % n)))
+        .collect();
     Ok(Tensor::from_vec(mask, (n, n), device)?)
 }
 
@@ -80,24 +107,10 @@ fn masked_attention(
         len: n,
         head_dim: d,
     } = dims;
-    if n == 0 || b == 0 || hq == 0 {
+    if n == 0 || b == 0 || hq == 0 || d == 0 {
         return Ok(Tensor::zeros((b, hq, n, d), q.dtype(), q.device())?);
     }
-    // The oracle materialises `[b, hq, N, N]` scores (times `d` on the
-    // non-finite path): bounded before anything is allocated.
-    let scores = [b, hq, n, n, d.max(1)]
-        .iter()
-        .try_fold(1usize, |acc, &x| acc.checked_mul(x));
-    match scores {
-        Some(e) if n <= DENSE_MASK_MAX_LEN && e <= REFERENCE_MAX_ELEMENTS => {}
-        _ => {
-            return Err(Error::TooLarge {
-                what: "reference attention elements (b * hq * N * N * d)",
-                got: scores.unwrap_or(usize::MAX),
-                limit: REFERENCE_MAX_ELEMENTS,
-            })
-        }
-    }
+
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
     let out_dtype = q.dtype();
     // `contiguous` after the cast: any strided view (stride-0 broadcasts

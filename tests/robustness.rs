@@ -47,8 +47,14 @@ fn empty_views_with_an_offset() {
         .unwrap()
         .narrow(2, 3, n)
         .unwrap();
-    assert_eq!(ksa::attention(&x, &x, &x, &layout).unwrap().dims(), [0, 2, n, 8]);
-    assert_eq!(ksa::causal_attention(&x, &x, &x).unwrap().dims(), [0, 2, n, 8]);
+    assert_eq!(
+        ksa::attention(&x, &x, &x, &layout).unwrap().dims(),
+        [0, 2, n, 8]
+    );
+    assert_eq!(
+        ksa::causal_attention(&x, &x, &x).unwrap().dims(),
+        [0, 2, n, 8]
+    );
 }
 
 /// Class 2: an id equal to the id dtype's maximum is not padding.
@@ -69,7 +75,9 @@ fn forward_checks_ids_like_the_cache() {
     let f = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
     assert!(matches!(m.forward(&f), Err(Error::UnsupportedDType { .. })));
     let mut cache = KsaCache::new(&m, 1).unwrap();
-    let e = cache.append(&m, &[(0, &[u32::MAX][..])], LogitRows::Last).unwrap_err();
+    let e = cache
+        .append(&m, &[(0, &[u32::MAX][..])], LogitRows::Last)
+        .unwrap_err();
     assert!(matches!(e, Error::TokenOutOfRange { token, .. } if token == u32::MAX as i64));
 }
 
@@ -82,7 +90,10 @@ fn config_sizes_are_bounded() {
         ("head_dim", 1 << 62),
         ("vocab_size", 1 << 40),
     ] {
-        let c = with(&tiny_config(), json!({ field: value, "summary_sliding_chunk_num": 1 }));
+        let c = with(
+            &tiny_config(),
+            json!({ field: value, "summary_sliding_chunk_num": 1 }),
+        );
         let e = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap_err();
         assert!(matches!(e, Error::TooLarge { .. }), "{field}: {e}");
     }
@@ -92,17 +103,25 @@ fn config_sizes_are_bounded() {
         json!({ "num_attention_heads": 1 << 12, "num_key_value_heads": 1, "head_dim": 1 << 14 }),
     );
     let e = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap_err();
-    assert!(matches!(e, Error::TooLarge { what, .. } if what.contains("head_dim")), "{e}");
+    assert!(
+        matches!(e, Error::TooLarge { what, .. } if what.contains("head_dim")),
+        "{e}"
+    );
 }
 
 /// Class 4: a config claiming many layers beside a 2-layer checkpoint.
 #[test]
 fn from_folder_stops_at_the_first_missing_tensor() {
     let (dir, _) = random_checkpoint("robust-layers", &tiny_config(), 1);
-    let c = with(&tiny_config(), json!({ "num_hidden_layers": 4000, "summary_sliding_chunk_num": 2 }));
+    let c = with(
+        &tiny_config(),
+        json!({ "num_hidden_layers": 4000, "summary_sliding_chunk_num": 2 }),
+    );
     std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
     match Qwen3Ksa::from_folder(&dir, DType::F32, &Device::Cpu) {
-        Err(Error::MissingTensor { name }) => assert!(name.starts_with("model.layers.2."), "{name}"),
+        Err(Error::MissingTensor { name }) => {
+            assert!(name.starts_with("model.layers.2."), "{name}")
+        }
         other => panic!("{other:?}"),
     }
     let c = with(&c, json!({ "num_hidden_layers": 20_000_000 }));
@@ -117,7 +136,10 @@ fn from_folder_stops_at_the_first_missing_tensor() {
 fn integer_model_dtypes_are_refused() {
     for dtype in [DType::U8, DType::U32, DType::I64] {
         let e = model_of(&tiny_config(), dtype).unwrap_err();
-        assert!(matches!(e, Error::UnsupportedDType { .. }), "{dtype:?}: {e}");
+        assert!(
+            matches!(e, Error::UnsupportedDType { .. }),
+            "{dtype:?}: {e}"
+        );
     }
     let (dir, _) = random_checkpoint("robust-dtype", &tiny_config(), 1);
     let e = Qwen3Ksa::from_folder(&dir, DType::U8, &Device::Cpu).unwrap_err();
@@ -143,7 +165,12 @@ fn tile_sizes_are_bounded() {
     let layout = KsaLayout::new(KsaConfig::new(4, 1, 2).unwrap(), 40).unwrap();
     let x = Tensor::ones((1, 2, layout.len(), 8), DType::F32, &Device::Cpu).unwrap();
     let opts = AttentionOptions::default();
-    for (query, key) in [(64, usize::MAX), (usize::MAX, 64), (1 << 20, 1 << 20), (0, 8)] {
+    for (query, key) in [
+        (64, usize::MAX),
+        (usize::MAX, 64),
+        (1 << 20, 1 << 20),
+        (0, 8),
+    ] {
         let kernel = CpuKernel {
             tiles: TileSizes { query, key },
         };
@@ -152,7 +179,10 @@ fn tile_sizes_are_bounded() {
     }
     let max = ksa::schedule::MAX_TILE;
     let kernel = CpuKernel {
-        tiles: TileSizes { query: max, key: max },
+        tiles: TileSizes {
+            query: max,
+            key: max,
+        },
     };
     let (got, _) = kernel.attention(&x, &x, &x, &layout, &opts).unwrap();
     let want = ksa::reference::attention(&x, &x, &x, &layout).unwrap();
@@ -169,19 +199,26 @@ fn generate_never_samples_summary_rows() {
     let mut weights = random_weights(&reference_tensors(&c), 3);
     let e = weights["model.embed_tokens.weight"].clone();
     let boost = Tensor::from_vec(
-        (0..52).map(|i| if i >= 50 { 50f32 } else { 1.0 }).collect::<Vec<_>>(),
+        (0..52)
+            .map(|i| if i >= 50 { 50f32 } else { 1.0 })
+            .collect::<Vec<_>>(),
         (52, 1),
         &Device::Cpu,
     )
     .unwrap();
-    weights.insert("model.embed_tokens.weight".into(), e.broadcast_mul(&boost).unwrap());
+    weights.insert(
+        "model.embed_tokens.weight".into(),
+        e.broadcast_mul(&boost).unwrap(),
+    );
     let cfg = Qwen3KsaConfig::from_json_str(&c.to_string()).unwrap();
     let m = Qwen3Ksa::new(
         &cfg,
         candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let logits = m.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap()).unwrap();
+    let logits = m
+        .forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap())
+        .unwrap();
     assert_eq!(logits.dim(2).unwrap(), 52);
     let mut seen = vec![];
     let out = m
@@ -216,8 +253,14 @@ fn strided_and_empty_valid_inputs() {
     assert_eq!(max_abs_diff(&text, &want), 0.0);
     let sums = layout.take_summaries(&x, 1).unwrap();
     assert_eq!(sums.dims(), [1, 2, 3]);
-    let hidden = Tensor::ones((1, 3, 5), DType::F32, &Device::Cpu).unwrap().t().unwrap();
-    let s = Tensor::ones((3, 1), DType::F32, &Device::Cpu).unwrap().t().unwrap();
+    let hidden = Tensor::ones((1, 3, 5), DType::F32, &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap();
+    let s = Tensor::ones((3, 1), DType::F32, &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap();
     assert_eq!(layout.interleave(&hidden, &s).unwrap().dims(), [1, 7, 3]);
     // Stride-0 broadcast inputs to the oracle.
     let q = Tensor::randn(0f32, 1.0, (1, 1, 7, 4), &Device::Cpu)
@@ -286,6 +329,8 @@ fn config_floats_outside_their_domain() {
         ("rope_theta", json!(0.0)),
         ("rope_theta", json!(-10000.0)),
         ("rope_theta", json!(1e-300)),
+        ("mix_coeff", json!(1e308)),
+        ("mix_coeff", json!(-0.5)),
     ] {
         let c = with(&tiny_config(), json!({ field: value }));
         match Qwen3KsaConfig::from_json_str(&c.to_string()) {

@@ -50,7 +50,10 @@ impl Kv {
                 })
                 .collect()
         };
-        Ok(Kv::Host { k: buf()?, v: buf()? })
+        Ok(Kv::Host {
+            k: buf()?,
+            v: buf()?,
+        })
     }
 
     pub(super) fn tensor(k: Tensor, v: Tensor) -> Self {

@@ -145,7 +145,8 @@ impl CpuKernel {
             None => isa::process_isa()?,
         };
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let contiguous = crate::check::contiguous;
+        let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
         let (out, lse) = match q.dtype() {
             DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
             DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
