@@ -15,9 +15,10 @@ use crate::mask::DENSE_MASK_MAX_LEN;
 use crate::{AttentionOptions, Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-/// The most `b * hq * N * N * d` elements the oracle takes on (`N` is also
-/// at most [`DENSE_MASK_MAX_LEN`]); larger inputs are [`Error::TooLarge`].
-pub const REFERENCE_MAX_ELEMENTS: usize = 1 << 30;
+/// The most `b * hq * N * N` score elements the oracle takes on (times `d`
+/// when a value is not finite; `N` is also at most [`DENSE_MASK_MAX_LEN`]);
+/// larger inputs are [`Error::TooLarge`].
+pub const REFERENCE_MAX_ELEMENTS: usize = 1 << 28;
 
 /// KSA attention over `layout` with the default scale `1/sqrt(head_dim)`.
 /// `q: [b, hq, N, d]`, `k, v: [b, hkv, N, d]`, `hq % hkv == 0`; f32, f16,
@@ -61,26 +62,32 @@ pub fn causal_attention_with(
     masked_attention(q, k, v, dims, &allowed, options.scale)
 }
 
-/// The oracle materialises an `[N, N]` mask and `[b, hq, N, N]` scores
-/// (times `d` on the non-finite path): bounded before anything is allocated.
+/// The oracle materialises an `[N, N]` mask and `[b, hq, N, N]` scores:
+/// bounded before anything is allocated (`d` multiplies the count only on
+/// the non-finite path, checked there).
 fn check_size(dims: QkvDims) -> Result<()> {
     let QkvDims {
         batch: b,
         q_heads: hq,
         len: n,
-        head_dim: d,
         ..
     } = dims;
-    let elements = [b.max(1), hq.max(1), n, n, d.max(1)]
-        .iter()
-        .try_fold(1usize, |acc, &x| acc.checked_mul(x));
-    match elements {
+    let scores = elements(&[b, hq, n, n]);
+    match scores {
         Some(e) if n <= DENSE_MASK_MAX_LEN && e <= REFERENCE_MAX_ELEMENTS => Ok(()),
-        _ => Err(Error::TooLarge {
-            what: "reference attention elements (b * hq * N * N * d, N at most DENSE_MASK_MAX_LEN)",
-            got: elements.unwrap_or(usize::MAX),
-            limit: REFERENCE_MAX_ELEMENTS,
-        }),
+        _ => Err(too_large(scores)),
+    }
+}
+
+fn elements(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x))
+}
+
+fn too_large(got: Option<usize>) -> Error {
+    Error::TooLarge {
+        what: "reference attention elements (b * hq * N * N, times d for non-finite values; N at most DENSE_MASK_MAX_LEN)",
+        got: got.unwrap_or(usize::MAX),
+        limit: REFERENCE_MAX_ELEMENTS,
     }
 }
 
@@ -129,7 +136,7 @@ fn masked_attention(
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let shape = scores.shape().clone();
     let allowed = allowed.broadcast_as(&shape)?;
-    let neg_inf = Tensor::full(f64::NEG_INFINITY, &shape, scores.device())?;
+    let neg_inf = Tensor::new(f64::NEG_INFINITY, scores.device())?.broadcast_as(&shape)?;
     let probs = candle_nn::ops::softmax(&allowed.where_cond(&scores, &neg_inf)?, D::Minus1)?;
     let out = if all_finite(&v)? {
         // A masked probability is exactly 0 and its value finite: the
@@ -137,6 +144,10 @@ fn masked_attention(
         probs.matmul(&v)?
     } else {
         // 0 * inf would be NaN: sum each row's allowed products only.
+        let count = elements(&[b, hq, n, n, d]);
+        if count.is_none_or(|e| e > REFERENCE_MAX_ELEMENTS) {
+            return Err(too_large(count));
+        }
         let wide = (b, hq, n, n, d);
         let terms = probs
             .unsqueeze(4)?
