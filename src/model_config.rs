@@ -439,7 +439,7 @@ impl Qwen3KsaConfig {
         ] {
             bound(name, v, MAX_DIM)?;
         }
-        let width = |heads: usize| heads.checked_mul(self.head_dim).unwrap_or(usize::MAX);
+        let width = |heads: usize| heads.saturating_mul(self.head_dim);
         let (q, kv) = (
             width(self.num_attention_heads),
             width(self.num_key_value_heads),
@@ -452,11 +452,7 @@ impl Qwen3KsaConfig {
             ("intermediate_size * hidden_size", self.intermediate_size),
             ("num_attention_heads * head_dim * hidden_size", q),
         ] {
-            bound(
-                name,
-                rows.checked_mul(h).unwrap_or(usize::MAX),
-                MAX_TENSOR_ELEMENTS,
-            )?;
+            bound(name, rows.saturating_mul(h), MAX_TENSOR_ELEMENTS)?;
         }
         Ok(())
     }

@@ -159,8 +159,9 @@ fn masked_attention(
     Ok(out.to_dtype(out_dtype)?)
 }
 
-/// Whether every element of `x` is finite (`x - x` is 0 exactly then).
+/// Whether every element of the f64 tensor `x` is finite (`|x| <= MAX` is
+/// false for infinities and NaN).
 fn all_finite(x: &Tensor) -> Result<bool> {
-    let finite = (x - x)?.eq(0.0)?.to_dtype(DType::F64)?.sum_all()?;
+    let finite = x.abs()?.le(f64::MAX)?.to_dtype(DType::F64)?.sum_all()?;
     Ok(finite.to_scalar::<f64>()? == x.elem_count() as f64)
 }
