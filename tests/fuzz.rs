@@ -484,7 +484,10 @@ fn attention_case(r: &mut Rng) -> ksa::Result<()> {
     } else {
         TileSizes::default()
     };
-    let kernel = CpuKernel { tiles };
+    let kernel = CpuKernel {
+        tiles,
+        ..Default::default()
+    };
     let out = match (api, &layout) {
         (Api::Ksa, Some(l)) => ksa::attention_with(&q, &k, &v, l, &options),
         (Api::RefKsa, Some(l)) => ksa::reference::attention_with(&q, &k, &v, l, &options),
@@ -1035,8 +1038,11 @@ fn hungry_case(r: &mut Rng, fx: &Fixtures, i: usize) -> ksa::Result<()> {
             };
             let layout = KsaLayout::new(KsaConfig::new(4, 1, 2)?, 40)?;
             let x = Tensor::ones((1, 2, layout.len(), 8), DType::F32, &Device::Cpu)?;
-            let out =
-                CpuKernel { tiles }.attention(&x, &x, &x, &layout, &AttentionOptions::default());
+            let out = CpuKernel {
+                tiles,
+                ..Default::default()
+            }
+            .attention(&x, &x, &x, &layout, &AttentionOptions::default());
             let ok_tiles = (1..=ksa::schedule::MAX_TILE).contains(&tiles.query)
                 && (1..=ksa::schedule::MAX_TILE).contains(&tiles.key);
             check!(

@@ -173,6 +173,7 @@ fn tile_sizes_are_bounded() {
     ] {
         let kernel = CpuKernel {
             tiles: TileSizes { query, key },
+            ..Default::default()
         };
         assert!(kernel.attention(&x, &x, &x, &layout, &opts).is_err());
         assert!(kernel.causal_attention(&x, &x, &x, &opts).is_err());
@@ -183,6 +184,7 @@ fn tile_sizes_are_bounded() {
             query: max,
             key: max,
         },
+        ..Default::default()
     };
     let (got, _) = kernel.attention(&x, &x, &x, &layout, &opts).unwrap();
     let want = ksa::reference::attention(&x, &x, &x, &layout).unwrap();

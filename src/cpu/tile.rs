@@ -161,7 +161,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         );
         // A masked column's probability is 0, but 0 * inf is NaN: an edge
         // tile whose values are not all finite sums each row's own columns.
-        if kt.full || v.iter().all(|x| x.is_finite()) {
+        if kt.full || v.iter().all(|x| x.to_f32().is_finite()) {
             matmul::accumulate(
                 ctx.isa,
                 rows,
@@ -193,18 +193,22 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
 
 /// `o[r] += sum_{j in bounds[r]} p[r, j] * v[j]`: the value product of an
 /// edge tile reading only the columns each row may see.
-fn accumulate_visible(
+/// Only edge tiles with a non-finite value take it, so it stays scalar.
+fn accumulate_visible<T: Element>(
     p: &[f32],
     stride: usize,
     bounds: &[(usize, usize)],
-    v: &[f32],
+    v: &[T],
     d: usize,
     o: &mut [f32],
 ) {
     for (r, &(a, b)) in bounds.iter().enumerate() {
         let acc = &mut o[r * d..(r + 1) * d];
         for j in a..b {
-            simd::axpy(p[r * stride + j], &v[j * d..(j + 1) * d], acc);
+            let w = p[r * stride + j];
+            for (y, x) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *y += w * x.to_f32();
+            }
         }
     }
 }
