@@ -141,3 +141,14 @@ pub(crate) fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) ->
         head_dim: d,
     })
 }
+
+/// `x` made contiguous. An empty view is replaced by fresh zeros of its
+/// shape: candle's strided copy indexes an empty view's storage at its
+/// offset, which may lie past the storage's end (a `narrow` of an empty
+/// tensor) and panics.
+pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.elem_count() == 0 {
+        return Ok(Tensor::zeros(x.shape(), x.dtype(), x.device())?);
+    }
+    Ok(x.contiguous()?)
+}

@@ -150,7 +150,8 @@ pub enum Error {
     /// table, or one of the summary rows).
     #[error("token id {token} is not a text token (text ids are below {vocab}, summary rows {summary_rows:?} excluded)")]
     TokenOutOfRange {
-        token: u32,
+        /// The id as given (any id dtype fits an `i64`).
+        token: i64,
         vocab: usize,
         summary_rows: std::ops::Range<usize>,
     },
@@ -177,6 +178,11 @@ pub enum Error {
         requested: String,
         available: String,
     },
+
+    /// A host buffer could not be allocated (the size was within the
+    /// documented limits, but the memory is not there).
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory { what: &'static str, bytes: usize },
 
     /// An error from candle itself.
     #[error(transparent)]

@@ -5,6 +5,7 @@ use crate::cache::{KsaCache, LogitRows};
 use crate::model::Qwen3Ksa;
 use crate::{Error, Result};
 use candle_core::DType;
+use std::ops::Range;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,16 +61,25 @@ impl SplitMix {
     }
 }
 
-/// Picks a token from one row of logits.
-fn choose(logits: &[f32], sampling: Sampling, rng: &mut SplitMix) -> u32 {
+/// Picks a token from one row of logits, never one of `excluded` (the
+/// summary rows, present in the logits when `truncate_predict_nums` keeps
+/// the whole table): they are not text and no step accepts them.
+fn choose(logits: &[f32], excluded: Range<usize>, sampling: Sampling, rng: &mut SplitMix) -> u32 {
+    let candidates = || {
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !excluded.contains(i))
+    };
     let argmax = || {
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] {
-                best = i;
+        // NaN logits never win; an all-NaN row picks its first candidate.
+        let mut best: Option<(usize, f32)> = None;
+        for (i, &x) in candidates() {
+            if best.is_none_or(|(_, b)| x > b || b.is_nan()) {
+                best = Some((i, x));
             }
         }
-        best as u32
+        best.map_or(0, |(i, _)| i as u32)
     };
     let Sampling::TopP {
         temperature, top_p, ..
@@ -77,12 +87,16 @@ fn choose(logits: &[f32], sampling: Sampling, rng: &mut SplitMix) -> u32 {
     else {
         return argmax();
     };
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
+    let max = candidates()
+        .map(|(_, &x)| x)
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = candidates()
         .map(|(i, &x)| (i as u32, ((x as f64 - max) / temperature).exp()))
         .collect();
+    if !probs.iter().any(|p| p.1 > 0.0) {
+        // No usable mass (every logit NaN or -inf): fall back to greedy.
+        return argmax();
+    }
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut keep = 0;
@@ -128,6 +142,12 @@ impl Qwen3Ksa {
                 "prompt {seq} is empty: generation needs at least one token"
             )));
         }
+        let (width, summaries) = (self.config().logits_size(), self.config().summary_rows());
+        if (0..width).all(|i| summaries.contains(&i)) {
+            return Err(Error::InvalidConfig(format!(
+                "the {width} logits are all summary rows {summaries:?}: no text token to generate"
+            )));
+        }
         let seed = match options.sampling {
             Sampling::TopP { seed, .. } => seed,
             Sampling::Greedy => 0,
@@ -147,7 +167,8 @@ impl Qwen3Ksa {
             let mut next = Vec::with_capacity(active.len());
             for (&seq, row) in active.iter().zip(&logits) {
                 let row: Vec<f32> = row.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
-                let token = choose(&row, options.sampling, &mut rngs[seq]);
+                let excluded = self.config().summary_rows();
+                let token = choose(&row, excluded, options.sampling, &mut rngs[seq]);
                 out[seq].push(token);
                 on_token(seq, token);
                 let done = out[seq].len() >= options.max_new_tokens

@@ -222,10 +222,21 @@ impl SummaryAttention {
                 c.head_dim
             )));
         }
+        crate::model_config::check_floats(c.rms_norm_eps, c.rope_theta, c.mix_coeff)?;
+        let width = |heads: usize| {
+            heads
+                .checked_mul(c.head_dim)
+                .filter(|&w| w <= crate::model_config::MAX_DIM)
+                .ok_or(Error::TooLarge {
+                    what: "heads * head_dim",
+                    got: heads.saturating_mul(c.head_dim),
+                    limit: crate::model_config::MAX_DIM,
+                })
+        };
         let (h, q_out, kv_out) = (
             c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
+            width(c.num_attention_heads)?,
+            width(c.num_key_value_heads)?,
         );
         let summary = if c.summary_projections {
             Some(SummaryProjections {

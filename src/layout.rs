@@ -239,8 +239,10 @@ impl KsaLayout {
             })
             .collect();
         let idx = Tensor::from_vec(idx, self.len, hidden.device())?;
+        // Any strided view is valid input; candle's cat and index_select want rows.
         let summaries = summaries.unsqueeze(0)?.broadcast_as((b, s, d))?;
-        let rows = Tensor::cat(&[hidden, &summaries], 1)?;
+        let contiguous = crate::check::contiguous;
+        let rows = Tensor::cat(&[&contiguous(hidden)?, &contiguous(&summaries)?], 1)?;
         Ok(rows.index_select(&idx, 1)?)
     }
 
@@ -278,6 +280,7 @@ impl KsaLayout {
             return Ok(Tensor::zeros(shape, x.dtype(), x.device())?);
         }
         let idx = Tensor::from_vec(slots, count, x.device())?;
-        Ok(x.index_select(&idx, dim)?)
+        // Any strided view is valid input; candle's index_select wants rows.
+        Ok(crate::check::contiguous(x)?.index_select(&idx, dim)?)
     }
 }

@@ -232,8 +232,10 @@ impl Qwen3Ksa {
     /// Builds the model from `vb` with the reference's tensor names
     /// ([`Qwen3Ksa::expected_tensors`]); a missing or mis-shaped tensor is
     /// [`Error::MissingTensor`] or [`Error::TensorShape`].
+    /// The weights' dtype must be a float one ([`Error::UnsupportedDType`]).
     pub fn new(config: &Qwen3KsaConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
+        check_model_dtype(vb.dtype())?;
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embeddings = load_tensor(&vb.pp("model.embed_tokens"), "weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
@@ -262,6 +264,7 @@ impl Qwen3Ksa {
     /// any weight is read.
     pub fn from_folder(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref();
+        check_model_dtype(dtype)?;
         let config = Qwen3KsaConfig::from_file(path.join("config.json"))?;
         let files = safetensors_files(path)?;
         // SAFETY: the files are memory-mapped read-only, as candle's own
@@ -272,19 +275,17 @@ impl Qwen3Ksa {
             .into_iter()
             .map(|(name, view)| (name, view.shape().to_vec()))
             .collect();
-        for (name, expected) in Self::expected_tensors(&config)? {
-            match shapes.get(&name) {
-                None => return Err(Error::MissingTensor { name }),
-                Some(got) if *got != expected => {
-                    return Err(Error::TensorShape {
-                        name,
-                        expected,
-                        got: got.clone(),
-                    })
-                }
-                Some(_) => {}
-            }
-        }
+        // One expected tensor at a time: a config claiming far more layers
+        // than the checkpoint holds stops at the first missing name.
+        for_each_expected(&config, |name, expected| match shapes.get(&name) {
+            None => Err(Error::MissingTensor { name }),
+            Some(got) if *got != expected => Err(Error::TensorShape {
+                name,
+                expected,
+                got: got.clone(),
+            }),
+            Some(_) => Ok(()),
+        })?;
         Self::new(
             &config,
             VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()),
@@ -295,43 +296,11 @@ impl Qwen3Ksa {
     /// naming (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
     /// ..., `model.norm.weight`, and `lm_head.weight` when untied).
     pub fn expected_tensors(config: &Qwen3KsaConfig) -> Result<Vec<(String, Vec<usize>)>> {
-        config.validate()?;
-        let c = config;
-        let (v, h, i) = (c.vocab_size, c.hidden_size, c.intermediate_size);
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-        for layer in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{layer}");
-            let ksa = c.layer_kinds[layer] == LayerKind::Summary;
-            let mut add =
-                |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}.weight"), shape));
-            add("input_layernorm", vec![h]);
-            if ksa && c.summary_independent_attention_layernorm {
-                add("input_layernorm_summary", vec![h]);
-            }
-            add("post_attention_layernorm", vec![h]);
-            add("self_attn.q_proj", vec![q, h]);
-            add("self_attn.k_proj", vec![kv, h]);
-            add("self_attn.v_proj", vec![kv, h]);
-            add("self_attn.o_proj", vec![h, q]);
-            add("self_attn.q_norm", vec![c.head_dim]);
-            add("self_attn.k_norm", vec![c.head_dim]);
-            if ksa && c.uses_summary_projections() {
-                add("self_attn.q_proj_summary", vec![q, h]);
-                add("self_attn.k_proj_summary", vec![kv, h]);
-                add("self_attn.v_proj_summary", vec![kv, h]);
-            }
-            add("mlp.gate_proj", vec![i, h]);
-            add("mlp.up_proj", vec![i, h]);
-            add("mlp.down_proj", vec![h, i]);
-        }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !c.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![v, h]));
-        }
+        let mut out = Vec::new();
+        for_each_expected(config, |name, shape| {
+            out.push((name, shape));
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -361,17 +330,38 @@ impl Qwen3Ksa {
 
     /// Embeds text ids `[b, n]` (u8, u32 or i64) and interleaves the summary
     /// embeddings: returns the expanded hidden states `[b, N, hidden]` and their layout.
+    /// Every id must be a text token ([`Qwen3KsaConfig::check_text_token`]):
+    /// candle's embedding would read an id at the dtype's maximum as
+    /// padding (a zero row) and a summary row as text.
     pub fn embed(&self, ids: &Tensor) -> Result<(Tensor, KsaLayout)> {
         let (b, n) = ids.dims2()?;
         let layout = self.layout(n)?;
-        if n == 0 {
+        self.check_ids(ids)?;
+        if n == 0 || b == 0 {
             let h = self.embed_tokens.hidden_size();
             let dtype = self.embed_tokens.embeddings().dtype();
-            return Ok((Tensor::zeros((b, 0, h), dtype, ids.device())?, layout));
+            let zeros = Tensor::zeros((b, layout.len(), h), dtype, ids.device())?;
+            return Ok((zeros, layout));
         }
         let text = self.embed_tokens.forward(ids)?;
         let hidden = layout.interleave(&text, &self.summary_embeddings()?)?;
         Ok((hidden, layout))
+    }
+
+    /// [`Error::UnsupportedDType`] for ids that are not u8, u32 or i64, and
+    /// [`Error::TokenOutOfRange`] for the first id that is not a text token.
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            return Err(Error::UnsupportedDType {
+                op: "Qwen3Ksa token ids",
+                got: ids.dtype(),
+                supported: "u8, u32, i64",
+            });
+        }
+        // Ids are a small host copy next to the activations they select.
+        let all = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+        all.into_iter()
+            .try_for_each(|id| self.config.check_text_token(id))
     }
 
     /// Embedding rows of `ids: [b, m]` as they are, text ids or summary rows
@@ -403,10 +393,77 @@ impl Qwen3Ksa {
     /// Logits `[b, n, V']` for text ids `[b, n]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (mut h, layout) = self.embed(ids)?;
+        if h.dim(0)? == 0 {
+            // A batch of none: nothing to run (the layers' reshapes cannot
+            // infer a dimension from zero elements).
+            let dtype = h.dtype();
+            let shape = (0, layout.text_len(), self.config.logits_size());
+            return Ok(Tensor::zeros(shape, dtype, h.device())?);
+        }
         for layer in &self.layers {
             h = layer.forward(&h, &layout)?;
         }
         self.logits(&h, &layout)
+    }
+}
+
+/// Calls `visit(name, shape)` for every tensor [`Qwen3Ksa::expected_tensors`]
+/// lists, in that order, stopping at the first error; nothing is collected.
+fn for_each_expected(
+    config: &Qwen3KsaConfig,
+    mut visit: impl FnMut(String, Vec<usize>) -> Result<()>,
+) -> Result<()> {
+    // Validation bounds every size and product below (`MAX_DIM`, `MAX_LAYERS`).
+    config.validate()?;
+    let c = config;
+    let (v, h, i) = (c.vocab_size, c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    visit("model.embed_tokens.weight".to_string(), vec![v, h])?;
+    for layer in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{layer}");
+        let ksa = c.layer_kinds[layer] == LayerKind::Summary;
+        let mut add = |name: &str, shape: Vec<usize>| visit(format!("{p}.{name}.weight"), shape);
+        add("input_layernorm", vec![h])?;
+        if ksa && c.summary_independent_attention_layernorm {
+            add("input_layernorm_summary", vec![h])?;
+        }
+        add("post_attention_layernorm", vec![h])?;
+        add("self_attn.q_proj", vec![q, h])?;
+        add("self_attn.k_proj", vec![kv, h])?;
+        add("self_attn.v_proj", vec![kv, h])?;
+        add("self_attn.o_proj", vec![h, q])?;
+        add("self_attn.q_norm", vec![c.head_dim])?;
+        add("self_attn.k_norm", vec![c.head_dim])?;
+        if ksa && c.uses_summary_projections() {
+            add("self_attn.q_proj_summary", vec![q, h])?;
+            add("self_attn.k_proj_summary", vec![kv, h])?;
+            add("self_attn.v_proj_summary", vec![kv, h])?;
+        }
+        add("mlp.gate_proj", vec![i, h])?;
+        add("mlp.up_proj", vec![i, h])?;
+        add("mlp.down_proj", vec![h, i])?;
+    }
+    visit("model.norm.weight".to_string(), vec![h])?;
+    if !c.tie_word_embeddings {
+        visit("lm_head.weight".to_string(), vec![v, h])?;
+    }
+    Ok(())
+}
+
+/// Model weights must be floats: candle's integer matmuls and norms would
+/// fail (or panic) inside the first forward instead.
+fn check_model_dtype(dtype: DType) -> Result<()> {
+    if crate::check::is_float(dtype) {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedDType {
+            op: "Qwen3Ksa",
+            got: dtype,
+            supported: "f32, f16, bf16, f64",
+        })
     }
 }
 

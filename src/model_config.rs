@@ -19,6 +19,20 @@ pub const MAX_PATTERN_ENTRIES: usize = 1 << 16;
 /// the recursive-descent parser's stack bounded).
 const MAX_PATTERN_DEPTH: usize = 64;
 
+/// The most decoder layers a config may declare (real models have under
+/// 200); checked before any per-layer list is built.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+/// The largest single size a config may give (`vocab_size`, `hidden_size`,
+/// `intermediate_size`, head counts, `head_dim`, and the projection widths
+/// `num_attention_heads * head_dim`): checked, with the products, before
+/// any shape is computed or anything allocated.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// The most elements one weight tensor the config implies may have
+/// (`vocab_size * hidden_size`, `intermediate_size * hidden_size`, ...).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 40;
+
 /// The logits width the reference keeps when `truncate_predict_nums` is absent
 /// (Qwen3's text vocabulary, 151936).
 pub const DEFAULT_TRUNCATE_PREDICT_NUMS: usize = 151_936;
@@ -305,6 +319,8 @@ impl Qwen3KsaConfig {
         let f = Fields(&m);
         f.reject_unsupported()?;
         let num_hidden_layers = f.usize("num_hidden_layers")?;
+        // Bounded before the per-layer lists below are built from it.
+        bound("num_hidden_layers", num_hidden_layers, MAX_LAYERS)?;
         let windows = match f.required("summary_sliding_chunk_num")? {
             Value::String(s) => parse_pattern(s)?,
             v => json_pattern("summary_sliding_chunk_num", v)?,
@@ -348,10 +364,14 @@ impl Qwen3KsaConfig {
         Ok(config)
     }
 
-    /// Checks that the fields are consistent: positive sizes, heads divisible
-    /// (GQA), one window and one kind per layer, summary rows inside the
-    /// embedding table, a finite `mix_coeff`, a valid KSA config.
+    /// Checks that the fields are consistent: positive sizes within their
+    /// documented maxima (products included), heads divisible (GQA), one
+    /// window and one kind per layer, summary rows inside the embedding
+    /// table, the float fields in their domains (`rms_norm_eps` finite and
+    /// positive, `rope_theta` finite and `>= 1`, `mix_coeff` in `[0, 1]`), a valid
+    /// KSA config.
     pub fn validate(&self) -> Result<()> {
+        self.check_sizes()?;
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -401,11 +421,38 @@ impl Qwen3KsaConfig {
                 self.vocab_size
             )));
         }
-        if !self.mix_coeff.is_finite() || !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
-            return Err(Error::ModelConfig(format!(
-                "`mix_coeff` must be finite and `rope_theta` positive, got {} and {}",
-                self.mix_coeff, self.rope_theta
-            )));
+        check_floats(self.rms_norm_eps, self.rope_theta, self.mix_coeff)
+    }
+
+    /// Every size within its documented maximum ([`MAX_LAYERS`], [`MAX_DIM`],
+    /// [`MAX_TENSOR_ELEMENTS`]), products computed with checked arithmetic,
+    /// so nothing later computes a shape that overflows or allocates for it.
+    fn check_sizes(&self) -> Result<()> {
+        bound("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            bound(name, v, MAX_DIM)?;
+        }
+        let width = |heads: usize| heads.saturating_mul(self.head_dim);
+        let (q, kv) = (
+            width(self.num_attention_heads),
+            width(self.num_key_value_heads),
+        );
+        bound("num_attention_heads * head_dim", q, MAX_DIM)?;
+        bound("num_key_value_heads * head_dim", kv, MAX_DIM)?;
+        let h = self.hidden_size;
+        for (name, rows) in [
+            ("vocab_size * hidden_size", self.vocab_size),
+            ("intermediate_size * hidden_size", self.intermediate_size),
+            ("num_attention_heads * head_dim * hidden_size", q),
+        ] {
+            bound(name, rows.saturating_mul(h), MAX_TENSOR_ELEMENTS)?;
         }
         Ok(())
     }
@@ -426,6 +473,26 @@ impl Qwen3KsaConfig {
     /// independent parameters, and they may be absent when `mix_coeff = 0`.
     pub fn uses_summary_projections(&self) -> bool {
         self.summary_independent_parameters && self.mix_coeff != 0.0
+    }
+
+    /// The embedding rows of the summary tokens, `summary_token_begin..+S`.
+    pub fn summary_rows(&self) -> std::ops::Range<usize> {
+        self.summary_token_begin..self.summary_token_begin + self.summary_token_num
+    }
+
+    /// [`Error::TokenOutOfRange`] unless `token` is a text id: in
+    /// `0..vocab_size` and not a summary row. The one id check of every
+    /// entry point (forward, embed, cache steps, generation).
+    pub fn check_text_token(&self, token: i64) -> Result<()> {
+        let rows = self.summary_rows();
+        match usize::try_from(token) {
+            Ok(t) if t < self.vocab_size && !rows.contains(&t) => Ok(()),
+            _ => Err(Error::TokenOutOfRange {
+                token,
+                vocab: self.vocab_size,
+                summary_rows: rows,
+            }),
+        }
     }
 
     /// Width of the logits the model returns: `truncate_predict_nums` when
@@ -560,6 +627,41 @@ impl Fields<'_> {
             }
         })
     }
+}
+
+/// [`Error::TooLarge`] when `got > limit`.
+fn bound(what: &'static str, got: usize, limit: usize) -> Result<()> {
+    if got > limit {
+        return Err(Error::TooLarge { what, got, limit });
+    }
+    Ok(())
+}
+
+/// The domains of the float fields, shared by the model config and
+/// [`crate::SummaryAttentionConfig`]: a value outside them gives NaN or
+/// infinite activations, never a usable model. `rope_theta` below 1 would
+/// make the rotary frequencies grow past `1 / rope_theta` instead of falling
+/// from 1, overflowing f32 for small bases; no model uses such a base.
+pub(crate) fn check_floats(rms_norm_eps: f64, rope_theta: f64, mix_coeff: f64) -> Result<()> {
+    // 0 would make a zero hidden state 0 / 0 = NaN.
+    if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+        return Err(Error::ModelConfig(format!(
+            "`rms_norm_eps` must be finite and positive, got {rms_norm_eps}"
+        )));
+    }
+    if !(rope_theta.is_finite() && rope_theta >= 1.0) {
+        return Err(Error::ModelConfig(format!(
+            "`rope_theta` must be finite and at least 1, got {rope_theta}"
+        )));
+    }
+    // A blend weight: `mix * summary + (1 - mix) * text` stays a convex
+    // combination (a huge weight overflows the activations).
+    if !(0.0..=1.0).contains(&mix_coeff) {
+        return Err(Error::ModelConfig(format!(
+            "`mix_coeff` must be in [0, 1], got {mix_coeff}"
+        )));
+    }
+    Ok(())
 }
 
 fn check_layers(name: &str, got: usize, layers: usize) -> Result<()> {

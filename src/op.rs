@@ -38,7 +38,8 @@ pub(crate) fn apply(
     };
     let op = Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>);
     if q.device().is_cpu() {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let contiguous = crate::check::contiguous;
+        let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
         Ok(q.apply_op3_arc(&k, &v, op)?)
     } else {
         Ok(q.apply_op3_arc(k, v, op)?)
@@ -74,6 +75,11 @@ fn dims(q: &Layout, k: &Layout) -> candle_core::Result<QkvDims> {
 }
 
 fn contiguous<'a, T: Element>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    if l.shape().elem_count() == 0 {
+        // An empty view's offset may lie past its storage (a `narrow` of an
+        // empty tensor): there is nothing to slice.
+        return Ok(&[]);
+    }
     let (start, end) = l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("ksa attention op expects contiguous inputs".into())
     })?;

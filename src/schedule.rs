@@ -24,7 +24,11 @@ use crate::mask::{KeyRanges, KeySpace, Mask};
 use crate::{Error, Result};
 use std::ops::Range;
 
-/// Query and key tile sizes, in rows.
+/// The largest query or key tile, in rows: keeps tile arithmetic far from
+/// overflow and a worker's score tile (`group * query * key` f32) bounded.
+pub const MAX_TILE: usize = 4096;
+
+/// Query and key tile sizes, in rows (each `1..=MAX_TILE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TileSizes {
     /// Consecutive text queries per query tile.
@@ -104,12 +108,22 @@ impl Schedule {
         Self::new(Mask::Causal { len }, tiles)
     }
 
-    /// The schedule of `mask`. Fails if a tile size is 0.
+    /// The schedule of `mask`. Fails if a tile size is 0 or above
+    /// [`MAX_TILE`].
     pub fn new(mask: Mask, tiles: TileSizes) -> Result<Self> {
         if tiles.query == 0 || tiles.key == 0 {
             return Err(Error::InvalidConfig(format!(
                 "tile sizes must be at least 1, got {tiles:?}"
             )));
+        }
+        for (what, got) in [("query tile", tiles.query), ("key tile", tiles.key)] {
+            if got > MAX_TILE {
+                return Err(Error::TooLarge {
+                    what,
+                    got,
+                    limit: MAX_TILE,
+                });
+            }
         }
         Ok(Self { mask, tiles })
     }

@@ -68,6 +68,14 @@ pub enum LogitRows {
     All,
 }
 
+/// The most sequences one [`KsaCache`] holds.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// The most K/V elements a [`KsaCache::with_capacity`] cache preallocates,
+/// all layers and sequences together (checked before allocating; host
+/// buffers that do not fit in memory below it are [`Error::OutOfMemory`]).
+pub const MAX_CACHE_ELEMENTS: usize = 1 << 40;
+
 /// The batched KSA decode cache: per sequence (each with its own length) and
 /// per layer, the window text K/V and the summary K/V; see the module docs.
 ///
@@ -137,6 +145,17 @@ impl KsaCache {
         max_tokens: Option<usize>,
         storage: CacheStorage,
     ) -> Result<Self> {
+        if batch > MAX_BATCH {
+            return Err(Error::TooLarge {
+                what: "cache batch",
+                got: batch,
+                limit: MAX_BATCH,
+            });
+        }
+        if let Some(n) = max_tokens {
+            // The capacity's layout must fit the kernels' u32 slot indices.
+            model.layout(n)?;
+        }
         let spec = CacheSpec::of(model)?;
         let table = model.summary_embeddings()?;
         let (dtype, device) = (table.dtype(), table.device().clone());
@@ -147,23 +166,42 @@ impl KsaCache {
         let (hkv, d) = (spec.kv_heads, spec.head_dim);
         let store = |rows: usize| -> Result<Rows> {
             Ok(Rows::new(match storage {
-                CacheStorage::Host => Kv::host(hkv, d, rows, dtype),
+                CacheStorage::Host => Kv::host(hkv, d, rows, dtype)?,
                 CacheStorage::Tensors => Kv::zeros(hkv, d, rows, dtype, &device)?,
             }))
         };
+        // Rows preallocated per layer (text, summaries), and their total
+        // over the batch, checked before anything is allocated.
+        let rows: Vec<(usize, usize)> = spec
+            .layers
+            .iter()
+            .map(|&(kind, w)| match (max_tokens, kind) {
+                (None, _) => (0, 0),
+                (Some(n), LayerKind::Bypass) => (n, 0),
+                (Some(n), LayerKind::Summary) => {
+                    (n.min(w.saturating_mul(c).saturating_add(c)), (n / c) * s)
+                }
+            })
+            .collect();
+        let total = rows
+            .iter()
+            .try_fold(0usize, |acc, &(t, u)| acc.checked_add(t.checked_add(u)?))
+            .and_then(|r| r.checked_mul(2 * hkv)?.checked_mul(d)?.checked_mul(batch));
+        match total {
+            Some(t) if t <= MAX_CACHE_ELEMENTS => {}
+            _ => {
+                return Err(Error::TooLarge {
+                    what: "decode cache elements",
+                    got: total.unwrap_or(usize::MAX),
+                    limit: MAX_CACHE_ELEMENTS,
+                })
+            }
+        }
         let seqs = (0..batch)
             .map(|_| {
-                let layers = spec
-                    .layers
+                let layers = rows
                     .iter()
-                    .map(|&(kind, w)| {
-                        let (text, sums) = match (max_tokens, kind) {
-                            (None, _) => (0, 0),
-                            (Some(n), LayerKind::Bypass) => (n, 0),
-                            (Some(n), LayerKind::Summary) => {
-                                (n.min(w.saturating_mul(c).saturating_add(c)), (n / c) * s)
-                            }
-                        };
+                    .map(|&(text, sums)| {
                         Ok(LayerStore {
                             text: store(text)?,
                             summaries: store(sums)?,

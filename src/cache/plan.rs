@@ -85,8 +85,6 @@ impl KsaCache {
             )));
         }
         let config = model.config();
-        let summary_rows =
-            config.summary_token_begin..config.summary_token_begin + config.summary_token_num;
         let mut seen = vec![false; self.seqs.len()];
         let (mut rows, mut text_rows) = (0, 0);
         let mut plans = Vec::with_capacity(inputs.len());
@@ -98,15 +96,8 @@ impl KsaCache {
             if std::mem::replace(&mut seen[seq], true) {
                 return Err(Error::DuplicateSequence { index: seq });
             }
-            if let Some(&token) = tokens
-                .iter()
-                .find(|&&t| t as usize >= config.vocab_size || summary_rows.contains(&(t as usize)))
-            {
-                return Err(Error::TokenOutOfRange {
-                    token,
-                    vocab: config.vocab_size,
-                    summary_rows: summary_rows.clone(),
-                });
+            for &token in tokens {
+                config.check_text_token(token.into())?;
             }
             let old = state.len;
             let new = old.checked_add(tokens.len()).ok_or(Error::CacheCapacity {

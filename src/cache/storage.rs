@@ -9,9 +9,10 @@ use crate::attention::KvRows;
 use crate::cpu::decode::KvSlice;
 use crate::cpu::Element;
 use crate::model_config::LayerKind;
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
+use std::mem::size_of;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -22,6 +23,14 @@ pub(super) fn host_dtype(dtype: DType) -> DType {
     match dtype {
         DType::BF16 | DType::F16 => dtype,
         _ => DType::F32,
+    }
+}
+
+/// The error of a host allocation that the memory cannot hold.
+fn oom(bytes: usize) -> Error {
+    Error::OutOfMemory {
+        what: "decode cache rows",
+        bytes,
     }
 }
 
@@ -39,9 +48,23 @@ impl<T: Copy> HostBufs<T> {
         Self { k, v }
     }
 
-    fn empty(heads: usize, d: usize, rows: usize) -> Self {
-        let buf = || (0..heads).map(|_| Vec::with_capacity(rows * d)).collect();
-        Self { k: buf(), v: buf() }
+    fn empty(heads: usize, d: usize, rows: usize) -> Result<Self> {
+        let elements = rows.checked_mul(d);
+        let oom = || oom(elements.map_or(usize::MAX, |e| e.saturating_mul(size_of::<T>())));
+        let buf = || -> Result<Vec<Vec<T>>> {
+            (0..heads)
+                .map(|_| {
+                    let mut b = Vec::new();
+                    b.try_reserve_exact(elements.ok_or_else(oom)?)
+                        .map_err(|_| oom())?;
+                    Ok(b)
+                })
+                .collect()
+        };
+        Ok(Self {
+            k: buf()?,
+            v: buf()?,
+        })
     }
 
     fn capacity(&self, d: usize) -> usize {
@@ -75,10 +98,13 @@ impl<T: Copy> HostBufs<T> {
         }
     }
 
-    fn grow(&mut self, rows: usize, d: usize) {
+    fn grow(&mut self, rows: usize, d: usize) -> Result<()> {
         for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-            b.reserve_exact(rows * d - b.len());
+            let more = rows * d - b.len();
+            b.try_reserve_exact(more)
+                .map_err(|_| oom(more.saturating_mul(size_of::<T>())))?;
         }
+        Ok(())
     }
 }
 
@@ -147,13 +173,15 @@ pub(super) enum Kv {
 }
 
 impl Kv {
-    /// Empty host buffers for `rows` rows, for a model of `dtype`.
-    pub(super) fn host(heads: usize, d: usize, rows: usize, dtype: DType) -> Self {
-        Kv::Host(match host_dtype(dtype) {
-            DType::BF16 => HostKv::Bf16(HostBufs::empty(heads, d, rows)),
-            DType::F16 => HostKv::F16(HostBufs::empty(heads, d, rows)),
-            _ => HostKv::F32(HostBufs::empty(heads, d, rows)),
-        })
+    /// Empty host buffers for `rows` rows per head, for a model of `dtype`,
+    /// or [`Error::OutOfMemory`] when the memory is not there (instead of
+    /// aborting the process).
+    pub(super) fn host(heads: usize, d: usize, rows: usize, dtype: DType) -> Result<Self> {
+        Ok(Kv::Host(match host_dtype(dtype) {
+            DType::BF16 => HostKv::Bf16(HostBufs::empty(heads, d, rows)?),
+            DType::F16 => HostKv::F16(HostBufs::empty(heads, d, rows)?),
+            _ => HostKv::F32(HostBufs::empty(heads, d, rows)?),
+        }))
     }
 
     pub(super) fn tensor(k: Tensor, v: Tensor) -> Self {
@@ -174,7 +202,7 @@ impl Kv {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let z = || Tensor::zeros((heads, rows.max(1), d), dtype, device);
+        let z = || zeros((heads, rows.max(1), d), dtype, device);
         Ok(Kv::tensor(z()?, z()?))
     }
 
@@ -287,7 +315,7 @@ impl Kv {
     /// Reallocates to `rows` rows, keeping the first `len`.
     pub(super) fn grow(&mut self, len: usize, rows: usize, d: usize) -> Result<()> {
         match self {
-            Kv::Host(host) => each_host!(host, b => b.grow(rows, d)),
+            Kv::Host(host) => each_host!(host, b => b.grow(rows, d))?,
             Kv::Tensor { k, .. } => {
                 let (heads, dtype, device) = (k.dims()[0], k.dtype(), k.device().clone());
                 let mut grown = Kv::zeros(heads, d, rows, dtype, &device)?;
@@ -296,6 +324,32 @@ impl Kv {
             }
         }
         Ok(())
+    }
+}
+
+/// A zeroed tensor; on the CPU from a fallibly reserved buffer, so memory
+/// that is not there is [`Error::OutOfMemory`] rather than an abort inside
+/// candle's allocation (devices report their own allocation errors).
+fn zeros(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    fn host<T: candle_core::WithDType>(shape: (usize, usize, usize)) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2;
+        let mut data: Vec<T> = Vec::new();
+        data.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            what: "decode cache tensors",
+            bytes: n.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+        data.resize(n, T::zero());
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+    if !device.is_cpu() {
+        return Ok(Tensor::zeros(shape, dtype, device)?);
+    }
+    match dtype {
+        DType::F32 => host::<f32>(shape),
+        DType::F16 => host::<half::f16>(shape),
+        DType::BF16 => host::<half::bf16>(shape),
+        DType::F64 => host::<f64>(shape),
+        _ => Ok(Tensor::zeros(shape, dtype, device)?),
     }
 }
 

@@ -145,7 +145,8 @@ impl CpuKernel {
             None => isa::process_isa()?,
         };
         let scale = options.scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt()) as f32;
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let contiguous = crate::check::contiguous;
+        let (q, k, v) = (contiguous(q)?, contiguous(k)?, contiguous(v)?);
         let (out, lse) = match q.dtype() {
             DType::F32 => run_typed::<f32>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
             DType::F16 => run_typed::<f16>(&q, &k, &v, dims, schedule, scale, isa, progress)?,
@@ -255,6 +256,11 @@ impl Element for bf16 {
 /// Runs `f` on the data of a contiguous CPU tensor.
 fn with_slice<T: Element, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = x.storage_and_layout();
+    if layout.shape().elem_count() == 0 {
+        // An empty view's offset may lie past its storage (a `narrow` of an
+        // empty tensor): there is nothing to slice.
+        return f(&[]);
+    }
     let Storage::Cpu(cpu) = &*storage else {
         unreachable!("checked to be a CPU tensor")
     };

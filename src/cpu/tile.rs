@@ -159,17 +159,23 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             &mut sc.o[..rows * d],
             d,
         );
-        matmul::accumulate(
-            ctx.isa,
-            rows,
-            keys,
-            d,
-            &sc.s,
-            stride,
-            v,
-            &mut sc.o,
-            &mut sc.pack,
-        );
+        // A masked column's probability is 0, but 0 * inf is NaN: an edge
+        // tile whose values are not all finite sums each row's own columns.
+        if kt.full || v.iter().all(|x| x.to_f32().is_finite()) {
+            matmul::accumulate(
+                ctx.isa,
+                rows,
+                keys,
+                d,
+                &sc.s,
+                stride,
+                v,
+                &mut sc.o,
+                &mut sc.pack,
+            );
+        } else {
+            accumulate_visible(&sc.s, stride, &sc.bounds[..rows], v, d, &mut sc.o);
+        }
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
@@ -181,6 +187,28 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 sc.m[r],
                 sc.l[r],
             );
+        }
+    }
+}
+
+/// `o[r] += sum_{j in bounds[r]} p[r, j] * v[j]`: the value product of an
+/// edge tile reading only the columns each row may see.
+/// Only edge tiles with a non-finite value take it, so it stays scalar.
+fn accumulate_visible<T: Element>(
+    p: &[f32],
+    stride: usize,
+    bounds: &[(usize, usize)],
+    v: &[T],
+    d: usize,
+    o: &mut [f32],
+) {
+    for (r, &(a, b)) in bounds.iter().enumerate() {
+        let acc = &mut o[r * d..(r + 1) * d];
+        for j in a..b {
+            let w = p[r * stride + j];
+            for (y, x) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *y += w * x.to_f32();
+            }
         }
     }
 }
