@@ -3,7 +3,7 @@
 //! GFLOP/s, and the machine's f32 speed for scale: candle's matmul and the
 //! FMA peak of one core (a register-only FMA loop per instruction set).
 //!
-//! `cargo run --release --example bench_report -- [--sizes 1024,4096,...]
+//! `cargo run --profile bench --example bench_report -- [--sizes 1024,4096,...]
 //! [--window 128] [--reps 3] [--bf16] [--peers FILE] [--plot docs/bench_time.svg]`
 //!
 //! Shapes: batch 1, 8 query heads, 2 key/value heads, head_dim 128, f32

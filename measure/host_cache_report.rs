@@ -4,7 +4,7 @@
 //! KSA-4B-base attention shapes (32 query / 8 KV heads of 128, C = 8, S = 1,
 //! W = 128), one layer, one new token, all threads.
 //!
-//! `cargo run --release --example host_cache_report -- [--contexts 4096,32768,131072] [--reps 50]`
+//! `cargo run --profile bench --example host_cache_report -- [--contexts 4096,32768,131072] [--reps 50]`
 
 use half::{bf16, f16};
 use ksa::cpu::decode::{attend, KvSlice};
