@@ -22,6 +22,13 @@
 //! A step validates everything, computes all layers while only reading the
 //! cache, and commits the new K/V at the very end: a failed step leaves the
 //! cache exactly as it was.
+//!
+//! A long input runs in steps of at most [`KsaCache::prefill_chunk`] text
+//! tokens (chunked prefill), each attending on the tiled block-sparse CPU
+//! kernel over the cached summaries and window text plus its own keys, so a
+//! prompt's memory beyond the cache is bounded by the chunk, not the prompt.
+//! The steps run on a copy of the sequences they feed, which replaces them
+//! only when every step succeeded.
 
 //!
 //! The module by concern: the API here, `storage` (row buffers on the host
@@ -90,8 +97,14 @@ pub struct KsaCache {
     storage: CacheStorage,
     /// Dtype and device of the model, which tensor storage must keep.
     place: (DType, DeviceLocation),
+    /// Most text tokens of one sequence per step.
+    prefill_chunk: usize,
     seqs: Vec<Sequence>,
 }
+
+/// The default [`KsaCache::prefill_chunk`]: 4,096 text tokens, the chunk
+/// serving engines prefill KSA models with.
+pub const DEFAULT_PREFILL_CHUNK: usize = 4096;
 
 /// Whether the CUDA decode kernels take this model (dtype and head_dim).
 fn kernels_take(model: &Qwen3Ksa, dtype: DType) -> Result<()> {
@@ -216,8 +229,31 @@ impl KsaCache {
             capacity: max_tokens,
             storage,
             place: (dtype, device.location()),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             seqs,
         })
+    }
+
+    /// The cache with appends run in steps of at most `tokens` text tokens
+    /// per sequence (see [`KsaCache::prefill_chunk`]); 0 is
+    /// [`Error::InvalidConfig`].
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Result<Self> {
+        if tokens == 0 {
+            return Err(Error::InvalidConfig(
+                "the prefill chunk must be at least 1 text token".into(),
+            ));
+        }
+        self.prefill_chunk = tokens;
+        Ok(self)
+    }
+
+    /// Most text tokens of one sequence that one step of [`KsaCache::append`]
+    /// computes ([`DEFAULT_PREFILL_CHUNK`] unless set): a longer input runs
+    /// as consecutive steps, which gives the same logits and cache (up to
+    /// f32 summation order) with memory beyond the cache bounded by the
+    /// chunk times the attended keys of one KV head.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
     }
 
     /// Where the K/V live.
@@ -314,7 +350,75 @@ impl KsaCache {
         inputs: &[(usize, &[u32])],
         which: LogitRows,
     ) -> Result<Vec<Tensor>> {
+        // Every check of the whole input first: a bad input fails before any
+        // step, whatever the chunk.
         let plans = self.validate(model, inputs)?;
+        let chunk = self.prefill_chunk;
+        if inputs.iter().all(|(_, tokens)| tokens.len() <= chunk) {
+            return self.append_step(model, inputs, &plans, which);
+        }
+        // Chunked: the steps run on a copy of the sequences fed (input `i`
+        // becomes sequence `i` of the copy), which replaces them at the end.
+        let mut work = KsaCache {
+            spec: self.spec.clone(),
+            capacity: self.capacity,
+            storage: self.storage,
+            place: self.place,
+            prefill_chunk: chunk,
+            seqs: Vec::with_capacity(inputs.len()),
+        };
+        for plan in &plans {
+            let keep = &self.seqs[plan.seq];
+            let mut seq = keep.clone();
+            seq.reserve_for(&self.spec, plan.new, keep)?;
+            work.seqs.push(seq);
+        }
+        let mut pieces: Vec<Vec<Tensor>> = inputs.iter().map(|_| Vec::new()).collect();
+        for start in (0..).step_by(chunk) {
+            let (fed, step): (Vec<usize>, Vec<(usize, &[u32])>) = inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, tokens))| start < tokens.len())
+                .map(|(i, (_, tokens))| (i, (i, &tokens[start..tokens.len().min(start + chunk)])))
+                .unzip();
+            if step.is_empty() {
+                break;
+            }
+            let plans = work.validate(model, &step)?;
+            for (i, logits) in fed
+                .into_iter()
+                .zip(work.append_step(model, &step, &plans, which)?)
+            {
+                if which == LogitRows::Last {
+                    pieces[i].clear();
+                }
+                pieces[i].push(logits);
+            }
+        }
+        let table = model.summary_embeddings()?;
+        let v = model.config().logits_size();
+        let logits = pieces
+            .into_iter()
+            .map(|p| match p.len() {
+                0 => Ok(Tensor::zeros((0, v), table.dtype(), table.device())?),
+                _ => Ok(Tensor::cat(&p, 0)?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (plan, seq) in plans.iter().zip(work.seqs) {
+            self.seqs[plan.seq] = seq;
+        }
+        Ok(logits)
+    }
+
+    /// One step of [`KsaCache::append`] with its inputs' `plans`: every
+    /// layer computed, then the new K/V committed.
+    fn append_step(
+        &mut self,
+        model: &Qwen3Ksa,
+        inputs: &[(usize, &[u32])],
+        plans: &[plan::Plan],
+        which: LogitRows,
+    ) -> Result<Vec<Tensor>> {
         if plans.iter().all(|p| p.rows.is_empty()) {
             let table = model.summary_embeddings()?;
             let v = model.config().logits_size();
@@ -323,8 +427,8 @@ impl KsaCache {
                 .map(|_| Ok(Tensor::zeros((0, v), table.dtype(), table.device())?))
                 .collect();
         }
-        let (hidden, staged) = self.compute(model, inputs, &plans)?;
-        let logits = self.logits(model, &hidden, &plans, which)?;
+        let (hidden, staged) = self.compute(model, inputs, plans)?;
+        let logits = self.logits(model, &hidden, plans, which)?;
         for (plan, staged) in plans.iter().zip(staged) {
             self.commit(plan, staged)?;
         }
