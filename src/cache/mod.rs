@@ -256,6 +256,40 @@ impl KsaCache {
         self.prefill_chunk
     }
 
+    /// A cache of the sequences `seqs` of this one, in that order (an index
+    /// may repeat): parallel sampling from one prompt, a beam search's
+    /// reordering, or a batch assembled from prompts prefilled once. Tensor
+    /// storage shares the buffers until a write; host buffers are copied
+    /// (their live rows; they grow again as needed).
+    /// An index past the batch is [`Error::UnknownSequence`].
+    pub fn select(&self, seqs: &[usize]) -> Result<Self> {
+        let picked = seqs
+            .iter()
+            .map(|&index| {
+                self.seqs.get(index).cloned().ok_or(Error::UnknownSequence {
+                    index,
+                    batch: self.seqs.len(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            seqs: picked,
+            ..self.clone_empty()
+        })
+    }
+
+    /// This cache's settings with no sequences.
+    fn clone_empty(&self) -> Self {
+        Self {
+            spec: self.spec.clone(),
+            capacity: self.capacity,
+            storage: self.storage,
+            place: self.place,
+            prefill_chunk: self.prefill_chunk,
+            seqs: Vec::new(),
+        }
+    }
+
     /// Where the K/V live.
     pub fn storage(&self) -> CacheStorage {
         self.storage
@@ -359,14 +393,7 @@ impl KsaCache {
         }
         // Chunked: the steps run on a copy of the sequences fed (input `i`
         // becomes sequence `i` of the copy), which replaces them at the end.
-        let mut work = KsaCache {
-            spec: self.spec.clone(),
-            capacity: self.capacity,
-            storage: self.storage,
-            place: self.place,
-            prefill_chunk: chunk,
-            seqs: Vec::with_capacity(inputs.len()),
-        };
+        let mut work = self.clone_empty();
         for plan in &plans {
             let keep = &self.seqs[plan.seq];
             let mut seq = keep.clone();
