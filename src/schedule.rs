@@ -444,6 +444,70 @@ mod tests {
     }
 
     #[test]
+    fn a_step_runs_the_new_queries_at_their_rows_against_held_keys() {
+        let config = KsaConfig::new(4, 2, 3).unwrap();
+        let tiles = TileSizes { query: 8, key: 16 };
+        for n in [1, 9, 40, 97] {
+            let layout = KsaLayout::new(config, n).unwrap();
+            for old in [0, 1, 3, 4, 8, 37, n] {
+                if old > n {
+                    continue;
+                }
+                let base = KsaLayout::new(config, old).unwrap().len();
+                let held = if old < n {
+                    layout
+                        .key_ranges(layout.text_slot(old).unwrap())
+                        .unwrap()
+                        .text
+                        .start
+                } else {
+                    0
+                };
+                let offset = QueryOffset {
+                    old,
+                    first_key: held,
+                    first_row: 5,
+                };
+                let step = Schedule::step(Mask::Ksa(layout), tiles, offset).unwrap();
+                check(&step);
+                // The text queries are old..n, each at its slot's place among
+                // the new slots; the summary queries those of chunks old/C..
+                let queries: Vec<usize> = (0..step.query_tiles())
+                    .flat_map(|t| step.query_tile(t))
+                    .collect();
+                assert_eq!(queries, (old..n).collect::<Vec<_>>());
+                for t in old..n {
+                    assert_eq!(step.text_slot(t), 5 + layout.text_slot(t).unwrap() - base);
+                    let whole = Schedule::ksa(&layout, tiles).unwrap();
+                    assert_eq!(step.row_keys(t), whole.row_keys(t));
+                }
+                assert_eq!(step.step_rows(), 5..5 + layout.len() - base);
+                assert_eq!(step.summary_query_chunks(), old / 4..n / 4);
+                for c in step.summary_query_chunks() {
+                    let slot = layout.summary_slot(c, 1).unwrap();
+                    assert_eq!(step.summary_query_row(c, 1), Some(5 + slot - base));
+                }
+                // Held text starts at `first_key`; every summary is held.
+                let ns = layout.summary_len();
+                assert_eq!(step.gathered_row(KeySpace::Text, held + 2), ns + 2);
+                assert_eq!(step.gathered_row(KeySpace::Summary, 3), 3);
+                if old < n {
+                    let late = QueryOffset {
+                        first_key: held + 1,
+                        ..offset
+                    };
+                    assert!(Schedule::step(Mask::Ksa(layout), tiles, late).is_err());
+                }
+            }
+            let past = QueryOffset {
+                old: n + 1,
+                ..QueryOffset::default()
+            };
+            assert!(Schedule::step(Mask::Ksa(layout), tiles, past).is_err());
+        }
+    }
+
+    #[test]
     fn zero_tile_size_is_an_error() {
         let tiles = TileSizes { query: 0, key: 4 };
         assert!(Schedule::causal(4, tiles).is_err());
