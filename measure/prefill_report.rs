@@ -127,7 +127,12 @@ fn main() -> Result<()> {
     let bar = ProgressBar::new(steps as u64).with_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} [{elapsed_precise}] {msg}",
     )?);
-    let mut rows = Vec::new();
+    println!(
+        "| prompt | windows | forward s (wall / cpu) | cache prefill s (wall / cpu) \
+         | prefill / forward (wall / cpu) | forward peak | cache K/V | prefill peak beyond cache | max |logit diff| |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // Rows print as they are measured: a long run shows its figures early.
     for &n in &args.lens {
         for &(kind, full) in &kinds {
             let model = model(&windows(4, full), 1)?;
@@ -144,7 +149,7 @@ fn main() -> Result<()> {
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            rows.push(format!(
+            let row = format!(
                 "| {n} | {kind} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}x / {:.2}x | {} | {} | {} | {diff:.1e} |",
                 fwd_s.wall,
                 fwd_s.cpu,
@@ -155,7 +160,8 @@ fn main() -> Result<()> {
                 mib(fwd_mem),
                 mib(cache_bytes as u64),
                 mib(pre_mem.saturating_sub(cache_bytes as u64)),
-            ));
+            );
+            bar.suspend(|| println!("{row}"));
         }
     }
     for &n in &args.memory_lens {
@@ -164,22 +170,15 @@ fn main() -> Result<()> {
         bar.set_message(format!("KSA {n}: cache prefill"));
         let ((_, cache_bytes), pre_s, pre_mem) = measured(|| prefill(&model, &tokens, args.chunk))?;
         bar.inc(1);
-        rows.push(format!(
+        let row = format!(
             "| {n} | KSA | - | {:.2} / {:.2} | - | - | {} | {} | - |",
             pre_s.wall,
             pre_s.cpu,
             mib(cache_bytes as u64),
             mib(pre_mem.saturating_sub(cache_bytes as u64)),
-        ));
+        );
+        bar.suspend(|| println!("{row}"));
     }
     bar.finish_and_clear();
-    println!(
-        "| prompt | windows | forward s (wall / cpu) | cache prefill s (wall / cpu) \
-         | prefill / forward (wall / cpu) | forward peak | cache K/V | prefill peak beyond cache | max |logit diff| |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for row in rows {
-        println!("{row}");
-    }
     Ok(())
 }

@@ -52,15 +52,18 @@ use storage::{Kv, LayerStore, Rows, Sequence};
 pub enum CacheStorage {
     /// Host buffers, one per KV head, in the model's dtype when it is bf16 or
     /// f16 (half the bytes of f32) and f32 otherwise, attended on the CPU by
-    /// `ksa::cpu::decode::attend` on rayon, which reads half-precision rows
-    /// directly. The default on the CPU, and for CUDA models the decode
-    /// kernels cannot take (f32, head_dim other than 64 or 128): those copy
-    /// every layer's new K/V to the host.
+    /// `ksa::cpu::decode::attend` on rayon (decode steps; it reads
+    /// half-precision rows directly) or by the tiled block-sparse kernel
+    /// (steps of 16 or more query rows: prompts). The default on the CPU, and
+    /// for CUDA models the decode kernels cannot take (f32, head_dim other
+    /// than 64 or 128): those copy every layer's new K/V to the host.
     Host,
     /// `[kv_heads, capacity, head_dim]` tensors on the model's device in the
     /// model's dtype, attended per query row over [`crate::KvRows`] lists by
     /// [`crate::decode_attention`]: the CUDA decode kernels on CUDA (one launch
-    /// per layer for the whole batch), its CPU implementation elsewhere. The
+    /// per layer for the whole batch, prompts included), its CPU
+    /// implementation elsewhere (decode steps; prompts run on the tiled
+    /// kernel as with host storage). The
     /// default for bf16/f16 CUDA models with head_dim 64 or 128.
     Tensors,
 }
