@@ -384,7 +384,7 @@ impl KsaCache {
                     scale,
                     &mut out,
                     &mut lse,
-                );
+                )?;
             }
         }
         Ok(Tensor::from_vec(out, (1, hq, total, d), q.device())?.to_dtype(q.dtype())?)

@@ -392,6 +392,8 @@ pub(crate) fn tasks(schedule: &Schedule) -> Vec<Task> {
 /// tiled kernel of the forward, for the queries `schedule` runs. `q` is
 /// `[q_heads, q_rows, d]` f32; the rows the schedule names are written to
 /// `out` (same shape) and `lse` (`[q_heads, q_rows]`), the others left alone.
+/// Runs the process's kernel variant ([`CpuIsa`]); an unusable
+/// `KSA_CPU_ISA` is its error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_gathered(
     q: &[f32],
@@ -403,7 +405,7 @@ pub(crate) fn attend_gathered(
     scale: f32,
     out: &mut [f32],
     lse: &mut [f32],
-) {
+) -> Result<()> {
     assert!(
         q.len() == q_heads * q_rows * d && out.len() == q.len() && lse.len() == q_heads * q_rows,
         "attend_gathered: buffer sizes"
@@ -426,7 +428,7 @@ pub(crate) fn attend_gathered(
         batch: 0,
         first_head: heads.start,
         group: heads.len(),
-        fast: matmul::fast_path(d),
+        isa: isa::process_isa()?,
         out: Out {
             out: out.as_mut_ptr(),
             lse: lse.as_mut_ptr(),
@@ -439,6 +441,7 @@ pub(crate) fn attend_gathered(
             Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
         },
     );
+    Ok(())
 }
 
 /// Largest per-head gathered K/V (bytes) for which heads run in parallel.
