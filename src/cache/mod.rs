@@ -63,8 +63,8 @@ pub enum CacheStorage {
     /// [`crate::decode_attention`]: the CUDA decode kernels on CUDA (one launch
     /// per layer for the whole batch, prompts included), its CPU
     /// implementation elsewhere (decode steps; prompts run on the tiled
-    /// kernel as with host storage). The
-    /// default for bf16/f16 CUDA models with head_dim 64 or 128.
+    /// kernel as with host storage). The default for bf16/f16 CUDA models
+    /// with head_dim 64 or 128.
     Tensors,
 }
 
@@ -263,8 +263,8 @@ impl KsaCache {
     /// may repeat): parallel sampling from one prompt, a beam search's
     /// reordering, or a batch assembled from prompts prefilled once. Tensor
     /// storage shares the buffers until a write; host buffers are copied
-    /// (their live rows; they grow again as needed).
-    /// An index past the batch is [`Error::UnknownSequence`].
+    /// (their live rows; they grow again as needed). An index past the batch
+    /// is [`Error::UnknownSequence`].
     pub fn select(&self, seqs: &[usize]) -> Result<Self> {
         let picked = seqs
             .iter()
@@ -372,6 +372,10 @@ impl KsaCache {
     /// not named are left alone, an empty token list is a no-op). When a
     /// sequence completes a chunk, the chunk's `S` summaries run in the same
     /// step through every layer and their K/V join the cache.
+    ///
+    /// An input longer than [`KsaCache::prefill_chunk`] runs as consecutive
+    /// steps of that many tokens (all inputs advancing together), on a copy
+    /// of the sequences fed that replaces them once the last step is done.
     ///
     /// Returns, per input, the logits selected by `which` (`[m, V']` or
     /// `[1, V']`; `[0, V']` for an empty input). Nothing changes on error:
