@@ -242,7 +242,8 @@ impl Kv {
     }
 
     /// Appends rows `rows` of KV head `head` as f32 to `k` and `v` (either
-    /// storage; the tiled step gathers a head's keys this way).
+    /// storage, any host dtype; the tiled step gathers a head's keys this
+    /// way).
     pub(super) fn push_f32(
         &self,
         head: usize,
@@ -255,11 +256,11 @@ impl Kv {
             return Ok(());
         }
         match self {
-            Kv::Host { .. } => {
-                let s = self.slice(head, rows, d);
-                k.extend_from_slice(s.k);
-                v.extend_from_slice(s.v);
-            }
+            Kv::Host(host) => each_host!(host, bufs => {
+                let s = bufs.slice(head, rows, d);
+                k.extend(s.k.iter().map(|x| x.to_f32()));
+                v.extend(s.v.iter().map(|x| x.to_f32()));
+            }),
             Kv::Tensor { k: kt, v: vt, .. } => {
                 for (src, dst) in [(kt, k), (vt, v)] {
                     let run = src.get(head)?.narrow(0, rows.start, rows.len())?;
