@@ -6,7 +6,7 @@
 //! attention with the same weights), for uniform batches (every sequence at
 //! the context) and ragged ones (every other sequence at an eighth of it).
 //!
-//! `cargo run --release --example decode_report -- [--contexts 4096,32768]
+//! `cargo run --profile bench --example decode_report -- [--contexts 4096,32768]
 //! [--batches 1,8,32] [--steps 4] [--max-cache-gib 6] [--skip-full]
 //! [--plot docs/decode_throughput.svg]`
 //!

@@ -4,7 +4,7 @@
 //! `[128, 128, 128, 16768]` ("KSA") and with every window whole-context
 //! ("full"), f32 on the CPU.
 //!
-//! `cargo run --release --example prefill_report -- [--lens 16384,32768]
+//! `cargo run --profile bench --example prefill_report -- [--lens 16384,32768]
 //! [--memory-lens 131072] [--chunk 4096] [--skip-full]`
 //!
 //! For each `--lens` prompt and window set: the time of the forward (embed,
