@@ -18,6 +18,13 @@
 //!
 //! The same schedule also describes plain causal attention over `len`
 //! positions ([`Schedule::causal`]): one text space, no summaries.
+//!
+//! A schedule may also run only the queries a cache step adds
+//! ([`Schedule::step`] with a [`QueryOffset`]): text tokens `old..n` and the
+//! summaries of the chunks they complete, against K/V gathered from text
+//! token `first_key` on. Key indices stay absolute (so the rules stay those
+//! of [`KsaLayout::key_ranges`]); only where query rows and gathered key rows
+//! sit in the buffers moves.
 
 use crate::layout::KsaLayout;
 use crate::mask::{KeyRanges, KeySpace, Mask};
@@ -88,12 +95,31 @@ impl TileCounts {
     }
 }
 
+/// Which queries a schedule runs and where its rows sit, for a step of a
+/// cache that already holds `old` text tokens. The default (all zero) is the
+/// whole mask in slot order: the full forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct QueryOffset {
+    /// Text tokens before the step: the queries are text tokens `old..n` and
+    /// the summaries of chunks `floor(old/C)..floor(n/C)`.
+    pub old: usize,
+    /// First text token whose K/V the gathered buffers hold: text key `t` is
+    /// gathered row `summary_len + t - first_key` (every summary is held).
+    pub first_key: usize,
+    /// Query (and output) row of the step's first new slot; the step's
+    /// slots follow in slot order.
+    pub first_row: usize,
+}
+
 /// The tile schedule of KSA attention over a [`KsaLayout`], or of plain causal
 /// attention, for given [`TileSizes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Schedule {
     mask: Mask,
     tiles: TileSizes,
+    offset: QueryOffset,
+    /// Mask slot of the step's first new slot (that of text token `old`).
+    slot_base: usize,
 }
 
 impl Schedule {
@@ -125,7 +151,44 @@ impl Schedule {
                 });
             }
         }
-        Ok(Self { mask, tiles })
+        Ok(Self {
+            mask,
+            tiles,
+            offset: QueryOffset::default(),
+            slot_base: 0,
+        })
+    }
+
+    /// The schedule of one cache step over `mask` (the mask of the whole
+    /// text after the step): only the queries `offset` names, against K/V
+    /// gathered from text token `offset.first_key` on. Fails if a tile size
+    /// is 0, `old` is past the text, or some query needs a text key before
+    /// `first_key`.
+    pub fn step(mask: Mask, tiles: TileSizes, offset: QueryOffset) -> Result<Self> {
+        let mut schedule = Self::new(mask, tiles)?;
+        let n = mask.text_len();
+        if offset.old > n {
+            return Err(Error::InvalidConfig(format!(
+                "a step from {} text tokens of a mask of {n}",
+                offset.old
+            )));
+        }
+        schedule.offset = offset;
+        if offset.old < n {
+            // Text key starts never decrease with the query, so the first
+            // query's start bounds every text query's and every new summary's.
+            let need = schedule.row_keys(offset.old).text.start;
+            if offset.first_key > need {
+                return Err(Error::InvalidConfig(format!(
+                    "a step holding text from token {} needs it from {need}",
+                    offset.first_key
+                )));
+            }
+            schedule.slot_base = schedule.mask_slot(offset.old);
+        } else {
+            schedule.slot_base = mask.len();
+        }
+        Ok(schedule)
     }
 
     /// The tile sizes.
@@ -143,9 +206,21 @@ impl Schedule {
         self.mask.layout()
     }
 
-    /// Number of text queries (KSA: `n`; causal: `len`), tiled in order.
+    /// The step this schedule runs (all zero for the whole mask).
+    pub fn offset(&self) -> QueryOffset {
+        self.offset
+    }
+
+    /// The query (and output) rows the schedule writes: `0..N` for the
+    /// whole mask, one per new slot after `first_row` for a step.
+    pub fn step_rows(&self) -> Range<usize> {
+        self.offset.first_row..self.offset.first_row + self.mask.len() - self.slot_base
+    }
+
+    /// Number of text queries (KSA: `n`; causal: `len`; a step: `n - old`),
+    /// tiled in order.
     pub fn text_queries(&self) -> usize {
-        self.mask.text_len()
+        self.mask.text_len() - self.offset.old
     }
 
     /// Number of text query tiles.
@@ -153,16 +228,16 @@ impl Schedule {
         self.text_queries().div_ceil(self.tiles.query)
     }
 
-    /// The text queries of query tile `tile` (text indices).
+    /// The text queries of query tile `tile` (text indices, from `old`).
     pub fn query_tile(&self, tile: usize) -> Range<usize> {
-        let start = (tile * self.tiles.query).min(self.text_queries());
-        start..(start + self.tiles.query).min(self.text_queries())
+        let (old, n) = (self.offset.old, self.mask.text_len());
+        let start = (old + tile * self.tiles.query).min(n);
+        start..(start + self.tiles.query).min(n)
     }
 
-    /// The slot of text query `token` (a text index below
-    /// [`Schedule::text_queries`], else it panics): KSA interleaves
-    /// summaries, causal does not.
-    pub fn text_slot(&self, token: usize) -> usize {
+    /// The mask slot of text token `token`: KSA interleaves summaries,
+    /// causal does not.
+    fn mask_slot(&self, token: usize) -> usize {
         match self.mask {
             Mask::Ksa(layout) => layout
                 .text_slot(token)
@@ -171,11 +246,23 @@ impl Schedule {
         }
     }
 
-    /// The row of key `key` of `space` in the mask's [`Gathered`] order.
+    /// The query (and output) row of text query `token`, a text index in
+    /// `old..n` (else it panics): its slot for the whole mask, its place
+    /// among the step's slots after [`QueryOffset::first_row`] for a step.
+    pub fn text_slot(&self, token: usize) -> usize {
+        self.offset.first_row + self.mask_slot(token) - self.slot_base
+    }
+
+    /// The row of key `key` of `space` in the mask's [`Gathered`] order,
+    /// less the text before [`QueryOffset::first_key`] for a step.
     ///
     /// [`Gathered`]: crate::mask::Gathered
     pub fn gathered_row(&self, space: KeySpace, key: usize) -> usize {
-        self.mask.gathered().row(space, key)
+        let row = self.mask.gathered().row(space, key);
+        match space {
+            KeySpace::Summary => row,
+            KeySpace::Text => row - self.offset.first_key,
+        }
     }
 
     /// The exact keys of text query `query` (a text index below
@@ -232,9 +319,20 @@ impl Schedule {
         }
     }
 
-    /// Number of complete chunks whose summaries are queries (0 for causal).
-    pub fn summary_query_chunks(&self) -> usize {
-        self.layout().map_or(0, KsaLayout::full_chunks)
+    /// The complete chunks whose summaries are queries: all of them for the
+    /// whole mask, those the step completes for a step (none for causal).
+    pub fn summary_query_chunks(&self) -> Range<usize> {
+        self.layout().map_or(0..0, |layout| {
+            let first = self.offset.old / layout.config().chunk_size();
+            first.min(layout.full_chunks())..layout.full_chunks()
+        })
+    }
+
+    /// The query (and output) row of summary `j` of chunk `chunk`, one of
+    /// [`Schedule::summary_query_chunks`]; `None` if there is no such summary.
+    pub fn summary_query_row(&self, chunk: usize, j: usize) -> Option<usize> {
+        let slot = self.layout()?.summary_slot(chunk, j)?;
+        (slot >= self.slot_base).then(|| self.offset.first_row + slot - self.slot_base)
     }
 
     /// The keys of summary `j` of chunk `chunk` (gathered coordinates): the
@@ -343,6 +441,70 @@ mod tests {
         // KSA with a window prunes tiles.
         let narrow = Schedule::ksa(&layout.with_window(4), tiles).unwrap();
         assert!(narrow.visited_tiles().total() < causal.visited_tiles().total() / 4);
+    }
+
+    #[test]
+    fn a_step_runs_the_new_queries_at_their_rows_against_held_keys() {
+        let config = KsaConfig::new(4, 2, 3).unwrap();
+        let tiles = TileSizes { query: 8, key: 16 };
+        for n in [1, 9, 40, 97] {
+            let layout = KsaLayout::new(config, n).unwrap();
+            for old in [0, 1, 3, 4, 8, 37, n] {
+                if old > n {
+                    continue;
+                }
+                let base = KsaLayout::new(config, old).unwrap().len();
+                let held = if old < n {
+                    layout
+                        .key_ranges(layout.text_slot(old).unwrap())
+                        .unwrap()
+                        .text
+                        .start
+                } else {
+                    0
+                };
+                let offset = QueryOffset {
+                    old,
+                    first_key: held,
+                    first_row: 5,
+                };
+                let step = Schedule::step(Mask::Ksa(layout), tiles, offset).unwrap();
+                check(&step);
+                // The text queries are old..n, each at its slot's place among
+                // the new slots; the summary queries those of chunks old/C..
+                let queries: Vec<usize> = (0..step.query_tiles())
+                    .flat_map(|t| step.query_tile(t))
+                    .collect();
+                assert_eq!(queries, (old..n).collect::<Vec<_>>());
+                for t in old..n {
+                    assert_eq!(step.text_slot(t), 5 + layout.text_slot(t).unwrap() - base);
+                    let whole = Schedule::ksa(&layout, tiles).unwrap();
+                    assert_eq!(step.row_keys(t), whole.row_keys(t));
+                }
+                assert_eq!(step.step_rows(), 5..5 + layout.len() - base);
+                assert_eq!(step.summary_query_chunks(), old / 4..n / 4);
+                for c in step.summary_query_chunks() {
+                    let slot = layout.summary_slot(c, 1).unwrap();
+                    assert_eq!(step.summary_query_row(c, 1), Some(5 + slot - base));
+                }
+                // Held text starts at `first_key`; every summary is held.
+                let ns = layout.summary_len();
+                assert_eq!(step.gathered_row(KeySpace::Text, held + 2), ns + 2);
+                assert_eq!(step.gathered_row(KeySpace::Summary, 3), 3);
+                if old < n {
+                    let late = QueryOffset {
+                        first_key: held + 1,
+                        ..offset
+                    };
+                    assert!(Schedule::step(Mask::Ksa(layout), tiles, late).is_err());
+                }
+            }
+            let past = QueryOffset {
+                old: n + 1,
+                ..QueryOffset::default()
+            };
+            assert!(Schedule::step(Mask::Ksa(layout), tiles, past).is_err());
+        }
     }
 
     #[test]

@@ -7,13 +7,20 @@ use super::storage::{host_dtype, HostBufs, HostElem, Kv, LayerStore, Staged};
 use super::{CacheStorage, KsaCache, LogitRows};
 use crate::cpu::decode::{attend, KvSlice};
 use crate::layout::{KsaLayout, SlotKind};
+use crate::mask::Mask;
 use crate::model::{Qwen3Ksa, StepRows};
 use crate::model_config::LayerKind;
+use crate::schedule::{QueryOffset, Schedule, TileSizes};
 use crate::{AttentionOptions, Result};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// Query rows of one input from which a step attends on the tiled kernel:
+/// one CPU query tile's worth, below which the per-row path, reading the
+/// cache in place, costs less than gathering a head's keys.
+const TILED_MIN_ROWS: usize = 16;
 
 impl KsaCache {
     /// Runs the new slots through every layer; returns the final hidden
@@ -212,6 +219,14 @@ impl KsaCache {
             let row0 = if ksa { p.rows.start } else { p.text_rows.start };
             (row0, st.text_rows + if ksa { st.sum_rows } else { 0 })
         };
+        // The tiled kernel takes host f32 K/V: host storage, or tensors on
+        // the CPU (gathered per head and step). A step with a long input runs
+        // all its inputs there; decode steps keep the per-row path, which
+        // reads the cache in place.
+        let tiles = self.storage == CacheStorage::Host || q.device().is_cpu();
+        if tiles && (0..plans.len()).any(|i| rows_of(i).1 >= TILED_MIN_ROWS) {
+            return self.attend_tiled(layer, q, plans, staged, ksa, rows_of);
+        }
         if self.storage == CacheStorage::Tensors {
             // One entry per query row, in packed order (the plans' rows are).
             let mut entries = Vec::with_capacity(q.dim(2)?);
@@ -300,6 +315,79 @@ impl KsaCache {
             }
         }
         Ok(Tensor::from_vec(out, (1, hq, total, d), &device)?.to_dtype(dtype)?)
+    }
+
+    /// [`KsaCache::attend_layer`] on the tiled block-sparse CPU kernel: per
+    /// input and KV head, the cached summaries, the new summaries, the cached
+    /// window text and the new text gathered as f32 in that (the gathered)
+    /// order, and the input's new queries run by a [`Schedule::step`] over
+    /// the mask of its whole text. `rows_of(i)` is input `i`'s first query
+    /// row and count.
+    fn attend_tiled(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        plans: &[Plan],
+        staged: &[Staged],
+        ksa: bool,
+        rows_of: impl Fn(usize) -> (usize, usize),
+    ) -> Result<Tensor> {
+        let (_, hq, total, d) = q.dims4()?;
+        let hkv = self.spec.kv_heads;
+        let group = hq / hkv;
+        let window = self.spec.layers[layer].1;
+        let qd = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; hq * total * d];
+        let mut lse = vec![0f32; hq * total];
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for (i, p) in plans.iter().enumerate() {
+            let (first_row, n_rows) = rows_of(i);
+            if n_rows == 0 {
+                continue;
+            }
+            let (store, st) = (&self.seqs[p.seq].layers[layer], &staged[i]);
+            let mask = if ksa {
+                Mask::Ksa(p.layout.with_window(window))
+            } else {
+                Mask::Causal { len: p.new }
+            };
+            let offset = QueryOffset {
+                old: p.old,
+                first_key: p.old - store.text.live(),
+                first_row,
+            };
+            let schedule = Schedule::step(mask, TileSizes::default(), offset)?;
+            debug_assert_eq!(schedule.step_rows(), first_row..first_row + n_rows);
+            let runs = [
+                (
+                    &store.summaries.kv,
+                    store.summaries.at(0..store.summaries.live()),
+                ),
+                (&st.sums, 0..st.sum_rows),
+                (&store.text.kv, store.text.at(0..store.text.live())),
+                (&st.text, 0..st.text_rows),
+            ];
+            for g in 0..hkv {
+                k.clear();
+                v.clear();
+                for (kv, rows) in &runs {
+                    kv.push_f32(g, rows.clone(), d, &mut k, &mut v)?;
+                }
+                crate::cpu::attend_gathered(
+                    &qd,
+                    (hq, total, d),
+                    g * group..(g + 1) * group,
+                    &k,
+                    &v,
+                    &schedule,
+                    scale,
+                    &mut out,
+                    &mut lse,
+                )?;
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, hq, total, d), q.device())?.to_dtype(q.dtype())?)
     }
 
     /// LogitRows of the text rows `[1, T, hidden]`, split per input.

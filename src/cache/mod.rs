@@ -22,6 +22,13 @@
 //! A step validates everything, computes all layers while only reading the
 //! cache, and commits the new K/V at the very end: a failed step leaves the
 //! cache exactly as it was.
+//!
+//! A long input runs in steps of at most [`KsaCache::prefill_chunk`] text
+//! tokens (chunked prefill), each attending on the tiled block-sparse CPU
+//! kernel over the cached summaries and window text plus its own keys, so a
+//! prompt's memory beyond the cache is bounded by the chunk, not the prompt.
+//! The steps run on a copy of the sequences they feed, which replaces them
+//! only when every step succeeded.
 
 //!
 //! The module by concern: the API here, `storage` (row buffers on the host
@@ -45,16 +52,19 @@ use storage::{Kv, LayerStore, Rows, Sequence};
 pub enum CacheStorage {
     /// Host buffers, one per KV head, in the model's dtype when it is bf16 or
     /// f16 (half the bytes of f32) and f32 otherwise, attended on the CPU by
-    /// `ksa::cpu::decode::attend` on rayon, which reads half-precision rows
-    /// directly. The default on the CPU, and for CUDA models the decode
-    /// kernels cannot take (f32, head_dim other than 64 or 128): those copy
-    /// every layer's new K/V to the host.
+    /// `ksa::cpu::decode::attend` on rayon (decode steps; it reads
+    /// half-precision rows directly) or by the tiled block-sparse kernel
+    /// (steps of 16 or more query rows: prompts). The default on the CPU, and
+    /// for CUDA models the decode kernels cannot take (f32, head_dim other
+    /// than 64 or 128): those copy every layer's new K/V to the host.
     Host,
     /// `[kv_heads, capacity, head_dim]` tensors on the model's device in the
     /// model's dtype, attended per query row over [`crate::KvRows`] lists by
     /// [`crate::decode_attention`]: the CUDA decode kernels on CUDA (one launch
-    /// per layer for the whole batch), its CPU implementation elsewhere. The
-    /// default for bf16/f16 CUDA models with head_dim 64 or 128.
+    /// per layer for the whole batch, prompts included), its CPU
+    /// implementation elsewhere (decode steps; prompts run on the tiled
+    /// kernel as with host storage). The default for bf16/f16 CUDA models
+    /// with head_dim 64 or 128.
     Tensors,
 }
 
@@ -90,8 +100,14 @@ pub struct KsaCache {
     storage: CacheStorage,
     /// Dtype and device of the model, which tensor storage must keep.
     place: (DType, DeviceLocation),
+    /// Most text tokens of one sequence per step.
+    prefill_chunk: usize,
     seqs: Vec<Sequence>,
 }
+
+/// The default [`KsaCache::prefill_chunk`]: 4,096 text tokens, the chunk
+/// serving engines prefill KSA models with.
+pub const DEFAULT_PREFILL_CHUNK: usize = 4096;
 
 /// Whether the CUDA decode kernels take this model (dtype and head_dim).
 fn kernels_take(model: &Qwen3Ksa, dtype: DType) -> Result<()> {
@@ -216,8 +232,65 @@ impl KsaCache {
             capacity: max_tokens,
             storage,
             place: (dtype, device.location()),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             seqs,
         })
+    }
+
+    /// The cache with appends run in steps of at most `tokens` text tokens
+    /// per sequence (see [`KsaCache::prefill_chunk`]); 0 is
+    /// [`Error::InvalidConfig`].
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Result<Self> {
+        if tokens == 0 {
+            return Err(Error::InvalidConfig(
+                "the prefill chunk must be at least 1 text token".into(),
+            ));
+        }
+        self.prefill_chunk = tokens;
+        Ok(self)
+    }
+
+    /// Most text tokens of one sequence that one step of [`KsaCache::append`]
+    /// computes ([`DEFAULT_PREFILL_CHUNK`] unless set): a longer input runs
+    /// as consecutive steps, which gives the same logits and cache (up to
+    /// f32 summation order) with memory beyond the cache bounded by the
+    /// chunk times the attended keys of one KV head.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// A cache of the sequences `seqs` of this one, in that order (an index
+    /// may repeat): parallel sampling from one prompt, a beam search's
+    /// reordering, or a batch assembled from prompts prefilled once. Tensor
+    /// storage shares the buffers until a write; host buffers are copied
+    /// (their live rows; they grow again as needed). An index past the batch
+    /// is [`Error::UnknownSequence`].
+    pub fn select(&self, seqs: &[usize]) -> Result<Self> {
+        let picked = seqs
+            .iter()
+            .map(|&index| {
+                self.seqs.get(index).cloned().ok_or(Error::UnknownSequence {
+                    index,
+                    batch: self.seqs.len(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            seqs: picked,
+            ..self.clone_empty()
+        })
+    }
+
+    /// This cache's settings with no sequences.
+    fn clone_empty(&self) -> Self {
+        Self {
+            spec: self.spec.clone(),
+            capacity: self.capacity,
+            storage: self.storage,
+            place: self.place,
+            prefill_chunk: self.prefill_chunk,
+            seqs: Vec::new(),
+        }
     }
 
     /// Where the K/V live.
@@ -300,6 +373,10 @@ impl KsaCache {
     /// sequence completes a chunk, the chunk's `S` summaries run in the same
     /// step through every layer and their K/V join the cache.
     ///
+    /// An input longer than [`KsaCache::prefill_chunk`] runs as consecutive
+    /// steps of that many tokens (all inputs advancing together), on a copy
+    /// of the sequences fed that replaces them once the last step is done.
+    ///
     /// Returns, per input, the logits selected by `which` (`[m, V']` or
     /// `[1, V']`; `[0, V']` for an empty input). Nothing changes on error:
     /// unknown or repeated sequence, token id out of range, capacity
@@ -314,7 +391,68 @@ impl KsaCache {
         inputs: &[(usize, &[u32])],
         which: LogitRows,
     ) -> Result<Vec<Tensor>> {
+        // Every check of the whole input first: a bad input fails before any
+        // step, whatever the chunk.
         let plans = self.validate(model, inputs)?;
+        let chunk = self.prefill_chunk;
+        if inputs.iter().all(|(_, tokens)| tokens.len() <= chunk) {
+            return self.append_step(model, inputs, &plans, which);
+        }
+        // Chunked: the steps run on a copy of the sequences fed (input `i`
+        // becomes sequence `i` of the copy), which replaces them at the end.
+        let mut work = self.clone_empty();
+        for plan in &plans {
+            let keep = &self.seqs[plan.seq];
+            let mut seq = keep.clone();
+            seq.reserve_for(&self.spec, plan.new, keep)?;
+            work.seqs.push(seq);
+        }
+        let mut pieces: Vec<Vec<Tensor>> = inputs.iter().map(|_| Vec::new()).collect();
+        for start in (0..).step_by(chunk) {
+            let (fed, step): (Vec<usize>, Vec<(usize, &[u32])>) = inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, tokens))| start < tokens.len())
+                .map(|(i, (_, tokens))| (i, (i, &tokens[start..tokens.len().min(start + chunk)])))
+                .unzip();
+            if step.is_empty() {
+                break;
+            }
+            let plans = work.validate(model, &step)?;
+            for (i, logits) in fed
+                .into_iter()
+                .zip(work.append_step(model, &step, &plans, which)?)
+            {
+                if which == LogitRows::Last {
+                    pieces[i].clear();
+                }
+                pieces[i].push(logits);
+            }
+        }
+        let table = model.summary_embeddings()?;
+        let v = model.config().logits_size();
+        let logits = pieces
+            .into_iter()
+            .map(|p| match p.len() {
+                0 => Ok(Tensor::zeros((0, v), table.dtype(), table.device())?),
+                _ => Ok(Tensor::cat(&p, 0)?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (plan, seq) in plans.iter().zip(work.seqs) {
+            self.seqs[plan.seq] = seq;
+        }
+        Ok(logits)
+    }
+
+    /// One step of [`KsaCache::append`] with its inputs' `plans`: every
+    /// layer computed, then the new K/V committed.
+    fn append_step(
+        &mut self,
+        model: &Qwen3Ksa,
+        inputs: &[(usize, &[u32])],
+        plans: &[plan::Plan],
+        which: LogitRows,
+    ) -> Result<Vec<Tensor>> {
         if plans.iter().all(|p| p.rows.is_empty()) {
             let table = model.summary_embeddings()?;
             let v = model.config().logits_size();
@@ -323,8 +461,8 @@ impl KsaCache {
                 .map(|_| Ok(Tensor::zeros((0, v), table.dtype(), table.device())?))
                 .collect();
         }
-        let (hidden, staged) = self.compute(model, inputs, &plans)?;
-        let logits = self.logits(model, &hidden, &plans, which)?;
+        let (hidden, staged) = self.compute(model, inputs, plans)?;
+        let logits = self.logits(model, &hidden, plans, which)?;
         for (plan, staged) in plans.iter().zip(staged) {
             self.commit(plan, staged)?;
         }

@@ -3,7 +3,7 @@
 //! tensors on the model's device, sharing every index computation; and the
 //! commit that appends a step's rows at its end.
 
-use super::plan::Plan;
+use super::plan::{CacheSpec, Plan};
 use super::KsaCache;
 use crate::attention::KvRows;
 use crate::cpu::decode::KvSlice;
@@ -241,6 +241,36 @@ impl Kv {
         KvRows { k, v, rows }
     }
 
+    /// Appends rows `rows` of KV head `head` as f32 to `k` and `v` (either
+    /// storage, any host dtype; the tiled step gathers a head's keys this
+    /// way).
+    pub(super) fn push_f32(
+        &self,
+        head: usize,
+        rows: Range<usize>,
+        d: usize,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Kv::Host(host) => each_host!(host, bufs => {
+                let s = bufs.slice(head, rows, d);
+                k.extend(s.k.iter().map(|x| x.to_f32()));
+                v.extend(s.v.iter().map(|x| x.to_f32()));
+            }),
+            Kv::Tensor { k: kt, v: vt, .. } => {
+                for (src, dst) in [(kt, k), (vt, v)] {
+                    let run = src.get(head)?.narrow(0, rows.start, rows.len())?;
+                    dst.extend(run.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the first `len` rows (all rows written) are equal.
     pub(super) fn same_rows(&self, other: &Self, len: usize) -> bool {
         match (self, other) {
@@ -454,6 +484,33 @@ pub(super) struct LayerStore {
 pub(super) struct Sequence {
     pub(super) len: usize,
     pub(super) layers: Vec<LayerStore>,
+}
+
+impl Sequence {
+    /// Makes room in every store for a sequence of `n` text tokens, and at
+    /// least the rows each store holds now (a chunked append works on a copy
+    /// that then replaces the original, whose allocations it keeps).
+    pub(super) fn reserve_for(
+        &mut self,
+        spec: &CacheSpec,
+        n: usize,
+        keep: &Sequence,
+    ) -> Result<()> {
+        let (c, s, d) = (spec.ksa.chunk_size(), spec.ksa.summaries(), spec.head_dim);
+        for ((l, store), old) in self.layers.iter_mut().enumerate().zip(&keep.layers) {
+            let (text, sums) = match spec.layers[l] {
+                (LayerKind::Summary, w) => {
+                    (n.min(w.saturating_mul(c).saturating_add(c)), (n / c) * s)
+                }
+                (LayerKind::Bypass, _) => (n, 0),
+            };
+            store.text.reserve(text.max(old.text.kv.capacity(d)), d)?;
+            store
+                .summaries
+                .reserve(sums.max(old.summaries.kv.capacity(d)), d)?;
+        }
+        Ok(())
+    }
 }
 
 /// One sequence's new K/V of one layer, `[kv_heads, rows, d]` per kind, in

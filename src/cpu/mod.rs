@@ -38,6 +38,7 @@ use half::{bf16, f16};
 pub use isa::CpuIsa;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// KSA attention on CPU tensors with each row's log-sum-exp: `(out, lse)`,
@@ -376,11 +377,71 @@ pub(crate) fn tasks(schedule: &Schedule) -> Vec<Task> {
     let chunks = schedule.summary_query_chunks();
     let mut tasks: Vec<Task> = (0..schedule.query_tiles()).rev().map(Task::Text).collect();
     tasks.extend(
-        (0..chunks)
+        chunks
+            .clone()
             .step_by(SUMMARY_CHUNKS_PER_TASK)
-            .map(|c| Task::Summaries(c, (c + SUMMARY_CHUNKS_PER_TASK).min(chunks))),
+            .map(|c| Task::Summaries(c, (c + SUMMARY_CHUNKS_PER_TASK).min(chunks.end))),
     );
     tasks
+}
+
+/// The query heads `first_head..first_head + group` of one KV head attending
+/// over K/V the caller already gathered (f32, `[rows, d]` in the gathered
+/// order of `schedule`, a cache step's summaries then its window text from
+/// [`QueryOffset::first_key`](crate::schedule::QueryOffset::first_key)): the
+/// tiled kernel of the forward, for the queries `schedule` runs. `q` is
+/// `[q_heads, q_rows, d]` f32; the rows the schedule names are written to
+/// `out` (same shape) and `lse` (`[q_heads, q_rows]`), the others left alone.
+/// Runs the process's kernel variant ([`CpuIsa`]); an unusable
+/// `KSA_CPU_ISA` is its error.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_gathered(
+    q: &[f32],
+    (q_heads, q_rows, d): (usize, usize, usize),
+    heads: Range<usize>,
+    k: &[f32],
+    v: &[f32],
+    schedule: &Schedule,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    assert!(
+        q.len() == q_heads * q_rows * d && out.len() == q.len() && lse.len() == q_heads * q_rows,
+        "attend_gathered: buffer sizes"
+    );
+    // The tile kernels write the rows the schedule names through a raw
+    // pointer: every one must lie inside `out`.
+    assert!(
+        heads.end <= q_heads && schedule.step_rows().end <= q_rows,
+        "attend_gathered: heads or rows out of range"
+    );
+    let ctx = tile::Context {
+        q,
+        k,
+        v,
+        schedule,
+        scale,
+        len: q_rows,
+        d,
+        q_heads,
+        batch: 0,
+        first_head: heads.start,
+        group: heads.len(),
+        isa: isa::process_isa()?,
+        out: Out {
+            out: out.as_mut_ptr(),
+            lse: lse.as_mut_ptr(),
+        },
+    };
+    tasks(schedule).par_iter().for_each_init(
+        || tile::Scratch::new(&ctx),
+        |scratch, task| match *task {
+            Task::Text(t) => tile::text_tile(&ctx, scratch, t),
+            Task::Summaries(c0, c1) => tile::summary_chunks(&ctx, scratch, c0..c1),
+        },
+    );
+    Ok(())
 }
 
 /// Largest per-head gathered K/V (bytes) for which heads run in parallel.

@@ -234,7 +234,10 @@ pub(crate) fn summary_chunks<T: Element>(
                 .schedule
                 .summary_query_keys(chunk, j)
                 .expect("complete chunk");
-            let slot = layout.summary_slot(chunk, j).expect("complete chunk");
+            let slot = ctx
+                .schedule
+                .summary_query_row(chunk, j)
+                .expect("complete chunk");
             let rows = &mut sc.key_rows;
             rows.clear();
             rows.extend(
