@@ -208,27 +208,14 @@ pub(crate) fn exp2(x: f32) -> f32 {
 /// `a . b` (inlined, so it vectorizes for the caller's target features).
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent sums so the compiler can vectorize the reduction.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    dot_wide(a, b)
 }
 
-/// `a . b` with `b` widened to f32 element by element ([`Element::to_f32`]):
-/// for f32 exactly [`dot`], for bf16 a shift inside the same loop.
+/// `a . b` with `b` widened to f32 element by element ([`Element::to_f32`]:
+/// nothing for f32, a shift for bf16 inside the same loop).
 #[inline(always)]
 pub(crate) fn dot_wide<T: Element>(a: &[f32], b: &[T]) -> f32 {
+    // Eight independent sums so the compiler can vectorize the reduction.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -256,9 +243,7 @@ pub(crate) fn axpy_wide<T: Element>(a: f32, x: &[T], y: &mut [f32]) {
 /// `y += a * x` (inlined, so it vectorizes for the caller's target features).
 #[inline(always)]
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
+    axpy_wide(a, x, y)
 }
 
 #[cfg(test)]
