@@ -469,7 +469,7 @@ fn check_model_dtype(dtype: DType) -> Result<()> {
 
 /// The safetensors files of a model folder: the shards named by
 /// `model.safetensors.index.json`, or `model.safetensors`.
-fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
     let index = folder.join("model.safetensors.index.json");
     if !index.exists() {
         let single = folder.join("model.safetensors");
