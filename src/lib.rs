@@ -62,6 +62,7 @@ pub mod reference;
 #[doc(hidden)]
 pub mod schedule;
 pub mod text;
+mod weights;
 
 pub use attention::{
     attention, attention_with, causal_attention, causal_attention_with, decode_attention,

@@ -177,11 +177,13 @@ fn ksa_windows_run_and_cached_decode_equals_full_recompute() {
     // Same f32 arithmetic in another order: measured ~1e-6 relative.
     assert!(worst <= 2e-5 * scale, "{worst}");
 
-    // Summaries matter here: with the summary rows changed, the logits past
-    // the window change (so the equality above covers the summary path).
+    // Summaries matter here: with other summary rows (a text token's row;
+    // a rescaled row would not do, RMSNorm removes the scale), the logits
+    // past the window change, so the equality above covers the summary path.
     let mut weights = load(&dst);
     let emb = &weights["model.embed_tokens.weight"];
-    let bumped = Tensor::cat(&[emb.narrow(0, 0, V).unwrap(), (emb.narrow(0, V, 2).unwrap() * 3.0).unwrap()], 0).unwrap();
+    let other_rows = emb.narrow(0, 5, 1).unwrap().repeat((2, 1)).unwrap();
+    let bumped = Tensor::cat(&[emb.narrow(0, 0, V).unwrap(), other_rows], 0).unwrap();
     weights.insert("model.embed_tokens.weight".into(), bumped);
     candle_core::safetensors::save(&weights, dst.join("model.safetensors")).unwrap();
     let other = Qwen3Ksa::from_folder(&dst, DType::F32, &Device::Cpu).unwrap();
