@@ -1,6 +1,7 @@
 //! Peak resident memory of `Qwen3Ksa::from_folder` on a generated bf16
-//! checkpoint of more than 1 GB, loaded as bf16 and as f32, each in a fresh
-//! child process (so one load's pages do not count for the other).
+//! checkpoint of more than 1 GB, loaded as bf16 and as f32, against candle's
+//! `VarBuilder::from_mmaped_safetensors` (the peer) on the same file, each
+//! load in a fresh child process (so one load's pages do not count for another).
 //!
 //! ```text
 //! cargo run --release --example load_rss -- [--dir DIR] [--layers 12]
@@ -84,9 +85,24 @@ fn status(field: &str) -> AnyResult<u64> {
     Ok(kb * 1024)
 }
 
-/// The child: loads the folder and prints `weights_bytes peak anon`.
-fn child(dir: &Path, dtype: DType) -> AnyResult<()> {
-    let model = Qwen3Ksa::from_folder(dir, dtype, &Device::Cpu)?;
+/// The child: loads the folder with `from_folder` (`ours`) or with
+/// candle's `VarBuilder::from_mmaped_safetensors` (`candle`, the peer) and
+/// prints `weights_bytes peak anon`.
+fn child(dir: &Path, dtype: DType, loader: &str) -> AnyResult<()> {
+    let model = if loader == "candle" {
+        let config = Qwen3KsaConfig::from_file(dir.join("config.json"))?;
+        // SAFETY: the program's own file, not modified while mapped.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                dtype,
+                &Device::Cpu,
+            )?
+        };
+        Qwen3Ksa::new(&config, vb)?
+    } else {
+        Qwen3Ksa::from_folder(dir, dtype, &Device::Cpu)?
+    };
     let params: usize = Qwen3Ksa::expected_tensors(model.config())?
         .iter()
         .map(|(_, d)| d.iter().product::<usize>())
@@ -102,10 +118,10 @@ fn child(dir: &Path, dtype: DType) -> AnyResult<()> {
 
 fn main() -> AnyResult<()> {
     let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, dir, dtype] = &args[..] {
+    if let [_, flag, dir, dtype, loader] = &args[..] {
         if flag == "--child" {
             let dtype = if dtype == "bf16" { DType::BF16 } else { DType::F32 };
-            return child(Path::new(dir), dtype);
+            return child(Path::new(dir), dtype, loader);
         }
     }
     let mut dir = std::env::temp_dir().join("ksa-load-rss");
@@ -122,10 +138,10 @@ fn main() -> AnyResult<()> {
     make(&dir, layers)?;
     let file = std::fs::metadata(dir.join("model.safetensors"))?.len();
     println!("checkpoint: {} ({:.2} GB bf16 safetensors)", dir.display(), file as f64 / 1e9);
-    println!("dtype  weights    peak RSS (VmHWM)     RssAnon after load");
-    for dtype in ["bf16", "f32"] {
+    println!("dtype  loader                             weights    peak RSS (VmHWM)   RssAnon after load");
+    for (dtype, loader) in [("bf16", "ours"), ("bf16", "candle"), ("f32", "ours"), ("f32", "candle")] {
         let out = Command::new(std::env::current_exe()?)
-            .args(["--child", &dir.to_string_lossy(), dtype])
+            .args(["--child", &dir.to_string_lossy(), dtype, loader])
             .output()?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
@@ -138,8 +154,13 @@ fn main() -> AnyResult<()> {
         let [weights, peak, anon] = v[..] else {
             return Err(format!("child printed {text:?}").into());
         };
+        let name = if loader == "candle" {
+            "candle from_mmaped_safetensors"
+        } else {
+            "Qwen3Ksa::from_folder"
+        };
         println!(
-            "{dtype:<5}  {:.2} GB    {:.2} GB ({:.2}x)    {:.2} GB ({:.2}x)",
+            "{dtype:<5}  {name:<33}  {:.2} GB    {:.2} GB ({:.2}x)    {:.2} GB ({:.2}x)",
             weights / 1e9,
             peak / 1e9,
             peak / weights,
