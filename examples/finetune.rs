@@ -123,8 +123,11 @@ fn scratch(work: &Path, text: &str, seed: u64) -> AnyResult<PathBuf> {
     let ksa_dir = work.join("ksa");
     std::fs::create_dir_all(&qwen3)?;
     let lines: Vec<&str> = text.lines().collect();
-    let tokenizer =
-        TextTokenizer::train_byte_level(&lines, 2048, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"])?;
+    let tokenizer = TextTokenizer::train_byte_level(
+        &lines,
+        2048,
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )?;
     tokenizer.save(&qwen3)?;
     let vocab = 2048;
     let (hidden, inter, layers, heads, kv, d) = (256, 768, 4, 8, 4, 32);
@@ -138,7 +141,10 @@ fn scratch(work: &Path, text: &str, seed: u64) -> AnyResult<PathBuf> {
         "bos_token_id": 0, "sliding_window": null, "use_sliding_window": false,
         "max_window_layers": layers,
     });
-    std::fs::write(qwen3.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        qwen3.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     let mut rng = Rng(seed | 1);
     let mut tensors = HashMap::new();
     let mut add = |name: String, dims: Vec<usize>| -> candle_core::Result<()> {
@@ -148,7 +154,11 @@ fn scratch(work: &Path, text: &str, seed: u64) -> AnyResult<PathBuf> {
         } else {
             // Small tied embeddings (near-uniform first logits); matrices
             // scaled by 1/sqrt(fan_in).
-            let scale = if name.contains("embed") { 0.1 } else { 1.0 / (dims[1] as f32).sqrt() };
+            let scale = if name.contains("embed") {
+                0.1
+            } else {
+                1.0 / (dims[1] as f32).sqrt()
+            };
             (0..n).map(|_| scale * rng.uniform()).collect()
         };
         tensors.insert(name, Tensor::from_vec(data, dims, &Device::Cpu)?);
@@ -218,7 +228,12 @@ fn load_trainable(dir: &Path) -> AnyResult<(Qwen3Ksa, Vec<(String, Var)>)> {
 }
 
 /// `batch` random windows of `len + 1` tokens: inputs `[b, len]`, targets `[b*len]`.
-fn batch(tokens: &[u32], rng: &mut Rng, b: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+fn batch(
+    tokens: &[u32],
+    rng: &mut Rng,
+    b: usize,
+    len: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (mut ids, mut targets) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
     for _ in 0..b {
         let start = rng.below(tokens.len() - len);
@@ -234,13 +249,19 @@ fn batch(tokens: &[u32], rng: &mut Rng, b: usize, len: usize) -> candle_core::Re
 fn loss(model: &Qwen3Ksa, ids: &Tensor, targets: &Tensor) -> ksa::Result<Tensor> {
     let logits = model.forward(ids)?;
     let (b, n, v) = logits.dims3()?;
-    Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * n, v))?, targets)?)
+    Ok(candle_nn::loss::cross_entropy(
+        &logits.reshape((b * n, v))?,
+        targets,
+    )?)
 }
 
 /// Mean loss over consecutive windows of the held-out tokens.
 fn eval_loss(model: &Qwen3Ksa, tokens: &[u32], len: usize) -> ksa::Result<f64> {
     let (mut sum, mut count) = (0.0, 0);
-    for start in (0..tokens.len().saturating_sub(len + 1)).step_by(len).take(16) {
+    for start in (0..tokens.len().saturating_sub(len + 1))
+        .step_by(len)
+        .take(16)
+    {
         let ids = Tensor::new(&tokens[start..start + len], &Device::Cpu)?.unsqueeze(0)?;
         let targets = Tensor::new(&tokens[start + 1..start + len + 1], &Device::Cpu)?;
         sum += loss(model, &ids, &targets)?.to_scalar::<f32>()? as f64;
@@ -307,7 +328,11 @@ fn plot(path: &str, losses: &[f32], evals: &[(usize, f64)], title: &str) -> AnyR
         .label(format!("training batches (mean of last {k} steps)"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     chart
-        .draw_series(evals.iter().map(|&(s, l)| Circle::new((s as f64, l), 5, RED.filled())))?
+        .draw_series(
+            evals
+                .iter()
+                .map(|&(s, l)| Circle::new((s as f64, l), 5, RED.filled())),
+        )?
         .label("held-out tenth of the text")
         .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
     chart
@@ -336,7 +361,12 @@ fn main() -> AnyResult<()> {
     let split = tokens.len() * 9 / 10;
     let (train, held_out) = tokens.split_at(split);
     if train.len() <= args.len + 1 || held_out.len() <= args.len + 1 {
-        return Err(format!("the text has {} tokens: too short for windows of {}", tokens.len(), args.len).into());
+        return Err(format!(
+            "the text has {} tokens: too short for windows of {}",
+            tokens.len(),
+            args.len
+        )
+        .into());
     }
     let (model, vars) = load_trainable(&dir)?;
     let cfg = model.config().clone();
@@ -369,14 +399,24 @@ fn main() -> AnyResult<()> {
     let row_mask = {
         let rows = cfg.vocab_size;
         let mask: Vec<f32> = (0..rows)
-            .map(|r| if r >= cfg.summary_token_begin { 1.0 } else { 0.0 })
+            .map(|r| {
+                if r >= cfg.summary_token_begin {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Tensor::from_vec(mask, (rows, 1), &Device::Cpu)?
     };
     println!(
         "training {} parameter tensors ({}), AdamW lr {}, {} steps of {} x {} tokens",
         trained.len(),
-        if args.only_summary { "summary only" } else { "all" },
+        if args.only_summary {
+            "summary only"
+        } else {
+            "all"
+        },
         args.lr,
         args.steps,
         args.batch,
@@ -384,8 +424,14 @@ fn main() -> AnyResult<()> {
     );
     let prompt: String = {
         let start = text.len() * 9 / 10;
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-        text[start..].split_whitespace().take(6).collect::<Vec<_>>().join(" ")
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text[start..]
+            .split_whitespace()
+            .take(6)
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let before = sample(&model, &tokenizer, &prompt)?;
     let eval_before = eval_loss(&model, held_out, args.len)?;
@@ -457,19 +503,34 @@ fn main() -> AnyResult<()> {
         .abs()?
         .max_all()?
         .to_scalar::<f32>()?;
-    println!("saved to {} (reloaded logits differ by {diff:.1e})", args.out.display());
+    println!(
+        "saved to {} (reloaded logits differ by {diff:.1e})",
+        args.out.display()
+    );
     println!("prompt (held out): {prompt:?}");
     println!("before: {before:?}");
     println!("after:  {after:?}");
     let title = format!(
         "Fine-tuning on {} ({} steps, {} x {} tokens, {})",
-        args.text.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        args.text
+            .file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default(),
         args.steps,
         args.batch,
         args.len,
-        if args.only_summary { "summary parameters" } else { "all parameters" }
+        if args.only_summary {
+            "summary parameters"
+        } else {
+            "all parameters"
+        }
     );
-    plot(&args.plot, &losses, &[(0, eval_before), (args.steps, eval_after)], &title)?;
+    plot(
+        &args.plot,
+        &losses,
+        &[(0, eval_before), (args.steps, eval_after)],
+        &title,
+    )?;
     println!("loss plot written to {}", args.plot);
     Ok(())
 }

@@ -84,9 +84,7 @@ fn parse() -> AnyResult<Args> {
             "--hub" => a.hub = Some(value),
             "--prompt" => a.text = Some(value),
             "--prompt-file" => {
-                a.text = Some(
-                    std::fs::read_to_string(&value).map_err(|e| format!("{value}: {e}"))?,
-                )
+                a.text = Some(std::fs::read_to_string(&value).map_err(|e| format!("{value}: {e}"))?)
             }
             "--dtype" => {
                 a.dtype = match value.as_str() {
@@ -94,7 +92,9 @@ fn parse() -> AnyResult<Args> {
                     "bf16" => DType::BF16,
                     "f16" => DType::F16,
                     "f64" => DType::F64,
-                    _ => return Err(format!("--dtype is f32, bf16, f16 or f64, got {value}").into()),
+                    _ => {
+                        return Err(format!("--dtype is f32, bf16, f16 or f64, got {value}").into())
+                    }
                 }
             }
             "--sample" => {
@@ -254,7 +254,9 @@ fn folder(args: &Args) -> AnyResult<Option<PathBuf>> {
             &ksa::hub::HubOptions::from_env(),
         )?)),
         #[cfg(not(feature = "hub"))]
-        (None, Some(_)) => Err("--hub needs the `hub` feature (cargo run --features hub ...)".into()),
+        (None, Some(_)) => {
+            Err("--hub needs the `hub` feature (cargo run --features hub ...)".into())
+        }
         (None, None) => Ok(None),
     }
 }
@@ -301,7 +303,8 @@ fn run_text(model: &Qwen3Ksa, dir: &Path, text: &str, args: &Args) -> AnyResult<
         CacheStorage::Host => 4,
         CacheStorage::Tensors => args.dtype.size_in_bytes(),
     };
-    let full = (held * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem) as f64;
+    let full =
+        (held * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem) as f64;
     eprintln!(
         "cache after {held} tokens: KSA {} vs full attention {} ({:.2}x)",
         human(cache.bytes() as f64),
@@ -315,7 +318,8 @@ fn main() -> AnyResult<()> {
     let args = parse()?;
     let dir = folder(&args)?;
     if let Some(text) = &args.text {
-        let dir = dir.ok_or("a text prompt needs a model folder with its tokenizer (--model DIR)")?;
+        let dir =
+            dir.ok_or("a text prompt needs a model folder with its tokenizer (--model DIR)")?;
         let model = Qwen3Ksa::from_folder(&dir, args.dtype, &Device::Cpu)?;
         return run_text(&model, &dir, text, &args);
     }

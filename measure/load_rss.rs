@@ -120,7 +120,11 @@ fn main() -> AnyResult<()> {
     let args: Vec<String> = std::env::args().collect();
     if let [_, flag, dir, dtype, loader] = &args[..] {
         if flag == "--child" {
-            let dtype = if dtype == "bf16" { DType::BF16 } else { DType::F32 };
+            let dtype = if dtype == "bf16" {
+                DType::BF16
+            } else {
+                DType::F32
+            };
             return child(Path::new(dir), dtype, loader);
         }
     }
@@ -137,9 +141,18 @@ fn main() -> AnyResult<()> {
     }
     make(&dir, layers)?;
     let file = std::fs::metadata(dir.join("model.safetensors"))?.len();
-    println!("checkpoint: {} ({:.2} GB bf16 safetensors)", dir.display(), file as f64 / 1e9);
+    println!(
+        "checkpoint: {} ({:.2} GB bf16 safetensors)",
+        dir.display(),
+        file as f64 / 1e9
+    );
     println!("dtype  loader                             weights    peak RSS (VmHWM)   RssAnon after load");
-    for (dtype, loader) in [("bf16", "ours"), ("bf16", "candle"), ("f32", "ours"), ("f32", "candle")] {
+    for (dtype, loader) in [
+        ("bf16", "ours"),
+        ("bf16", "candle"),
+        ("f32", "ours"),
+        ("f32", "candle"),
+    ] {
         let out = Command::new(std::env::current_exe()?)
             .args(["--child", &dir.to_string_lossy(), dtype, loader])
             .output()?;

@@ -106,7 +106,10 @@ impl Default for ConvertOptions {
 }
 
 fn not_qwen3(src: &Path, why: impl std::fmt::Display) -> Error {
-    Error::Convert(format!("{} is not a Qwen3 checkpoint: {why}", src.display()))
+    Error::Convert(format!(
+        "{} is not a Qwen3 checkpoint: {why}",
+        src.display()
+    ))
 }
 
 /// The KSA `config.json` for source config `src` (a JSON object) and `options`.
@@ -153,14 +156,18 @@ fn ksa_config_json(
             }
             let whole = field("max_position_embeddings")?.div_ceil(c).max(*window);
             json!((0..layers)
-                .map(|l| if l % whole_every == whole_every - 1 { whole } else { *window })
+                .map(|l| if l % whole_every == whole_every - 1 {
+                    whole
+                } else {
+                    *window
+                })
                 .collect::<Vec<_>>())
         }
         Windows::Pattern(p) => json!(p),
     };
-    let total = vocab.checked_add(options.summary_tokens).ok_or_else(|| {
-        Error::Convert("`vocab_size` plus the summary rows overflows".into())
-    })?;
+    let total = vocab
+        .checked_add(options.summary_tokens)
+        .ok_or_else(|| Error::Convert("`vocab_size` plus the summary rows overflows".into()))?;
     let mut out = source.clone();
     for (k, v) in [
         ("vocab_size", json!(total)),
@@ -206,16 +213,19 @@ enum Source {
 }
 
 /// Every target tensor with its origin, and the source names and shapes required.
-fn plan(
-    config: &Qwen3KsaConfig,
-) -> Result<(Vec<(String, Source)>, HashMap<String, Vec<usize>>)> {
+fn plan(config: &Qwen3KsaConfig) -> Result<(Vec<(String, Source)>, HashMap<String, Vec<usize>>)> {
     let text_vocab = config.summary_token_begin;
     let mut targets = Vec::new();
     let mut required = HashMap::new();
     for (name, mut shape) in Qwen3Ksa::expected_tensors(config)? {
         let derived = ["q_proj", "k_proj", "v_proj"]
             .iter()
-            .map(|p| (format!("self_attn.{p}_summary.weight"), format!("self_attn.{p}.weight")))
+            .map(|p| {
+                (
+                    format!("self_attn.{p}_summary.weight"),
+                    format!("self_attn.{p}.weight"),
+                )
+            })
             .chain([(
                 "input_layernorm_summary.weight".to_string(),
                 "input_layernorm.weight".to_string(),
@@ -397,8 +407,11 @@ fn write_folder(
             .map_err(io(&path))?;
     }
     let path = out.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(config_json).expect("JSON"))
-        .map_err(io(&path))?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(config_json).expect("JSON"),
+    )
+    .map_err(io(&path))?;
     for name in TOKENIZER_FILES {
         let from = src.join(name);
         if from.is_file() {

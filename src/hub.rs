@@ -88,9 +88,12 @@ pub fn fetch_model(model_id: &str, options: &HubOptions) -> Result<PathBuf> {
     if options.offline {
         let cached = cache.repo(repo);
         let mut get = |file: &str| {
-            cached
-                .get(file)
-                .ok_or_else(|| format!("offline (HF_HUB_OFFLINE) and {file} is not in the cache {}", cache.path().display()))
+            cached.get(file).ok_or_else(|| {
+                format!(
+                    "offline (HF_HUB_OFFLINE) and {file} is not in the cache {}",
+                    cache.path().display()
+                )
+            })
         };
         return collect(model_id, &mut get);
     }

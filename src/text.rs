@@ -341,7 +341,11 @@ impl TextTokenizer {
     /// methods such as `startswith` and `split` and `raise_exception` are
     /// available, as in `transformers`). No template, a template that does
     /// not parse, or one that fails to render is [`Error::ChatTemplate`].
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let source = self.chat_template.as_deref().ok_or_else(|| {
             Error::ChatTemplate(
                 "the model folder has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)"
@@ -351,9 +355,15 @@ impl TextTokenizer {
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_fuel(Some(TEMPLATE_FUEL));
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
         // minijinja's error Display names the line; its source chain adds
         // the nested cause, so both go into the message.
         let describe = |e: minijinja::Error| {
@@ -382,7 +392,11 @@ impl TextTokenizer {
 
     /// Token ids of a conversation rendered with the chat template. The
     /// template writes the special tokens itself, so nothing is added.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode_with(&self.render_chat(messages, add_generation_prompt)?, false)
     }
 
@@ -422,7 +436,10 @@ impl TextStream<'_> {
     /// complete character (`None` while a character is still incomplete).
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true).map_err(tokenizer_error)?;
+        let text = self
+            .tokenizer
+            .decode(&self.ids, true)
+            .map_err(tokenizer_error)?;
         let pending = self.ids.len() - self.prefix_ids;
         if text.len() <= self.prefix.len()
             || (text.ends_with('\u{FFFD}') && pending < MAX_PENDING_TOKENS)
@@ -435,7 +452,10 @@ impl TextStream<'_> {
     /// The text of the ids still held back (an incomplete character at the
     /// end of the generation comes out as U+FFFD); empty when none are.
     pub fn finish(&mut self) -> Result<String> {
-        let text = self.tokenizer.decode(&self.ids, true).map_err(tokenizer_error)?;
+        let text = self
+            .tokenizer
+            .decode(&self.ids, true)
+            .map_err(tokenizer_error)?;
         if text.len() <= self.prefix.len() {
             return Ok(String::new());
         }
@@ -453,7 +473,10 @@ impl TextStream<'_> {
         // The ids just emitted become the context of the next window.
         self.ids.drain(..self.prefix_ids);
         self.prefix_ids = self.ids.len();
-        self.prefix = self.tokenizer.decode(&self.ids, true).map_err(tokenizer_error)?;
+        self.prefix = self
+            .tokenizer
+            .decode(&self.ids, true)
+            .map_err(tokenizer_error)?;
         Ok(new)
     }
 }
@@ -546,7 +569,9 @@ pub fn generate_text(
     let first = first.unwrap_or(end);
     Ok(TextGeneration {
         text,
-        stopped_at_eos: tokens.last().is_some_and(|t| tokenizer.eos_ids().contains(t)),
+        stopped_at_eos: tokens
+            .last()
+            .is_some_and(|t| tokenizer.eos_ids().contains(t)),
         tokens,
         prefill_seconds: (first - start).as_secs_f64(),
         decode_seconds: (end - first).as_secs_f64(),

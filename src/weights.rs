@@ -38,9 +38,8 @@ impl MappedWeights {
             let file = std::fs::File::open(path).map_err(io)?;
             // SAFETY: forwarded to the caller (the file does not change).
             let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-            let tensors = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
-                candle_core::Error::Msg(format!("{}: {e}", path.display()))
-            })?;
+            let tensors = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
             for (name, view) in tensors.tensors() {
                 index.insert(name, (i, view.shape().to_vec()));
             }

@@ -25,8 +25,12 @@ const V: usize = 300;
 fn qwen3_config(tied: bool) -> Value {
     let mut c = tiny_config();
     let m = c.as_object_mut().unwrap();
-    m.retain(|k, _| !k.starts_with("summary_") && k != "mix_coeff" && k != "truncate_predict_nums"
-        && k != "use_summary_attention");
+    m.retain(|k, _| {
+        !k.starts_with("summary_")
+            && k != "mix_coeff"
+            && k != "truncate_predict_nums"
+            && k != "use_summary_attention"
+    });
     m.insert("vocab_size".into(), json!(V));
     m.insert("tie_word_embeddings".into(), json!(tied));
     c
@@ -58,7 +62,10 @@ fn ids(n: usize) -> Tensor {
     let text = corpus().join(" ");
     let ids = tok.encode(&text).unwrap();
     assert!(ids.len() >= n, "corpus too short: {}", ids.len());
-    Tensor::new(&ids[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(&ids[..n], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 /// candle-transformers' Qwen3 logits at every position of `ids`.
@@ -91,7 +98,11 @@ fn full_window_conversion_equals_candle_transformers_qwen3() {
         let dst = temp_dir("conv-dst");
         let ksa_config = qwen3_to_ksa(&src, &dst, &options(Windows::Uniform(1000))).unwrap();
         assert_eq!(
-            (ksa_config.vocab_size, ksa_config.summary_token_begin, ksa_config.logits_size()),
+            (
+                ksa_config.vocab_size,
+                ksa_config.summary_token_begin,
+                ksa_config.logits_size()
+            ),
             (V + 2, V, V)
         );
         for file in ["tokenizer.json", "tokenizer_config.json"] {
@@ -109,7 +120,13 @@ fn full_window_conversion_equals_candle_transformers_qwen3() {
         let mean = emb.mean_keepdim(0).unwrap();
         let rows = out["model.embed_tokens.weight"].narrow(0, V, 2).unwrap();
         assert!(max_abs_diff(&rows, &mean.repeat((2, 1)).unwrap()) < 1e-6);
-        assert_eq!(max_abs_diff(&out["model.embed_tokens.weight"].narrow(0, 0, V).unwrap(), emb), 0.0);
+        assert_eq!(
+            max_abs_diff(
+                &out["model.embed_tokens.weight"].narrow(0, 0, V).unwrap(),
+                emb
+            ),
+            0.0
+        );
         for l in 0..2 {
             let p = format!("model.layers.{l}");
             for (a, b) in [
@@ -118,7 +135,10 @@ fn full_window_conversion_equals_candle_transformers_qwen3() {
                 ("self_attn.v_proj_summary", "self_attn.v_proj"),
                 ("input_layernorm_summary", "input_layernorm"),
             ] {
-                let (a, b) = (&out[&format!("{p}.{a}.weight")], &weights[&format!("{p}.{b}.weight")]);
+                let (a, b) = (
+                    &out[&format!("{p}.{a}.weight")],
+                    &weights[&format!("{p}.{b}.weight")],
+                );
                 assert_eq!(max_abs_diff(a, b), 0.0, "{p}.{a}");
             }
         }
@@ -137,7 +157,10 @@ fn full_window_conversion_equals_candle_transformers_qwen3() {
         eprintln!("tied={tied}: max |converted - candle-transformers| = {diff:.2e} (max |logit| {scale:.2})");
         // f32 on both sides, different kernels (attention, norms, rotary):
         // measured ~1e-7 relative, allowed 1e-5.
-        assert!(diff <= 1e-5 * scale.max(1.0), "tied={tied}: {diff} (scale {scale})");
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "tied={tied}: {diff} (scale {scale})"
+        );
         for dir in [src, dst] {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -164,11 +187,10 @@ fn ksa_windows_run_and_cached_decode_equals_full_recompute() {
     // Prefill 13 tokens, then one token per step: every step's logits equal
     // the full forward's row at that position.
     let mut cache = KsaCache::new(&model, 1).unwrap();
-    let prefill = cache.append(&model, &[(0, &all[..13])], LogitRows::All).unwrap();
-    let mut worst = max_abs_diff(
-        &prefill[0],
-        &full.narrow(0, 0, 13).unwrap(),
-    );
+    let prefill = cache
+        .append(&model, &[(0, &all[..13])], LogitRows::All)
+        .unwrap();
+    let mut worst = max_abs_diff(&prefill[0], &full.narrow(0, 0, 13).unwrap());
     for p in 13..all.len() {
         let step = cache.step(&model, &all[p..=p]).unwrap();
         worst = worst.max(max_abs_diff(&step, &full.narrow(0, p, 1).unwrap()));
@@ -205,14 +227,24 @@ fn sharded_source_converts_to_the_same_model() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
-        let t: HashMap<String, Tensor> = part.iter().map(|&n| (n.clone(), weights[n].clone())).collect();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let t: HashMap<String, Tensor> = part
+            .iter()
+            .map(|&n| (n.clone(), weights[n].clone()))
+            .collect();
         candle_core::safetensors::save(&t, sharded.join(file)).unwrap();
         for n in part {
             map.insert((*n).clone(), json!(file));
         }
     }
-    std::fs::write(sharded.join("model.safetensors.index.json"), json!({"weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
     std::fs::write(sharded.join("config.json"), config.to_string()).unwrap();
     tokenizer(V).save(&sharded).unwrap();
     let dst = temp_dir("conv-shard-dst");
@@ -220,8 +252,14 @@ fn sharded_source_converts_to_the_same_model() {
     assert!(dst.join("model.safetensors.index.json").is_file());
     assert!(!dst.join("model.safetensors").exists());
     let ids = ids(30);
-    let one = Qwen3Ksa::from_folder(&single, DType::F32, &Device::Cpu).unwrap().forward(&ids).unwrap();
-    let two = Qwen3Ksa::from_folder(&dst, DType::F32, &Device::Cpu).unwrap().forward(&ids).unwrap();
+    let one = Qwen3Ksa::from_folder(&single, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
+    let two = Qwen3Ksa::from_folder(&dst, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
     assert_eq!(max_abs_diff(&one, &two), 0.0);
     for dir in [src, single, sharded, dst] {
         let _ = std::fs::remove_dir_all(dir);
@@ -234,7 +272,11 @@ fn fails(src: &Path, check: impl Fn(&Error) -> bool) {
     let _ = std::fs::remove_dir_all(&dst);
     let err = qwen3_to_ksa(src, &dst, &ConvertOptions::default()).unwrap_err();
     assert!(check(&err), "unexpected error: {err}");
-    assert!(!dst.exists(), "a failed conversion created {}", dst.display());
+    assert!(
+        !dst.exists(),
+        "a failed conversion created {}",
+        dst.display()
+    );
 }
 
 #[test]
@@ -242,12 +284,24 @@ fn bad_sources_are_typed_errors() {
     let (src, config, weights) = source("conv-bad", true, 1);
     let write_config = |c: &Value| std::fs::write(src.join("config.json"), c.to_string()).unwrap();
 
-    write_config(&with(&config, json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})));
-    fails(&src, |e| matches!(e, Error::Convert(m) if m.contains("not a Qwen3 checkpoint")));
+    write_config(&with(
+        &config,
+        json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+    ));
+    fails(
+        &src,
+        |e| matches!(e, Error::Convert(m) if m.contains("not a Qwen3 checkpoint")),
+    );
     write_config(&with(&config, json!({"summary_chunk_size": 8})));
-    fails(&src, |e| matches!(e, Error::Convert(m) if m.contains("already a KSA checkpoint")));
+    fails(
+        &src,
+        |e| matches!(e, Error::Convert(m) if m.contains("already a KSA checkpoint")),
+    );
     std::fs::remove_file(src.join("config.json")).unwrap();
-    fails(&src, |e| matches!(e, Error::Convert(m) if m.contains("config.json")));
+    fails(
+        &src,
+        |e| matches!(e, Error::Convert(m) if m.contains("config.json")),
+    );
     write_config(&config);
 
     // Tokenizer: missing, malformed, larger than the embedding table.
@@ -258,25 +312,43 @@ fn bad_sources_are_typed_errors() {
     fails(&src, |e| matches!(e, Error::Tokenizer(_)));
     std::fs::write(src.join("tokenizer.json"), &tok).unwrap();
     write_config(&with(&config, json!({"vocab_size": 200})));
-    fails(&src, |e| matches!(e, Error::Convert(m) if m.contains("tokenizer has 300 tokens")));
+    fails(
+        &src,
+        |e| matches!(e, Error::Convert(m) if m.contains("tokenizer has 300 tokens")),
+    );
     write_config(&config);
 
     // Weights: a tensor missing, a tensor of the wrong shape.
     let mut w = weights.clone();
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, src.join("model.safetensors")).unwrap();
-    fails(&src, |e| matches!(e, Error::MissingTensor { name } if name == "model.layers.1.mlp.up_proj.weight"));
+    fails(
+        &src,
+        |e| matches!(e, Error::MissingTensor { name } if name == "model.layers.1.mlp.up_proj.weight"),
+    );
     let mut w = weights.clone();
-    w.insert("model.norm.weight".into(), Tensor::ones(7, DType::F32, &Device::Cpu).unwrap());
+    w.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(7, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&w, src.join("model.safetensors")).unwrap();
-    fails(&src, |e| matches!(e, Error::TensorShape { name, .. } if name == "model.norm.weight"));
+    fails(
+        &src,
+        |e| matches!(e, Error::TensorShape { name, .. } if name == "model.norm.weight"),
+    );
     candle_core::safetensors::save(&weights, src.join("model.safetensors")).unwrap();
 
     // Options that make no valid KSA model (C = 0).
     let dst = temp_dir("conv-bad-dst");
     std::fs::remove_dir(&dst).unwrap();
-    let bad = ConvertOptions { chunk_size: 0, ..ConvertOptions::default() };
-    assert!(matches!(qwen3_to_ksa(&src, &dst, &bad), Err(Error::InvalidConfig(_))));
+    let bad = ConvertOptions {
+        chunk_size: 0,
+        ..ConvertOptions::default()
+    };
+    assert!(matches!(
+        qwen3_to_ksa(&src, &dst, &bad),
+        Err(Error::InvalidConfig(_))
+    ));
     assert!(!dst.exists());
 
     // A destination that already holds files is refused and left as it was.
@@ -286,7 +358,10 @@ fn bad_sources_are_typed_errors() {
         qwen3_to_ksa(&src, &dst, &ConvertOptions::default()),
         Err(Error::Convert(m)) if m.contains("not empty")
     ));
-    assert_eq!(std::fs::read_to_string(dst.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("keep.txt")).unwrap(),
+        "mine"
+    );
     assert_eq!(std::fs::read_dir(&dst).unwrap().count(), 1);
 
     // And the source is still a good one.

@@ -88,6 +88,9 @@ fn options_come_from_the_environment() {
     std::env::remove_var("HF_HUB_CACHE");
     let options = HubOptions::from_env();
     assert!(options.offline);
-    assert_eq!(options.cache_dir, Some(PathBuf::from("/nonexistent-hf-home/hub")));
+    assert_eq!(
+        options.cache_dir,
+        Some(PathBuf::from("/nonexistent-hf-home/hub"))
+    );
     assert_hub_error(fetch_model(ID, &options).unwrap_err(), "offline");
 }

@@ -134,8 +134,9 @@ fn chat_template_errors_are_typed() {
         Err(Error::ChatTemplate(_))
     ));
     // A template that would loop (almost) forever runs out of fuel.
-    let endless = tokenizer(300)
-        .with_chat_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+    let endless = tokenizer(300).with_chat_template(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    );
     assert!(matches!(
         endless.render_chat(&[], false),
         Err(Error::ChatTemplate(_))

@@ -19,7 +19,13 @@ pub fn corpus() -> Vec<String> {
         "Summaries compress each chunk of the context.",
     ];
     (0..20)
-        .map(|i| format!("{} {}", lines[i % lines.len()], lines[(i * 3 + 1) % lines.len()]))
+        .map(|i| {
+            format!(
+                "{} {}",
+                lines[i % lines.len()],
+                lines[(i * 3 + 1) % lines.len()]
+            )
+        })
         .collect()
 }
 
