@@ -213,7 +213,10 @@ enum Source {
 }
 
 /// Every target tensor with its origin, and the source names and shapes required.
-fn plan(config: &Qwen3KsaConfig) -> Result<(Vec<(String, Source)>, HashMap<String, Vec<usize>>)> {
+/// Tensor names with their shapes.
+type Shapes = HashMap<String, Vec<usize>>;
+
+fn plan(config: &Qwen3KsaConfig) -> Result<(Vec<(String, Source)>, Shapes)> {
     let text_vocab = config.summary_token_begin;
     let mut targets = Vec::new();
     let mut required = HashMap::new();
