@@ -299,9 +299,11 @@ fn run_text(model: &Qwen3Ksa, dir: &Path, text: &str, args: &Args) -> AnyResult<
     );
     let cfg = model.config();
     let held = cache.seq_len(0)?;
-    let elem = match cache.storage() {
-        CacheStorage::Host => 4,
-        CacheStorage::Tensors => args.dtype.size_in_bytes(),
+    // Full attention's cache in the element type this cache stores: the
+    // model's dtype, except host storage keeps f32 for f32/f64 models.
+    let elem = match (cache.storage(), args.dtype) {
+        (CacheStorage::Host, DType::F32 | DType::F64) => 4,
+        _ => args.dtype.size_in_bytes(),
     };
     let full =
         (held * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem) as f64;
