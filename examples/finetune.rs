@@ -422,17 +422,14 @@ fn main() -> AnyResult<()> {
         args.batch,
         args.len
     );
-    let prompt: String = {
-        let start = text.len() * 9 / 10;
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text[start..]
-            .split_whitespace()
-            .take(6)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    // The first words of the held-out tokens: text no training window saw.
+    let prompt: String = tokenizer
+        .decode(&held_out[..held_out.len().min(40)])?
+        .split_whitespace()
+        .skip(1) // the first word may be cut by the split
+        .take(6)
+        .collect::<Vec<_>>()
+        .join(" ");
     let before = sample(&model, &tokenizer, &prompt)?;
     let eval_before = eval_loss(&model, held_out, args.len)?;
     println!("held-out loss before: {eval_before:.3}");
