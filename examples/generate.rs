@@ -1,29 +1,52 @@
-//! Incremental decoding with the KSA cache.
+//! Text generation and incremental decoding with the KSA cache.
 //!
-//! `cargo run --release --example generate -- [--model DIR] [--prompt N]
-//! [--new N] [--batch B] [--window W] [--storage host|tensors]`
+//! ```text
+//! cargo run --release --example generate -- --model DIR --prompt "Once upon a time"
+//!     [--chat] [--prompt-file FILE] [--new 64] [--dtype f32|bf16|f16]
+//!     [--sample TEMPERATURE,TOP_P,SEED] [--max-context N] [--storage host|tensors]
+//! cargo run --release --features hub --example generate -- --hub OWNER/NAME --prompt ...
+//! cargo run --release --example generate -- [--model DIR] [--random-prompt N] [--new N]
+//!     [--batch B] [--window W] [--storage host|tensors]
+//! ```
 //!
-//! Without `--model`, a small random Qwen3-KSA (C = 8, S = 1, window `W` on
-//! three of four layers, whole context on every 4th) and the same weights
-//! with every window covering the whole context (full attention's cache and
-//! reads) are both run: prefill of `--prompt` random tokens (default 2048),
-//! then `--new` greedy decode steps (default 32) for `--batch` sequences.
-//! Prints tokens/s, cache bytes per layer and the KSA/full ratio, then the
-//! KV-cache table of the `KSA-4B-base` shapes at 16K-128K against full
-//! attention, computed from the shapes.
+//! With `--prompt` or `--prompt-file`, the folder's tokenizer encodes the
+//! text (with `--chat`, rendered by its chat template as a user message),
+//! the model continues it (greedy, or `--sample`d), and the text streams to
+//! stdout as it is produced, never splitting a character, until an EOS id
+//! of the folder or `--new` tokens. Then: prefill and decode tokens/s and
+//! the cache's bytes against full attention's.
+//!
+//! Without a text prompt it measures decoding on random ids. Without
+//! `--model`, a small random Qwen3-KSA (C = 8, S = 1, window `W` on three
+//! of four layers, whole context on every 4th) and the same weights with
+//! every window covering the whole context (full attention's cache and
+//! reads) are both run: prefill of `--random-prompt` random tokens (default
+//! 2048), then `--new` greedy decode steps (default 32) for `--batch`
+//! sequences. Prints tokens/s, cache bytes per layer and the KSA/full ratio,
+//! then the KV-cache table of the `KSA-4B-base` shapes at 16K-128K against
+//! full attention, computed from the shapes.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ksa::cache::CacheStorage;
 use ksa::model_config::LayerKind;
-use ksa::{KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig};
+use ksa::text::{generate_text, ChatMessage, TextTokenizer};
+use ksa::{GenerateOptions, KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig, Sampling};
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 struct Args {
     model: Option<String>,
+    hub: Option<String>,
+    text: Option<String>,
+    chat: bool,
+    dtype: DType,
+    sampling: Sampling,
+    max_context: Option<usize>,
     prompt: usize,
     new: usize,
     batch: usize,
@@ -37,6 +60,12 @@ struct Args {
 fn parse() -> AnyResult<Args> {
     let mut a = Args {
         model: None,
+        hub: None,
+        text: None,
+        chat: false,
+        dtype: DType::F32,
+        sampling: Sampling::Greedy,
+        max_context: None,
         prompt: 2048,
         new: 32,
         batch: 1,
@@ -45,10 +74,42 @@ fn parse() -> AnyResult<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--chat" {
+            a.chat = true;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--model" => a.model = Some(value),
-            "--prompt" => a.prompt = value.parse()?,
+            "--hub" => a.hub = Some(value),
+            "--prompt" => a.text = Some(value),
+            "--prompt-file" => {
+                a.text = Some(std::fs::read_to_string(&value).map_err(|e| format!("{value}: {e}"))?)
+            }
+            "--dtype" => {
+                a.dtype = match value.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    "f64" => DType::F64,
+                    _ => {
+                        return Err(format!("--dtype is f32, bf16, f16 or f64, got {value}").into())
+                    }
+                }
+            }
+            "--sample" => {
+                let parts: Vec<&str> = value.split(',').collect();
+                let [t, p, seed] = parts[..] else {
+                    return Err(format!("--sample is TEMPERATURE,TOP_P,SEED, got {value}").into());
+                };
+                a.sampling = Sampling::TopP {
+                    temperature: t.parse()?,
+                    top_p: p.parse()?,
+                    seed: seed.parse()?,
+                };
+            }
+            "--max-context" => a.max_context = Some(value.parse()?),
+            "--random-prompt" => a.prompt = value.parse()?,
             "--new" => a.new = value.parse()?,
             "--batch" => a.batch = value.parse()?,
             "--window" => a.window = value.parse()?,
@@ -182,10 +243,90 @@ fn ksa_4b_bytes(n: usize, summaries_on_wide: bool) -> (f64, f64) {
     (ksa, full)
 }
 
+/// The model folder: `--model`, or `--hub` fetched into the local cache.
+fn folder(args: &Args) -> AnyResult<Option<PathBuf>> {
+    match (&args.model, &args.hub) {
+        (Some(_), Some(_)) => Err("give --model or --hub, not both".into()),
+        (Some(dir), None) => Ok(Some(PathBuf::from(dir))),
+        #[cfg(feature = "hub")]
+        (None, Some(id)) => Ok(Some(ksa::hub::fetch_model(
+            id,
+            &ksa::hub::HubOptions::from_env(),
+        )?)),
+        #[cfg(not(feature = "hub"))]
+        (None, Some(_)) => {
+            Err("--hub needs the `hub` feature (cargo run --features hub ...)".into())
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Generates from a text prompt, streaming the text, then prints the speeds
+/// and the cache's bytes against full attention's.
+fn run_text(model: &Qwen3Ksa, dir: &Path, text: &str, args: &Args) -> AnyResult<()> {
+    let tokenizer = TextTokenizer::from_folder(dir)?;
+    let prompt = if args.chat {
+        tokenizer.encode_chat(&[ChatMessage::user(text)], true)?
+    } else {
+        tokenizer.encode(text)?
+    };
+    let storage = match args.storage {
+        Some(s) => s,
+        None => KsaCache::default_storage(model)?,
+    };
+    let mut cache = KsaCache::with_storage(model, 1, args.max_context, storage)?;
+    let options = GenerateOptions {
+        max_new_tokens: args.new,
+        sampling: args.sampling,
+        stop_tokens: Vec::new(),
+    };
+    let mut stdout = std::io::stdout();
+    let out = generate_text(model, &tokenizer, &mut cache, &prompt, &options, |piece| {
+        print!("{piece}");
+        // Show each piece as it comes, not when the line buffer fills.
+        let _ = stdout.flush();
+    })?;
+    println!();
+    let n = out.tokens.len();
+    eprintln!(
+        "\nprompt {} tokens: prefill {:.1} tokens/s ({:.2} s); {} generated{}: decode {:.1} tokens/s",
+        prompt.len(),
+        prompt.len() as f64 / out.prefill_seconds,
+        out.prefill_seconds,
+        n,
+        if out.stopped_at_eos { " (stopped at EOS)" } else { "" },
+        n.saturating_sub(1) as f64 / out.decode_seconds.max(1e-9),
+    );
+    let cfg = model.config();
+    let held = cache.seq_len(0)?;
+    // Full attention's cache in the element type this cache stores: the
+    // model's dtype, except host storage keeps f32 for f32/f64 models.
+    let elem = match (cache.storage(), args.dtype) {
+        (CacheStorage::Host, DType::F32 | DType::F64) => 4,
+        _ => args.dtype.size_in_bytes(),
+    };
+    let full =
+        (held * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem) as f64;
+    eprintln!(
+        "cache after {held} tokens: KSA {} vs full attention {} ({:.2}x)",
+        human(cache.bytes() as f64),
+        human(full),
+        full / cache.bytes() as f64
+    );
+    Ok(())
+}
+
 fn main() -> AnyResult<()> {
     let args = parse()?;
-    let model = match &args.model {
-        Some(dir) => Qwen3Ksa::from_folder(dir, DType::F32, &Device::Cpu)?,
+    let dir = folder(&args)?;
+    if let Some(text) = &args.text {
+        let dir =
+            dir.ok_or("a text prompt needs a model folder with its tokenizer (--model DIR)")?;
+        let model = Qwen3Ksa::from_folder(&dir, args.dtype, &Device::Cpu)?;
+        return run_text(&model, &dir, text, &args);
+    }
+    let model = match &dir {
+        Some(dir) => Qwen3Ksa::from_folder(dir, args.dtype, &Device::Cpu)?,
         None => {
             let w = args.window;
             random_model(&random_config(&[w, w, w, 16_768])?)?
@@ -208,7 +349,7 @@ fn main() -> AnyResult<()> {
         "KSA:  prefill {} x {} tokens in {prefill:.2} s; decode {rate:.1} tokens/s (batch {})",
         args.batch, args.prompt, args.batch
     );
-    let full_rate = if args.model.is_none() {
+    let full_rate = if dir.is_none() {
         // Same weights, every window covering the whole context.
         let mut full_cfg = cfg.clone();
         full_cfg.windows = vec![1 << 24; cfg.num_hidden_layers];

@@ -130,6 +130,32 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A tokenizer (`tokenizer.json`) is missing or malformed, or encoding
+    /// or decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A chat template is missing, does not parse, or fails to render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// A prompt does not fit the context the generation may use.
+    #[error("the prompt has {tokens} tokens; with {new_tokens} new tokens it exceeds the context capacity of {capacity}")]
+    PromptTooLong {
+        tokens: usize,
+        new_tokens: usize,
+        capacity: usize,
+    },
+
+    /// A checkpoint conversion cannot proceed (the source is not a plain
+    /// Qwen3 checkpoint, or the options are inconsistent with it).
+    #[error("conversion: {0}")]
+    Convert(String),
+
+    /// A model could not be fetched from the Hugging Face Hub.
+    #[error("cannot fetch `{model_id}` from the Hugging Face Hub: {reason}; download it elsewhere and pass the folder instead (`--model DIR`, `Qwen3Ksa::from_folder`)")]
+    Hub { model_id: String, reason: String },
+
     /// The head dimension is not one the operation has a kernel for.
     #[error("{op} supports head_dim {supported}, got {got}")]
     UnsupportedHeadDim {

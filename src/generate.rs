@@ -125,6 +125,20 @@ impl Qwen3Ksa {
         &self,
         prompts: &[&[u32]],
         options: &GenerateOptions,
+        on_token: impl FnMut(usize, u32),
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut cache = KsaCache::new(self, prompts.len())?;
+        self.generate_in(&mut cache, prompts, options, on_token)
+    }
+
+    /// [`Qwen3Ksa::generate`] over a cache the caller made (e.g.
+    /// [`KsaCache::with_capacity`], or another storage) and can inspect
+    /// afterwards: prompt `i` continues sequence `i` of `cache`.
+    pub fn generate_in(
+        &self,
+        cache: &mut KsaCache,
+        prompts: &[&[u32]],
+        options: &GenerateOptions,
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
         if let Sampling::TopP {
@@ -155,7 +169,6 @@ impl Qwen3Ksa {
         let mut rngs: Vec<SplitMix> = (0..prompts.len() as u64)
             .map(|i| SplitMix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)))
             .collect();
-        let mut cache = KsaCache::new(self, prompts.len())?;
         let mut out = vec![Vec::new(); prompts.len()];
         if options.max_new_tokens == 0 {
             return Ok(out);

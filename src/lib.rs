@@ -43,12 +43,15 @@ mod attention;
 pub mod cache;
 mod check;
 pub mod config;
+pub mod convert;
 #[doc(hidden)]
 pub mod cpu;
 #[doc(hidden)]
 pub mod cuda;
 mod error;
 pub mod generate;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod layer;
 pub mod layout;
 pub mod mask;
@@ -58,6 +61,8 @@ mod op;
 pub mod reference;
 #[doc(hidden)]
 pub mod schedule;
+pub mod text;
+mod weights;
 
 pub use attention::{
     attention, attention_with, causal_attention, causal_attention_with, decode_attention,

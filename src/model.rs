@@ -10,11 +10,11 @@ use crate::layer::{load_linear, load_rms_norm, load_tensor, replace_slots, rms_n
 use crate::layer::{SummaryAttention, SummaryAttentionConfig};
 use crate::layout::KsaLayout;
 use crate::model_config::{LayerKind, Qwen3KsaConfig};
+use crate::weights::MappedWeights;
 use crate::{Error, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Linear, Module, RmsNorm, VarBuilder};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
@@ -261,7 +261,9 @@ impl Qwen3Ksa {
     /// Loads a model folder: `config.json` plus `model.safetensors` or the
     /// shards listed in `model.safetensors.index.json`. Every tensor's name
     /// and shape is checked against the config from the file headers before
-    /// any weight is read.
+    /// any weight is read. The files are memory-mapped and each tensor's
+    /// pages are released once it is copied (converted to `dtype`), so peak
+    /// resident memory stays near one copy of the weights in `dtype`.
     pub fn from_folder(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         check_model_dtype(dtype)?;
@@ -269,12 +271,8 @@ impl Qwen3Ksa {
         let files = safetensors_files(path)?;
         // SAFETY: the files are memory-mapped read-only, as candle's own
         // loaders do; they must not be modified while the model is loading.
-        let tensors = unsafe { MmapedSafetensors::multi(&files)? };
-        let shapes: HashMap<String, Vec<usize>> = tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, view.shape().to_vec()))
-            .collect();
+        let tensors = unsafe { MappedWeights::open(&files)? };
+        let shapes = tensors.shapes();
         // One expected tensor at a time: a config claiming far more layers
         // than the checkpoint holds stops at the first missing name.
         for_each_expected(&config, |name, expected| match shapes.get(&name) {
@@ -469,7 +467,7 @@ fn check_model_dtype(dtype: DType) -> Result<()> {
 
 /// The safetensors files of a model folder: the shards named by
 /// `model.safetensors.index.json`, or `model.safetensors`.
-fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
     let index = folder.join("model.safetensors.index.json");
     if !index.exists() {
         let single = folder.join("model.safetensors");
