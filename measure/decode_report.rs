@@ -42,18 +42,12 @@ fn parse_args() -> std::result::Result<Args, String> {
         full: true,
         plot: None,
     };
-    let list = |flag: &str, s: String| -> std::result::Result<Vec<usize>, String> {
-        s.split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.trim().parse().map_err(|e| format!("{flag}: {e}")))
-            .collect()
-    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--contexts" => args.contexts = list(&flag, value()?)?,
-            "--batches" => args.batches = list(&flag, value()?)?,
+            "--contexts" => args.contexts = usize_list(&flag, &value()?)?,
+            "--batches" => args.batches = usize_list(&flag, &value()?)?,
             "--steps" => args.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
             "--max-cache-gib" => {
                 args.max_cache = value()?

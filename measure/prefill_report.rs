@@ -37,18 +37,12 @@ fn parse_args() -> std::result::Result<Args, String> {
         chunk: ksa::cache::DEFAULT_PREFILL_CHUNK,
         full: true,
     };
-    let list = |flag: &str, s: String| -> std::result::Result<Vec<usize>, String> {
-        s.split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.trim().parse().map_err(|e| format!("{flag}: {e}")))
-            .collect()
-    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--lens" => args.lens = list(&flag, value()?)?,
-            "--memory-lens" => args.memory_lens = list(&flag, value()?)?,
+            "--lens" => args.lens = usize_list(&flag, &value()?)?,
+            "--memory-lens" => args.memory_lens = usize_list(&flag, &value()?)?,
             "--chunk" => args.chunk = value()?.parse().map_err(|e| format!("--chunk: {e}"))?,
             "--skip-full" => args.full = false,
             "-h" | "--help" => {

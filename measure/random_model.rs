@@ -136,6 +136,14 @@ pub fn cpu_time() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// A comma-separated list of sizes given to `flag`.
+pub fn usize_list(flag: &str, s: &str) -> std::result::Result<Vec<usize>, String> {
+    s.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim().parse().map_err(|e| format!("{flag}: {e}")))
+        .collect()
+}
+
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
