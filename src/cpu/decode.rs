@@ -11,7 +11,7 @@
 //! that interface, which a tensor-backed [`crate::KsaCache`] uses off CUDA.
 
 use super::isa::{process_isa, CpuIsa};
-use super::simd::{axpy, axpy_wide, dot, dot_wide};
+use super::simd::{axpy, axpy_wide, dispatch, dot, dot_wide};
 use super::Element;
 use crate::attention::KvRows;
 use crate::{AttentionOptions, Error, Result};
@@ -146,40 +146,19 @@ pub fn attend<T: Element>(
     // The entry points (`attend_rows`, `KsaCache::append`) report an unusable
     // forced variant as a typed error before they get here.
     let isa = process_isa().unwrap_or(CpuIsa::Portable);
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn avx512<T: Element>(
-            q: &[f32],
-            d: usize,
-            s: &[KvSlice<'_, T>],
-            scale: f32,
-            out: &mut [f32],
-            scores: &mut Vec<f32>,
-        ) {
-            attend_impl(q, d, s, scale, out, scores)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Element>(
-            q: &[f32],
-            d: usize,
-            s: &[KvSlice<'_, T>],
-            scale: f32,
-            out: &mut [f32],
-            scores: &mut Vec<f32>,
-        ) {
-            attend_impl(q, d, s, scale, out, scores)
-        }
-        match isa {
-            // SAFETY: `process_isa` only chooses a variant the CPU supports.
-            CpuIsa::Avx512 => return unsafe { avx512(q, head_dim, slices, scale, out, scores) },
-            // SAFETY: as above.
-            CpuIsa::Avx2 => return unsafe { avx2(q, head_dim, slices, scale, out, scores) },
-            CpuIsa::Portable => {}
-        }
-    }
-    let _ = isa;
-    attend_impl(q, head_dim, slices, scale, out, scores)
+    attend_on(isa, q, head_dim, slices, scale, out, scores)
+}
+
+dispatch! {
+    /// [`attend`] compiled for `isa`.
+    attend_on<T: Element> => attend_impl(
+        q: &[f32],
+        head_dim: usize,
+        slices: &[KvSlice<'_, T>],
+        scale: f32,
+        out: &mut [f32],
+        scores: &mut Vec<f32>,
+    )
 }
 
 /// The body of [`attend`], inlined into each target-feature variant.

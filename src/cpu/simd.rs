@@ -6,24 +6,28 @@
 use super::isa::CpuIsa;
 use super::Element;
 
-/// Defines `pub(crate) fn $name(isa, args)` that runs `$body` (an
-/// `#[inline(always)]` function) compiled for AVX-512, for AVX2 + FMA or for
-/// baseline x86-64, as `isa` (checked supported by the caller) says.
+/// Defines `pub(crate) fn $name(isa, args)` (or `$name<T: Bound>`) that runs
+/// `$body` (an `#[inline(always)]` function) compiled for AVX-512, for AVX2 +
+/// FMA or for baseline x86-64, as `isa` (checked supported by the caller) says.
+/// Also used by `decode.rs` (`pub(crate) use`).
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        dispatch! { $(#[$doc])* $name<> => $body($($arg: $ty),*) }
+    };
+    ($(#[$doc:meta])* $name:ident<$($t:ident: $bound:path)?> => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name(isa: CpuIsa, $($arg: $ty),*) {
+        pub(crate) fn $name$(<$t: $bound>)?(isa: CpuIsa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512$(<$t: $bound>)?($($arg: $ty),*) {
                     $body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2$(<$t: $bound>)?($($arg: $ty),*) {
                     $body($($arg),*)
                 }
                 match isa {
@@ -40,6 +44,8 @@ macro_rules! dispatch {
         }
     };
 }
+
+pub(crate) use dispatch;
 
 dispatch! {
     /// Online-softmax update of one score tile, in place.
