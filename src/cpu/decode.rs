@@ -11,7 +11,7 @@
 //! that interface, which a tensor-backed [`crate::KsaCache`] uses off CUDA.
 
 use super::isa::{process_isa, CpuIsa};
-use super::simd::{axpy, axpy_wide, dispatch, dot, dot_wide};
+use super::simd::{axpy_wide, dispatch, dot_wide, Arith};
 use super::Element;
 use crate::attention::KvRows;
 use crate::{AttentionOptions, Error, Result};
@@ -163,7 +163,7 @@ dispatch! {
 
 /// The body of [`attend`], inlined into each target-feature variant.
 #[inline(always)]
-fn attend_impl<T: Element>(
+fn attend_impl<A: Arith, T: Element>(
     q: &[f32],
     head_dim: usize,
     slices: &[KvSlice<'_, T>],
@@ -188,7 +188,7 @@ fn attend_impl<T: Element>(
         if T::CHEAP_WIDEN {
             for k_row in s.k.chunks_exact(d) {
                 for (h, q_row) in q.chunks_exact(d).enumerate() {
-                    scores[h * keys + col] = dot_wide(q_row, k_row) * scale;
+                    scores[h * keys + col] = dot_wide::<A, T>(q_row, k_row) * scale;
                 }
                 col += 1;
             }
@@ -197,7 +197,7 @@ fn attend_impl<T: Element>(
         for block in s.k.chunks(BLOCK_ROWS * d) {
             for k_row in T::row_f32(block, &mut wide).chunks_exact(d) {
                 for (h, q_row) in q.chunks_exact(d).enumerate() {
-                    scores[h * keys + col] = dot(q_row, k_row) * scale;
+                    scores[h * keys + col] = dot_wide::<A, f32>(q_row, k_row) * scale;
                 }
                 col += 1;
             }
@@ -219,7 +219,7 @@ fn attend_impl<T: Element>(
         if T::CHEAP_WIDEN {
             for v_row in s.v.chunks_exact(d) {
                 for (h, o) in out.chunks_exact_mut(d).enumerate() {
-                    axpy_wide(scores[h * keys + col], v_row, o);
+                    axpy_wide::<A, T>(scores[h * keys + col], v_row, o);
                 }
                 col += 1;
             }
@@ -228,7 +228,7 @@ fn attend_impl<T: Element>(
         for block in s.v.chunks(BLOCK_ROWS * d) {
             for v_row in T::row_f32(block, &mut wide).chunks_exact(d) {
                 for (h, o) in out.chunks_exact_mut(d).enumerate() {
-                    axpy(scores[h * keys + col], v_row, o);
+                    axpy_wide::<A, f32>(scores[h * keys + col], v_row, o);
                 }
                 col += 1;
             }

@@ -6,10 +6,39 @@
 use super::isa::CpuIsa;
 use super::Element;
 
+/// How a body multiplies and adds: [`Fused`] (one FMA instruction) in the
+/// variants that have FMA, [`Unfused`] in the baseline one, where `mul_add`
+/// would be a call into libm. Rust never contracts `a * b + c` on its own.
+pub(crate) trait Arith {
+    /// `a * b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a * b + c` in one rounding (the AVX-512 and AVX2 + FMA variants).
+pub(crate) struct Fused;
+
+impl Arith for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// `a * b + c` as two instructions (baseline x86-64 and other targets).
+pub(crate) struct Unfused;
+
+impl Arith for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// Defines `pub(crate) fn $name(isa, args)` (or `$name<T: Bound>`) that runs
-/// `$body` (an `#[inline(always)]` function) compiled for AVX-512, for AVX2 +
-/// FMA or for baseline x86-64, as `isa` (checked supported by the caller) says.
-/// Also used by `decode.rs` (`pub(crate) use`).
+/// `$body::<A>` (an `#[inline(always)]` function generic over its [`Arith`]
+/// `A`, then optionally `T`) compiled for AVX-512, for AVX2 + FMA (both with
+/// `A` = [`Fused`]) or for baseline x86-64 ([`Unfused`]), as `isa` (checked
+/// supported by the caller) says. Also used by `decode.rs` (`pub(crate) use`).
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         dispatch! { $(#[$doc])* $name<> => $body($($arg: $ty),*) }
@@ -20,15 +49,16 @@ macro_rules! dispatch {
         pub(crate) fn $name$(<$t: $bound>)?(isa: CpuIsa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                use $crate::cpu::simd::Fused;
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512$(<$t: $bound>)?($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $body::<Fused $(, $t)?>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2$(<$t: $bound>)?($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $body::<Fused $(, $t)?>($($arg),*)
                 }
                 match isa {
                     // SAFETY: the caller checked that the CPU supports `isa`
@@ -40,7 +70,7 @@ macro_rules! dispatch {
                 }
             }
             let _ = isa;
-            $body($($arg),*)
+            $body::<$crate::cpu::simd::Unfused $(, $t)?>($($arg),*)
         }
     };
 }
@@ -90,7 +120,7 @@ dispatch! {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_grad_impl(
+fn softmax_grad_impl<A: Arith>(
     s: &mut [f32],
     dp: &mut [f32],
     stride: usize,
@@ -110,7 +140,7 @@ fn softmax_grad_impl(
         }
         let (shift, dr) = (lse2[r], delta[r]);
         for (x, y) in p[a..b].iter_mut().zip(&mut g[a..b]) {
-            *x = exp2(*x * factor - shift);
+            *x = exp2_with::<A>(A::mul_add(*x, factor, -shift));
             *y = *x * (*y - dr);
         }
     }
@@ -118,7 +148,7 @@ fn softmax_grad_impl(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_update_impl(
+fn softmax_update_impl<A: Arith>(
     s: &mut [f32],
     stride: usize,
     len: usize,
@@ -139,9 +169,9 @@ fn softmax_update_impl(
         row[b..].fill(0.0);
         let seg = &mut row[a..b];
         let m_new = m[r].max(row_max(seg));
-        let sum = exp2_shift_sum(seg, m_new);
+        let sum = exp2_shift_sum::<A>(seg, m_new);
         // The first visit has m = -inf and alpha = 0: nothing to rescale.
-        let alpha = exp2(m[r] - m_new);
+        let alpha = exp2_with::<A>(m[r] - m_new);
         l[r] = l[r] * alpha + sum;
         if alpha != 1.0 {
             for x in &mut o[r * d..(r + 1) * d] {
@@ -154,6 +184,30 @@ fn softmax_update_impl(
 
 const LANES: usize = 16;
 
+/// The lanes of `v` folded pairwise with `f` (a tree: four dependent steps
+/// instead of a chain of fifteen).
+#[inline(always)]
+fn fold_lanes(mut v: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            v[i] = f(v[i], v[i + width]);
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+/// A compare-select (not `f32::max`) so it compiles to one `vmaxps`.
+#[inline(always)]
+fn max_of(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
 #[inline(always)]
 fn row_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -161,31 +215,27 @@ fn row_max(x: &[f32]) -> f32 {
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..LANES {
-            // A compare-select (not f32::max) so it compiles to one vmaxps.
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            acc[i] = max_of(c[i], acc[i]);
         }
     }
-    let mut best = f32::NEG_INFINITY;
-    for &v in acc.iter().chain(rest) {
-        best = if v > best { v } else { best };
-    }
-    best
+    rest.iter()
+        .fold(fold_lanes(acc, max_of), |m, &v| max_of(v, m))
 }
 
 /// `x = 2^(x - shift)` elementwise; returns the sum.
 #[inline(always)]
-fn exp2_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+fn exp2_shift_sum<A: Arith>(x: &mut [f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp2(c[i] - shift);
+            c[i] = exp2_with::<A>(c[i] - shift);
             acc[i] += c[i];
         }
     }
-    let mut sum: f32 = acc.iter().sum();
+    let mut sum = fold_lanes(acc, |a, b| a + b);
     for v in chunks.into_remainder() {
-        *v = exp2(*v - shift);
+        *v = exp2_with::<A>(*v - shift);
         sum += *v;
     }
     sum
@@ -195,6 +245,12 @@ fn exp2_shift_sum(x: &mut [f32], shift: f32) -> f32 {
 /// branch-free arithmetic the compiler vectorizes.
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
+    exp2_with::<Unfused>(x)
+}
+
+/// [`exp2`] with the polynomial's multiply-adds as `A` does them.
+#[inline(always)]
+fn exp2_with<A: Arith>(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
     let x = if x > -127.0 { x } else { -127.0 };
@@ -202,11 +258,17 @@ pub(crate) fn exp2(x: f32) -> f32 {
     let f = x - (shifted - MAGIC); // in [-0.5, 0.5]
     let n = shifted.to_bits() as i32 - MAGIC.to_bits() as i32; // round(x) in [-127, 0]
                                                                // 2^f = e^(f ln 2), Taylor to degree 6: error below 2e-7 on [-0.5, 0.5].
-    let p = 1.0
-        + f * (std::f32::consts::LN_2
-            + f * (0.240_226_5
-                + f * (0.055_504_11
-                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));
+    let mut p = 0.000_154_035_3;
+    for c in [
+        0.001_333_355_8,
+        0.009_618_129,
+        0.055_504_11,
+        0.240_226_5,
+        std::f32::consts::LN_2,
+        1.0,
+    ] {
+        p = A::mul_add(p, f, c);
+    }
     // n = -127 gives a zero exponent field: exactly 0.
     f32::from_bits(((n + 127) << 23) as u32) * p
 }
@@ -214,42 +276,47 @@ pub(crate) fn exp2(x: f32) -> f32 {
 /// `a . b` (inlined, so it vectorizes for the caller's target features).
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_wide(a, b)
+    dot_wide::<Unfused, f32>(a, b)
 }
 
 /// `a . b` with `b` widened to f32 element by element ([`Element::to_f32`]:
 /// nothing for f32, a shift for bf16 inside the same loop).
 #[inline(always)]
-pub(crate) fn dot_wide<T: Element>(a: &[f32], b: &[T]) -> f32 {
-    // Eight independent sums so the compiler can vectorize the reduction.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
+pub(crate) fn dot_wide<A: Arith, T: Element>(a: &[f32], b: &[T]) -> f32 {
+    // Two vectors of independent sums (four with AVX2) so consecutive
+    // multiply-adds do not wait for each other.
+    const WIDE: usize = 2 * LANES;
+    let mut acc = [0f32; WIDE];
+    let (ca, cb) = (a.chunks_exact(WIDE), b.chunks_exact(WIDE));
+    let tail = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
+        .fold(0.0, |s, (x, y)| A::mul_add(*x, y.to_f32(), s));
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
+        for i in 0..WIDE {
+            acc[i] = A::mul_add(x[i], y[i].to_f32(), acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut half = [0f32; LANES];
+    for i in 0..LANES {
+        half[i] = acc[i] + acc[i + LANES];
+    }
+    fold_lanes(half, |a, b| a + b) + tail
 }
 
 /// `y += a * x` with `x` widened element by element, like [`dot_wide`].
 #[inline(always)]
-pub(crate) fn axpy_wide<T: Element>(a: f32, x: &[T], y: &mut [f32]) {
+pub(crate) fn axpy_wide<A: Arith, T: Element>(a: f32, x: &[T], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x.to_f32();
+        *y = A::mul_add(a, x.to_f32(), *y);
     }
 }
 
 /// `y += a * x` (inlined, so it vectorizes for the caller's target features).
 #[inline(always)]
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    axpy_wide(a, x, y)
+    axpy_wide::<Unfused, f32>(a, x, y)
 }
 
 #[cfg(test)]
