@@ -39,6 +39,15 @@ pub(crate) fn score_stride(keys: usize) -> usize {
     keys.div_ceil(PAD) * PAD
 }
 
+/// Row stride of a key-major score buffer ([`scores_key_major`]) for `rows`
+/// query rows: whole panels plus 16 floats, so that the value product, which
+/// reads a few adjacent columns from every key row, does not find every row
+/// in the same few L1 sets (a stride of 256 floats maps 128 rows to 4 of the
+/// 64 sets).
+pub(crate) fn key_major_stride(rows: usize) -> usize {
+    score_stride(rows) + 16
+}
+
 /// The `A` operand of a product: element `(r, i)` is `data[r * rs + i * cs]`.
 #[derive(Clone, Copy)]
 struct Strided<'a> {
@@ -182,6 +191,130 @@ pub(crate) fn scores<T: Element>(
     }
 }
 
+/// The microkernels' `B` panel width for `isa` (`None`: the `gemm` crate).
+fn panel_width(isa: CpuIsa) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        CpuIsa::Avx512 => return Some(avx512::NR),
+        CpuIsa::Avx2 => return Some(avx2::NR),
+        CpuIsa::Portable => {}
+    }
+    let _ = isa;
+    None
+}
+
+/// Packs a query tile's rows (`rows x d`, f32) as the column panels
+/// [`scores_key_major`] reads. Once per query tile, then reused by every key
+/// tile it visits, so the tile loop transposes nothing.
+pub(crate) fn pack_queries(isa: CpuIsa, q: &[f32], rows: usize, d: usize, pack: &mut Vec<f32>) {
+    match panel_width(isa) {
+        Some(width) if d > 0 => pack_keys(isa, q, rows, d, width, pack),
+        _ => pack.clear(),
+    }
+}
+
+/// `s[j * stride + r] = sum_c k[j * d + c] * q[r * d + c]` for `j < keys`,
+/// `r < rows`: the scores of a key tile against a query tile, key-major (one
+/// row per key, one column per query; columns up to the next multiple of 32
+/// may be overwritten). `q` holds the query rows and `q_panels` the same rows
+/// packed by [`pack_queries`]. The keys are read in place (half-precision
+/// keys become f32 here, once per tile).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores_key_major<T: Element>(
+    isa: CpuIsa,
+    keys: usize,
+    rows: usize,
+    d: usize,
+    k: &[T],
+    (q, q_panels): (&[f32], &[f32]),
+    s: &mut [f32],
+    stride: usize,
+    pack: &mut Pack,
+) {
+    assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(rows));
+    assert!(s.len() >= keys * stride);
+    if rows == 0 || keys == 0 {
+        return;
+    }
+    let k = T::row_f32(&k[..keys * d], &mut pack.rows);
+    let a = Strided {
+        data: k,
+        rs: d,
+        cs: 1,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(width) = panel_width(isa).filter(|_| d > 0) {
+        assert!(q_panels.len() >= rows.div_ceil(width) * d * width);
+        if isa == CpuIsa::Avx512 {
+            let panels = Panels {
+                b: q_panels,
+                b_rs: width,
+                b_step: d * width,
+                cols: rows.div_ceil(width) * width,
+            };
+            // SAFETY: AVX-512F checked by the caller; every keys x 32 block
+            // is inside `s` because the stride is padded to whole panels
+            // (asserted), offsets are debug-asserted.
+            unsafe { avx512::panels(keys, d, a, panels, s, stride, false) };
+        } else {
+            for p in 0..rows.div_ceil(width) {
+                let panel = &q_panels[p * d * width..(p + 1) * d * width];
+                // SAFETY: AVX2/FMA checked by the caller; as above.
+                unsafe {
+                    avx2::panel(keys, d, a, panel, width, &mut s[p * width..], stride, false)
+                };
+            }
+        }
+        return;
+    }
+    let _ = (isa, q_panels, a);
+    // SAFETY: S^T (keys x rows, row stride `stride`) and K (keys x d) are
+    // inside their buffers (asserted); Q^T reads `q` with swapped strides.
+    unsafe {
+        gemm(
+            keys,
+            rows,
+            d,
+            s.as_mut_ptr(),
+            1,
+            stride as isize,
+            false,
+            k.as_ptr(),
+            1,
+            d as isize,
+            q.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// `o[r * d + c] += sum_j p[j * stride + r] * v[j * d + c]` for `r < rows`,
+/// `j < keys`: `O += P V` with `P` key-major (as [`scores_key_major`] lays
+/// it out). Half-precision values become f32 here, once per tile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn accumulate_key_major<T: Element>(
+    isa: CpuIsa,
+    rows: usize,
+    keys: usize,
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    v: &[T],
+    o: &mut [f32],
+    pack: &mut Pack,
+) {
+    assert!(v.len() >= keys * d);
+    let v = T::row_f32(&v[..keys * d], &mut pack.rows);
+    product(isa, rows, keys, d, (p, 1, stride), v, o);
+}
+
 /// `o[r * d + c] += sum_j p[r * stride + j] * v[j * d + c]` for `r < rows`,
 /// `j < keys`: `O += P V`. Half-precision values become f32 here, once per
 /// tile.
@@ -289,25 +422,53 @@ fn product(
     }
 }
 
-/// Calls `$f::<R, $v>($args)` for a runtime row count `R` in `1..=14`.
+/// Rows of the next register block when `left` rows remain and blocks hold
+/// up to `mr`: a short last block (few accumulators for the FMA latency to
+/// hide, and a whole pass over `B` for a few rows) is avoided by splitting
+/// the last two blocks evenly (128 rows: 8 blocks of 14, then 8 and 8).
+#[cfg(target_arch = "x86_64")]
+fn block_rows(left: usize, mr: usize) -> usize {
+    if left > mr && left < mr + mr / 2 {
+        left.div_ceil(2)
+    } else {
+        left.min(mr)
+    }
+}
+
+/// Calls `$f::<R, $v, $u>($args)` for a runtime row count `R` in `1..=14`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
-    ($rows:expr, $f:ident, $v:literal, ($($arg:expr),*)) => {
+    ($rows:expr, $f:ident, $v:literal, $u:expr, ($($arg:expr),*)) => {
         match $rows {
-            1 => $f::<1, $v>($($arg),*),
-            2 => $f::<2, $v>($($arg),*),
-            3 => $f::<3, $v>($($arg),*),
-            4 => $f::<4, $v>($($arg),*),
-            5 => $f::<5, $v>($($arg),*),
-            6 => $f::<6, $v>($($arg),*),
-            7 => $f::<7, $v>($($arg),*),
-            8 => $f::<8, $v>($($arg),*),
-            9 => $f::<9, $v>($($arg),*),
-            10 => $f::<10, $v>($($arg),*),
-            11 => $f::<11, $v>($($arg),*),
-            12 => $f::<12, $v>($($arg),*),
-            13 => $f::<13, $v>($($arg),*),
-            _ => $f::<14, $v>($($arg),*),
+            1 => $f::<1, $v, $u>($($arg),*),
+            2 => $f::<2, $v, $u>($($arg),*),
+            3 => $f::<3, $v, $u>($($arg),*),
+            4 => $f::<4, $v, $u>($($arg),*),
+            5 => $f::<5, $v, $u>($($arg),*),
+            6 => $f::<6, $v, $u>($($arg),*),
+            7 => $f::<7, $v, $u>($($arg),*),
+            8 => $f::<8, $v, $u>($($arg),*),
+            9 => $f::<9, $v, $u>($($arg),*),
+            10 => $f::<10, $v, $u>($($arg),*),
+            11 => $f::<11, $v, $u>($($arg),*),
+            12 => $f::<12, $v, $u>($($arg),*),
+            13 => $f::<13, $v, $u>($($arg),*),
+            _ => $f::<14, $v, $u>($($arg),*),
+        }
+    };
+}
+
+/// Calls `by_rows!` with `UNIT` = whether `A`'s rows are adjacent elements
+/// (`rs == 1`: key-major probabilities). Known at compile time, the row
+/// offsets become constant displacements from one pointer per depth step
+/// instead of a chain of additions.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows_unit {
+    ($unit:expr, $rows:expr, $f:ident, $v:literal, ($($arg:expr),*)) => {
+        if $unit {
+            by_rows!($rows, $f, $v, true, ($($arg),*))
+        } else {
+            by_rows!($rows, $f, $v, false, ($($arg),*))
         }
     };
 }
@@ -386,7 +547,7 @@ mod avx512 {
     ) {
         let mut r = 0;
         while r < m {
-            let rows = (m - r).min(MR);
+            let rows = super::block_rows(m - r, MR);
             let ar = Strided {
                 data: &a.data[r * a.rs..],
                 ..a
@@ -398,9 +559,9 @@ mod avx512 {
                 let or = &mut out[r * out_rs + c..];
                 let args = (ar, b, panels.b_rs, depth, or, out_rs, masks, accumulate);
                 if cols > 16 {
-                    by_rows!(rows, block, 2, (args));
+                    by_rows_unit!(a.rs == 1, rows, block, 2, (args));
                 } else {
-                    by_rows!(rows, block, 1, (args));
+                    by_rows_unit!(a.rs == 1, rows, block, 1, (args));
                 }
             }
             r += rows;
@@ -422,9 +583,10 @@ mod avx512 {
     /// b[i * b_rs + ..]` for `i < depth`, accumulators in registers, lanes
     /// outside `masks` neither read nor written.
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const V: usize>(
+    unsafe fn block<const R: usize, const V: usize, const UNIT: bool>(
         (a, b, b_rs, depth, out, out_rs, masks, accumulate): BlockArgs<'_, '_>,
     ) {
+        let rs = if UNIT { 1 } else { a.rs };
         let live = |v: usize| masks[v].count_ones() as usize;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         if accumulate {
@@ -445,7 +607,7 @@ mod avx512 {
                 *bv = _mm512_maskz_loadu_ps(masks[v], bp.add(at));
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let at = r * a.rs + i * a.cs;
+                let at = r * rs + i * a.cs;
                 debug_assert!(at < a.data.len());
                 let x = _mm512_set1_ps(*ap.add(at));
                 for (acc, &bv) in acc.iter_mut().zip(&bv) {
@@ -492,14 +654,14 @@ mod avx2 {
     ) {
         let mut r = 0;
         while r < m {
-            let rows = (m - r).min(MR);
+            let rows = super::block_rows(m - r, MR);
             let ar = Strided {
                 data: &a.data[r * a.rs..],
                 ..a
             };
             let or = &mut out[r * out_rs..];
             let args = (ar, b, b_rs, depth, or, out_rs, accumulate);
-            by_rows!(rows, block, 2, (args));
+            by_rows_unit!(a.rs == 1, rows, block, 2, (args));
             r += rows;
         }
     }
@@ -518,9 +680,10 @@ mod avx2 {
     /// b[i * b_rs + 0..16]` for `i < depth`, accumulators in registers.
     /// (`V` is always 2: the shared row dispatch passes it.)
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block<const R: usize, const V: usize>(
+    unsafe fn block<const R: usize, const V: usize, const UNIT: bool>(
         (a, b, b_rs, depth, out, out_rs, accumulate): BlockArgs<'_, '_>,
     ) {
+        let rs = if UNIT { 1 } else { a.rs };
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         if accumulate {
             for (r, acc) in acc.iter_mut().enumerate() {
@@ -540,7 +703,7 @@ mod avx2 {
                 *bv = _mm256_loadu_ps(bp.add(at));
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let at = r * a.rs + i * a.cs;
+                let at = r * rs + i * a.cs;
                 debug_assert!(at < a.data.len());
                 let x = _mm256_broadcast_ss(&*ap.add(at));
                 for (acc, &bv) in acc.iter_mut().zip(&bv) {
@@ -577,7 +740,7 @@ mod tests {
     fn products_match_naive_sums() {
         for isa in CpuIsa::available() {
             for d in [1, 7, 16, 32, 48, 131] {
-                for rows in [1, 5, 6, 13, 14, 29] {
+                for rows in [1, 5, 6, 13, 14, 16, 20, 29] {
                     for keys in [1, 7, 16, 37] {
                         check(isa, d, rows, keys);
                     }
@@ -598,6 +761,44 @@ mod tests {
         accumulate(isa, rows, keys, d, &p, stride, &k, &mut o, &mut pack);
         accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
         let tag = format!("{isa} d={d} rows={rows} keys={keys}");
+        // Key-major: S^T from packed query panels, then O += P V with P
+        // key-major (the transpose of the row-major `p`).
+        let km = key_major_stride(rows);
+        let (mut st, mut panels) = (vec![0.0; keys * km], Vec::new());
+        pack_queries(isa, &q, rows, d, &mut panels);
+        scores_key_major(
+            isa,
+            keys,
+            rows,
+            d,
+            &k,
+            (&q, &panels),
+            &mut st,
+            km,
+            &mut pack,
+        );
+        let mut pt = vec![0.0; keys * km];
+        for r in 0..rows {
+            for j in 0..keys {
+                pt[j * km + r] = p[r * stride + j];
+            }
+        }
+        let mut okm = o0.clone();
+        accumulate_key_major(isa, rows, keys, d, &pt, km, &k, &mut okm, &mut pack);
+        for r in 0..rows {
+            for j in 0..keys {
+                assert!(
+                    (st[j * km + r] - s[r * stride + j]).abs() < 1e-4,
+                    "{tag} s^T"
+                );
+            }
+            for c in 0..d {
+                assert!(
+                    (okm[r * d + c] - o[r * d + c]).abs() < 1e-4,
+                    "{tag} key-major pv"
+                );
+            }
+        }
         for r in 0..rows {
             for j in 0..keys {
                 let want: f32 = (0..d).map(|c| q[r * d + c] * k[j * d + c]).sum();

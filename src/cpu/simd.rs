@@ -78,24 +78,96 @@ macro_rules! dispatch {
 pub(crate) use dispatch;
 
 dispatch! {
-    /// Online-softmax update of one score tile, in place.
+    /// Online-softmax update of one key-major score tile, in place (the
+    /// forward's text tiles: no lane reductions, every operation runs down
+    /// the columns).
     ///
-    /// `s` holds `m.len()` rows of `stride` scores each, already in log2 units
-    /// (scale times `log2(e)` folded into the queries); only the first `len`
-    /// columns are live. Row `r` may see columns `bounds[r].0..bounds[r].1`.
-    /// On return the row holds `2^(s - m_new)` inside its bounds and 0 outside
-    /// (the weights the P*V product needs), `m` and `l` are the running max and
-    /// sum, and the row of `o` (`d` wide) is rescaled to the new max.
-    softmax_update => softmax_update_impl(
+    /// `s` holds `keys` rows of `stride` scores, column `r` for query row `r`
+    /// (`m.len()` of them; columns up to the next multiple of 16 may be
+    /// written), already in log2 units. Row `r` may see keys
+    /// `bounds[r].0..bounds[r].1`: all of them when `full`, and then `bounds`
+    /// is not read. On return column `r` holds `2^(s - m_new)` for the keys
+    /// the row may see and 0 for the others (a select: a masked key's score
+    /// never reaches the row), `m` and `l` are the running max and sum, and
+    /// row `r` of `o` (`d` wide) is rescaled to the new max.
+    softmax_update_key_major => softmax_key_major_impl(
         s: &mut [f32],
         stride: usize,
-        len: usize,
+        keys: usize,
         bounds: &[(usize, usize)],
+        full: bool,
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [f32],
         d: usize,
     )
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn softmax_key_major_impl<A: Arith>(
+    s: &mut [f32],
+    stride: usize,
+    keys: usize,
+    bounds: &[(usize, usize)],
+    full: bool,
+    m: &mut [f32],
+    l: &mut [f32],
+    o: &mut [f32],
+    d: usize,
+) {
+    let rows = m.len();
+    debug_assert!(stride >= rows.div_ceil(LANES) * LANES && s.len() >= keys * stride);
+    // Sixteen query rows (one vector of columns) at a time.
+    for r0 in (0..rows).step_by(LANES) {
+        let live = (rows - r0).min(LANES);
+        let (mut lo, mut hi) = ([0i32; LANES], [0i32; LANES]);
+        if !full {
+            for (i, &(a, b)) in bounds[r0..r0 + live].iter().enumerate() {
+                // Tile-relative, so at most the key tile size.
+                (lo[i], hi[i]) = (a as i32, b as i32);
+            }
+        }
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        for j in 0..keys {
+            let row = &mut s[j * stride + r0..j * stride + r0 + LANES];
+            let key = j as i32;
+            for i in 0..LANES {
+                if !full {
+                    let visible = lo[i] <= key && key < hi[i];
+                    row[i] = if visible { row[i] } else { f32::NEG_INFINITY };
+                }
+                mx[i] = max_of(row[i], mx[i]);
+            }
+        }
+        let (mut m_new, mut sum) = ([0f32; LANES], [0f32; LANES]);
+        let mut m_old = [f32::NEG_INFINITY; LANES];
+        m_old[..live].copy_from_slice(&m[r0..r0 + live]);
+        for i in 0..LANES {
+            m_new[i] = max_of(mx[i], m_old[i]);
+        }
+        for j in 0..keys {
+            let row = &mut s[j * stride + r0..j * stride + r0 + LANES];
+            for i in 0..LANES {
+                // A column that sees nothing yet has m_new = -inf: the
+                // difference is NaN (or -inf), which exp2 clamps to 0.
+                row[i] = exp2_with::<A>(row[i] - m_new[i]);
+                sum[i] += row[i];
+            }
+        }
+        for i in 0..live {
+            let r = r0 + i;
+            // The first visit has m = -inf and alpha = 0: nothing to rescale.
+            let alpha = exp2_with::<A>(m_old[i] - m_new[i]);
+            l[r] = A::mul_add(l[r], alpha, sum[i]);
+            m[r] = m_new[i];
+            if alpha != 1.0 {
+                for x in &mut o[r * d..(r + 1) * d] {
+                    *x *= alpha;
+                }
+            }
+        }
+    }
 }
 
 dispatch! {
@@ -146,42 +218,6 @@ fn softmax_grad_impl<A: Arith>(
     }
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn softmax_update_impl<A: Arith>(
-    s: &mut [f32],
-    stride: usize,
-    len: usize,
-    bounds: &[(usize, usize)],
-    m: &mut [f32],
-    l: &mut [f32],
-    o: &mut [f32],
-    d: usize,
-) {
-    for (r, &(a, b)) in bounds.iter().enumerate() {
-        let row = &mut s[r * stride..r * stride + len];
-        if a >= b {
-            // No key of this tile is visible to the row: it adds nothing.
-            row.fill(0.0);
-            continue;
-        }
-        row[..a].fill(0.0);
-        row[b..].fill(0.0);
-        let seg = &mut row[a..b];
-        let m_new = m[r].max(row_max(seg));
-        let sum = exp2_shift_sum::<A>(seg, m_new);
-        // The first visit has m = -inf and alpha = 0: nothing to rescale.
-        let alpha = exp2_with::<A>(m[r] - m_new);
-        l[r] = l[r] * alpha + sum;
-        if alpha != 1.0 {
-            for x in &mut o[r * d..(r + 1) * d] {
-                *x *= alpha;
-            }
-        }
-        m[r] = m_new;
-    }
-}
-
 const LANES: usize = 16;
 
 /// The lanes of `v` folded pairwise with `f` (a tree: four dependent steps
@@ -206,39 +242,6 @@ fn max_of(a: f32, b: f32) -> f32 {
     } else {
         b
     }
-}
-
-#[inline(always)]
-fn row_max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] = max_of(c[i], acc[i]);
-        }
-    }
-    rest.iter()
-        .fold(fold_lanes(acc, max_of), |m, &v| max_of(v, m))
-}
-
-/// `x = 2^(x - shift)` elementwise; returns the sum.
-#[inline(always)]
-fn exp2_shift_sum<A: Arith>(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            c[i] = exp2_with::<A>(c[i] - shift);
-            acc[i] += c[i];
-        }
-    }
-    let mut sum = fold_lanes(acc, |a, b| a + b);
-    for v in chunks.into_remainder() {
-        *v = exp2_with::<A>(*v - shift);
-        sum += *v;
-    }
-    sum
 }
 
 /// `2^x` for `x <= 0` (relative error about 2e-7; 0 below `2^-126`), in
@@ -343,31 +346,86 @@ mod tests {
         assert_eq!(exp2(0.0), 1.0);
     }
 
+    /// Two key-major updates (an edge tile, then a full one) on every
+    /// variant, against a plain f64 softmax of the union: the running max
+    /// and sum, the probabilities (0 at masked keys, even where the score is
+    /// NaN), and the output rows rescaled by the second tile.
     #[test]
-    fn update_matches_scalar_softmax() {
-        let (rows, stride, len, d) = (3, 40, 37, 5);
-        let mut s: Vec<f32> = (0..rows * stride)
-            .map(|i| ((i * 7919) % 97) as f32 / 13.0)
-            .collect();
-        let orig = s.clone();
-        let bounds = [(0, 37), (3, 20), (5, 5)];
-        let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0; rows]);
-        let mut o = vec![1.0; rows * d];
-        let isa = *CpuIsa::available().first().unwrap();
-        softmax_update(isa, &mut s, stride, len, &bounds, &mut m, &mut l, &mut o, d);
-        for (r, &(a, b)) in bounds.iter().enumerate() {
-            let seg = &orig[r * stride + a..r * stride + b];
-            let mx = seg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = seg.iter().map(|&v| ((v - mx) as f64).exp2()).sum();
-            assert_eq!(m[r], mx);
-            assert!((l[r] as f64 - sum).abs() < 1e-5 * sum.max(1.0));
-            for c in 0..len {
-                let p = s[r * stride + c];
-                if (a..b).contains(&c) {
-                    let want = ((orig[r * stride + c] - mx) as f64).exp2();
-                    assert!((p as f64 - want).abs() < 1e-6);
+    fn key_major_update_matches_scalar_softmax() {
+        let (rows, keys, d) = (19, 37, 5);
+        let stride = 32 + 16;
+        let score =
+            |t: usize, j: usize, r: usize| ((t * 31 + j * 7919 + r * 104729) % 97) as f32 / 13.0;
+        let mut bounds: Vec<(usize, usize)> =
+            (0..rows).map(|r| (r % 5, (3 * r + 2).min(keys))).collect();
+        bounds[7] = (4, 4); // sees nothing of the first tile
+        for isa in CpuIsa::available() {
+            let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0; rows]);
+            let mut o = vec![0.0; rows * d];
+            let mut want_o = vec![0.0f64; rows * d];
+            for (t, full) in [(0, false), (1, true)] {
+                let mut s = vec![0.0f32; keys * stride];
+                for j in 0..keys {
+                    for r in 0..rows {
+                        s[j * stride + r] = score(t, j, r);
+                    }
+                }
+                if !full {
+                    s[(keys - 1) * stride + 2] = f32::NAN; // masked for row 2
+                }
+                let m_old = m.clone();
+                softmax_update_key_major(
+                    isa, &mut s, stride, keys, &bounds, full, &mut m, &mut l, &mut o, d,
+                );
+                for r in 0..rows {
+                    let (a, b) = if full { (0, keys) } else { bounds[r] };
+                    let mx = (a..b).map(|j| score(t, j, r)).fold(m_old[r], f32::max);
+                    assert_eq!(m[r], mx, "{isa} tile {t} row {r}");
+                    for j in 0..keys {
+                        let p = s[j * stride + r] as f64;
+                        if (a..b).contains(&j) {
+                            let want = ((score(t, j, r) - mx) as f64).exp2();
+                            assert!((p - want).abs() < 1e-6, "{isa} tile {t} p[{j}, {r}]");
+                        } else {
+                            assert_eq!(p, 0.0, "{isa} tile {t} masked p[{j}, {r}]");
+                        }
+                    }
+                    let alpha = ((m_old[r] - mx) as f64).exp2();
+                    for c in 0..d {
+                        // Stand-in for the value product between the updates.
+                        want_o[r * d + c] = if t == 0 {
+                            (r + c) as f64
+                        } else {
+                            want_o[r * d + c] * alpha
+                        };
+                    }
+                }
+                if t == 0 {
+                    for (i, x) in o.iter_mut().enumerate() {
+                        *x = want_o[i] as f32;
+                    }
+                }
+            }
+            for r in 0..rows {
+                let m0 = if bounds[r].0 < bounds[r].1 {
+                    (bounds[r].0..bounds[r].1)
+                        .map(|j| score(0, j, r))
+                        .fold(f32::NEG_INFINITY, f32::max)
                 } else {
-                    assert_eq!(p, 0.0);
+                    f32::NEG_INFINITY
+                };
+                let mx = (0..keys).map(|j| score(1, j, r)).fold(m0, f32::max) as f64;
+                let sum: f64 = (bounds[r].0..bounds[r].1)
+                    .map(|j| (score(0, j, r) as f64 - mx).exp2())
+                    .chain((0..keys).map(|j| (score(1, j, r) as f64 - mx).exp2()))
+                    .sum();
+                assert!((l[r] as f64 - sum).abs() < 1e-5 * sum, "{isa} l[{r}]");
+                for c in 0..d {
+                    assert!(
+                        (o[r * d + c] as f64 - want_o[r * d + c]).abs()
+                            < 1e-5 * (1.0 + want_o[r * d + c].abs()),
+                        "{isa} o[{r}, {c}]"
+                    );
                 }
             }
         }

@@ -75,6 +75,8 @@ impl<T: Element> Context<'_, T> {
 /// Per-thread buffers, reused across tasks.
 pub(crate) struct Scratch {
     q: Vec<f32>,
+    /// The query tile packed as the scores' column panels.
+    q_panels: Vec<f32>,
     o: Vec<f32>,
     s: Vec<f32>,
     m: Vec<f32>,
@@ -96,8 +98,9 @@ impl Scratch {
         let rows = ctx.group * sizes.query;
         Self {
             q: vec![0.0; rows * ctx.d],
+            q_panels: Vec::new(),
             o: vec![0.0; rows * ctx.d],
-            s: vec![0.0; rows * matmul::score_stride(sizes.key)],
+            s: vec![0.0; sizes.key * matmul::key_major_stride(rows)],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
             bounds: vec![(0, 0); rows],
@@ -111,13 +114,15 @@ impl Scratch {
 }
 
 /// Text query tile `tile` for all heads of the group: rows are ordered
-/// (head, token), so one GEMM per key tile covers the whole GQA group.
+/// (head, token), so one GEMM per key tile covers the whole GQA group. Scores
+/// are key-major (`S^T = K Q^T`): the query tile is packed once and every key
+/// tile is read in place, and the softmax runs down columns.
 pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile: usize) {
     let (d, schedule) = (ctx.d, ctx.schedule);
     let tokens = schedule.query_tile(tile);
     let bq = tokens.len();
     let rows = ctx.group * bq;
-    let stride = matmul::score_stride(schedule.tile_sizes().key);
+    let stride = matmul::key_major_stride(rows);
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {
             let r = hh * bq + i;
@@ -128,6 +133,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             );
         }
     }
+    matmul::pack_queries(ctx.isa, &sc.q, rows, d, &mut sc.q_panels);
     sc.o[..rows * d].fill(0.0);
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
@@ -136,33 +142,36 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         let keys = kt.len();
         let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
-        matmul::scores(
+        matmul::scores_key_major(
             ctx.isa,
-            rows,
             keys,
+            rows,
             d,
-            &sc.q,
             k,
+            (&sc.q, &sc.q_panels),
             &mut sc.s,
             stride,
             &mut sc.pack,
         );
-        tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
-        simd::softmax_update(
+        if !kt.full {
+            tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
+        }
+        simd::softmax_update_key_major(
             ctx.isa,
             &mut sc.s,
             stride,
             keys,
             &sc.bounds[..rows],
+            kt.full,
             &mut sc.m[..rows],
             &mut sc.l[..rows],
             &mut sc.o[..rows * d],
             d,
         );
-        // A masked column's probability is 0, but 0 * inf is NaN: an edge
-        // tile whose values are not all finite sums each row's own columns.
+        // A masked key's probability is 0, but 0 * inf is NaN: an edge
+        // tile whose values are not all finite sums each row's own keys.
         if kt.full || v.iter().all(|x| x.to_f32().is_finite()) {
-            matmul::accumulate(
+            matmul::accumulate_key_major(
                 ctx.isa,
                 rows,
                 keys,
@@ -191,8 +200,8 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     }
 }
 
-/// `o[r] += sum_{j in bounds[r]} p[r, j] * v[j]`: the value product of an
-/// edge tile reading only the columns each row may see.
+/// `o[r] += sum_{j in bounds[r]} p[j, r] * v[j]` (`p` key-major): the value
+/// product of an edge tile reading only the keys each row may see.
 /// Only edge tiles with a non-finite value take it, so it stays scalar.
 fn accumulate_visible<T: Element>(
     p: &[f32],
@@ -205,7 +214,7 @@ fn accumulate_visible<T: Element>(
     for (r, &(a, b)) in bounds.iter().enumerate() {
         let acc = &mut o[r * d..(r + 1) * d];
         for j in a..b {
-            let w = p[r * stride + j];
+            let w = p[j * stride + r];
             for (y, x) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
                 *y += w * x.to_f32();
             }
