@@ -139,7 +139,7 @@ fn fma_peak(isa: ksa::cpu::CpuIsa) -> Option<f64> {
     {
         let iters = std::hint::black_box(20_000_000usize);
         let (flops_per_iter, run): (f64, unsafe fn(usize) -> f32) = match isa {
-            CpuIsa::Avx512 => (16.0 * 16.0 * 2.0, peak::avx512),
+            CpuIsa::Avx512 | CpuIsa::Avx512Bf16 => (16.0 * 16.0 * 2.0, peak::avx512),
             CpuIsa::Avx2 => (12.0 * 8.0 * 2.0, peak::avx2),
             CpuIsa::Portable => return None,
         };

@@ -7,11 +7,14 @@
 //! compared with the reference run on the *same rounded inputs*, with the
 //! output rounding on top: f16 `2e-3 + 2e-3 |ref|`, bf16 `1.6e-2 + 1.6e-2 |ref|`.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use ksa::cpu::CpuKernel;
 use ksa::schedule::TileSizes;
 use ksa::{reference, AttentionOptions, Error, KsaConfig, KsaLayout};
 use proptest::prelude::*;
+
+#[path = "common/tensors.rs"]
+mod tensors;
 
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
@@ -65,46 +68,6 @@ fn qkv(
     let v = gen(b * hkv * n * d, 3).reshape((b, hkv, n, d)).unwrap();
     let cast = |x: Tensor| x.to_dtype(dtype).unwrap();
     (cast(q), cast(k), cast(v))
-}
-
-/// Natural log-sum-exp of the scaled scores over the allowed keys, in f64.
-fn reference_lse(q: &Tensor, k: &Tensor, allowed: impl Fn(usize, usize) -> bool) -> Tensor {
-    let (b, hq, n, d) = q.dims4().unwrap();
-    let hkv = k.dim(1).unwrap();
-    let q = q.to_dtype(DType::F64).unwrap();
-    let k = k
-        .to_dtype(DType::F64)
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap()
-        .broadcast_as((b, hkv, hq / hkv, n, d))
-        .unwrap()
-        .reshape((b, hq, n, d))
-        .unwrap();
-    let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-    let bias: Vec<f64> = (0..n * n)
-        .map(|i| {
-            if allowed(i / n, i % n) {
-                0.0
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect();
-    let bias = Tensor::from_vec(bias, (n, n), &Device::Cpu).unwrap();
-    let scores = scores.broadcast_add(&bias).unwrap();
-    let max = scores.max_keepdim(D::Minus1).unwrap();
-    let sum = scores
-        .broadcast_sub(&max)
-        .unwrap()
-        .exp()
-        .unwrap()
-        .sum_keepdim(D::Minus1)
-        .unwrap();
-    (sum.log().unwrap() + max)
-        .unwrap()
-        .squeeze(D::Minus1)
-        .unwrap()
 }
 
 #[derive(Debug, Clone)]
@@ -194,7 +157,7 @@ fn check_case(case: &Case) {
             kernel.tiles
         );
         if case.n > 0 && case.dtype == DType::F32 {
-            let want_lse = reference_lse(&q, &k, |a, b| layout.can_attend(a, b));
+            let want_lse = tensors::reference_lse(&q, &k, |a, b| layout.can_attend(a, b));
             let err = max_rel_err(&lse, &want_lse);
             assert!(err <= 1e-4, "{case:?}: lse err {err}");
         }
@@ -212,7 +175,7 @@ fn check_case(case: &Case) {
     let err = max_rel_err(&out, &want);
     assert!(err <= tolerance(case.dtype), "{case:?} causal: err {err}");
     if case.n > 0 && case.dtype == DType::F32 {
-        let err = max_rel_err(&lse, &reference_lse(&q, &k, |a, b| b <= a));
+        let err = max_rel_err(&lse, &tensors::reference_lse(&q, &k, |a, b| b <= a));
         assert!(err <= 1e-4, "{case:?}: causal lse err {err}");
     }
 }

@@ -1,8 +1,8 @@
 //! The instruction set the CPU path's tile products and softmax run on,
 //! chosen once per process.
 //!
-//! By default the widest variant the CPU supports runs: AVX-512F, then AVX2
-//! with FMA, then the portable path (the `gemm` crate's products, baseline
+//! By default the widest variant the CPU supports runs: AVX-512F with
+//! AVX512_BF16, AVX-512F, then AVX2 with FMA, then the portable path (the `gemm` crate's products, baseline
 //! code elsewhere). The environment variable `KSA_CPU_ISA` (`avx512`, `avx2`
 //! or `portable`) forces one, for A/B measurement; it is read once, and
 //! asking for a variant this CPU lacks (or an unknown name) makes every CPU
@@ -18,6 +18,11 @@ pub const ISA_ENV: &str = "KSA_CPU_ISA";
 /// A variant of the CPU path's kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CpuIsa {
+    /// [`CpuIsa::Avx512`], plus `vdpbf16ps` for the scores of bf16 inputs
+    /// (pairs of bf16 products summed into f32, twice the products per
+    /// instruction; Intel Cooper Lake and Sapphire Rapids and later, AMD Zen
+    /// 4 and later). Other dtypes run exactly as on [`CpuIsa::Avx512`].
+    Avx512Bf16,
     /// 512-bit register-blocked microkernels (x86-64 with AVX-512F: Intel
     /// Skylake-SP and later, AMD Zen 4 and later).
     Avx512,
@@ -29,11 +34,18 @@ pub enum CpuIsa {
 
 impl CpuIsa {
     /// Every variant, widest first.
-    pub const ALL: [CpuIsa; 3] = [CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Portable];
+    pub const ALL: [CpuIsa; 4] = [
+        CpuIsa::Avx512Bf16,
+        CpuIsa::Avx512,
+        CpuIsa::Avx2,
+        CpuIsa::Portable,
+    ];
 
-    /// The name `KSA_CPU_ISA` takes (`avx512`, `avx2`, `portable`).
+    /// The name `KSA_CPU_ISA` takes (`avx512bf16`, `avx512`, `avx2`,
+    /// `portable`).
     pub fn name(self) -> &'static str {
         match self {
+            CpuIsa::Avx512Bf16 => "avx512bf16",
             CpuIsa::Avx512 => "avx512",
             CpuIsa::Avx2 => "avx2",
             CpuIsa::Portable => "portable",
@@ -47,6 +59,12 @@ impl CpuIsa {
             .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
     }
 
+    /// Whether the variant runs the AVX-512F microkernels (with or without
+    /// the bf16 dot products).
+    pub fn avx512(self) -> bool {
+        matches!(self, CpuIsa::Avx512 | CpuIsa::Avx512Bf16)
+    }
+
     /// Whether this CPU can run the variant.
     pub fn supported(self) -> bool {
         match self {
@@ -57,6 +75,10 @@ impl CpuIsa {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuIsa::Avx512Bf16 => {
+                CpuIsa::Avx512.supported() && std::arch::is_x86_feature_detected!("avx512bf16")
             }
             #[cfg(target_arch = "x86_64")]
             CpuIsa::Avx2 => {
@@ -147,12 +169,14 @@ mod tests {
     fn select_honours_requests_and_refuses_missing_variants() {
         let all = CpuIsa::ALL;
         let avx2_only = [CpuIsa::Avx2, CpuIsa::Portable];
-        assert_eq!(select(None, &all).unwrap(), CpuIsa::Avx512);
+        assert_eq!(select(None, &all).unwrap(), CpuIsa::Avx512Bf16);
+        assert_eq!(select(None, &all[1..]).unwrap(), CpuIsa::Avx512);
+        assert_eq!(select(Some("avx512"), &all).unwrap(), CpuIsa::Avx512);
         assert_eq!(select(None, &avx2_only).unwrap(), CpuIsa::Avx2);
         assert_eq!(select(Some(""), &avx2_only).unwrap(), CpuIsa::Avx2);
         assert_eq!(select(Some("AVX2"), &all).unwrap(), CpuIsa::Avx2);
         assert_eq!(select(Some(" portable"), &all).unwrap(), CpuIsa::Portable);
-        for bad in ["avx512", "sse9"] {
+        for bad in ["avx512", "avx512bf16", "sse9"] {
             match select(Some(bad), &avx2_only) {
                 Err(Error::CpuIsa {
                     requested,

@@ -76,7 +76,7 @@ fn pack_keys(isa: CpuIsa, k: &[f32], keys: usize, d: usize, width: usize, pack: 
     pack.resize(panels * d * width, 0.0);
     let (mut keys_done, mut dims_done) = (0, 0);
     #[cfg(target_arch = "x86_64")]
-    if isa == CpuIsa::Avx512 && width % 16 == 0 {
+    if isa.avx512() && width % 16 == 0 {
         (keys_done, dims_done) = (keys / 16 * 16, d / 16 * 16);
         for j in (0..keys_done).step_by(16) {
             let (p, jj) = (j / width, j % width);
@@ -134,7 +134,7 @@ pub(crate) fn scores<T: Element>(
     };
     #[cfg(target_arch = "x86_64")]
     match isa {
-        CpuIsa::Avx512 if d > 0 => {
+        CpuIsa::Avx512 | CpuIsa::Avx512Bf16 if d > 0 => {
             let width = avx512::NR;
             pack_keys(isa, k, keys, d, width, pack);
             let panels = Panels {
@@ -195,7 +195,7 @@ pub(crate) fn scores<T: Element>(
 fn panel_width(isa: CpuIsa) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        CpuIsa::Avx512 => return Some(avx512::NR),
+        CpuIsa::Avx512 | CpuIsa::Avx512Bf16 => return Some(avx512::NR),
         CpuIsa::Avx2 => return Some(avx2::NR),
         CpuIsa::Portable => {}
     }
@@ -245,7 +245,7 @@ pub(crate) fn scores_key_major<T: Element>(
     #[cfg(target_arch = "x86_64")]
     if let Some(width) = panel_width(isa).filter(|_| d > 0) {
         assert!(q_panels.len() >= rows.div_ceil(width) * d * width);
-        if isa == CpuIsa::Avx512 {
+        if isa.avx512() {
             let panels = Panels {
                 b: q_panels,
                 b_rs: width,
@@ -293,6 +293,65 @@ pub(crate) fn scores_key_major<T: Element>(
             Parallelism::None,
         );
     }
+}
+
+/// Whether [`scores_key_major_bf16`] runs for head dim `d` on `isa`: the
+/// AVX512_BF16 variant and whole pairs of dims.
+pub(crate) fn bf16_scores(isa: CpuIsa, d: usize) -> bool {
+    cfg!(target_arch = "x86_64") && isa == CpuIsa::Avx512Bf16 && d > 0 && d % 2 == 0
+}
+
+/// Packs a query tile's bf16 rows (`rows x d` bit patterns, `d` even) as
+/// the panels [`scores_key_major_bf16`] reads: per panel of 32 rows and per
+/// pair of dims `(2i, 2i + 1)`, 32 words holding that pair of each row
+/// (lower half the even dim), zero-padded to whole panels.
+pub(crate) fn pack_queries_bf16(q: &[u16], rows: usize, d: usize, pack: &mut Vec<u32>) {
+    const W: usize = 32;
+    assert!(d % 2 == 0 && q.len() >= rows * d);
+    let (panels, pairs) = (rows.div_ceil(W), d / 2);
+    pack.clear();
+    pack.resize(panels * pairs * W, 0);
+    for (r, row) in q[..rows * d].chunks_exact(d).enumerate() {
+        let panel = &mut pack[r / W * pairs * W..];
+        for (i, pair) in row.chunks_exact(2).enumerate() {
+            panel[i * W + r % W] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+        }
+    }
+}
+
+/// [`scores_key_major`] for bf16 keys and queries on
+/// [`CpuIsa::Avx512Bf16`] ([`bf16_scores`]): `s[j * stride + r] = sum_c
+/// k[j * d + c] * q[r * d + c]` with `vdpbf16ps` (bf16 products are exact in
+/// f32; the two products of a pair are added to the f32 accumulator in one
+/// step, denormals flushed), the keys read in place as bit patterns and the
+/// queries from [`pack_queries_bf16`]. Columns up to the next multiple of 32
+/// may be overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores_key_major_bf16(
+    isa: CpuIsa,
+    keys: usize,
+    rows: usize,
+    d: usize,
+    k: &[u16],
+    q_panels: &[u32],
+    s: &mut [f32],
+    stride: usize,
+) {
+    assert!(
+        bf16_scores(isa, d),
+        "bf16 scores need avx512bf16 and an even head dim"
+    );
+    assert!(k.len() >= keys * d && stride >= score_stride(rows) && s.len() >= keys * stride);
+    assert!(q_panels.len() >= rows.div_ceil(32) * d / 2 * 32);
+    if rows == 0 || keys == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F and AVX512_BF16 checked by the caller (`isa`);
+    // sizes asserted above, offsets debug-asserted inside.
+    unsafe {
+        avx512bf16::scores(keys, rows.div_ceil(32), d, k, q_panels, s, stride)
+    };
 }
 
 /// `o[r * d + c] += sum_j p[j * stride + r] * v[j * d + c]` for `r < rows`,
@@ -371,7 +430,7 @@ fn product(
     let strided = Strided { data: a, rs, cs };
     #[cfg(target_arch = "x86_64")]
     match isa {
-        CpuIsa::Avx512 => {
+        CpuIsa::Avx512 | CpuIsa::Avx512Bf16 => {
             let panels = Panels {
                 b,
                 b_rs: d,
@@ -626,6 +685,80 @@ mod avx512 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use std::arch::x86_64::*;
+
+    /// Key rows per register block, as [`super::avx512`]: 14 x 2
+    /// accumulators, two query vectors and one broadcast.
+    const MR: usize = 14;
+
+    /// `s (keys x 32 * panels, row stride `stride`) = K Q^T` over `d / 2`
+    /// dim pairs: blocks of up to 14 key rows by 32-column query panels.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn scores(
+        keys: usize,
+        panels: usize,
+        d: usize,
+        k: &[u16],
+        q: &[u32],
+        s: &mut [f32],
+        stride: usize,
+    ) {
+        let mut j = 0;
+        while j < keys {
+            let rows = super::block_rows(keys - j, MR);
+            for p in 0..panels {
+                let args = (
+                    &k[j * d..],
+                    d,
+                    &q[p * d / 2 * 32..],
+                    &mut s[j * stride + p * 32..],
+                    stride,
+                );
+                by_rows!(rows, block, 2, false, (args));
+            }
+            j += rows;
+        }
+    }
+
+    type BlockArgs<'a, 'b> = (&'a [u16], usize, &'a [u32], &'b mut [f32], usize);
+
+    /// One `R x 32` block of scores: accumulators in registers, one
+    /// `vdpbf16ps` per (row, query vector, dim pair).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn block<const R: usize, const V: usize, const UNIT: bool>(
+        (k, d, q, out, out_rs): BlockArgs<'_, '_>,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let (kp, qp) = (k.as_ptr(), q.as_ptr());
+        for i in 0..d / 2 {
+            let mut qv = [_mm512_setzero_si512(); V];
+            for (v, qv) in qv.iter_mut().enumerate() {
+                let at = i * 32 + 16 * v;
+                debug_assert!(at + 16 <= q.len());
+                *qv = _mm512_loadu_si512(qp.add(at).cast());
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = r * d + 2 * i;
+                debug_assert!(at + 2 <= k.len());
+                let pair = kp.add(at).cast::<u32>().read_unaligned();
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                for (acc, &qv) in acc.iter_mut().zip(&qv) {
+                    *acc = _mm512_dpbf16_ps(*acc, x, std::mem::transmute::<__m512i, __m512bh>(qv));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = r * out_rs + 16 * v;
+                debug_assert!(at + 16 <= out.len());
+                _mm512_storeu_ps(out.as_mut_ptr().add(at), acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Strided;
     use std::arch::x86_64::*;
@@ -743,6 +876,45 @@ mod tests {
                 for rows in [1, 5, 6, 13, 14, 16, 20, 29] {
                     for keys in [1, 7, 16, 37] {
                         check(isa, d, rows, keys);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bf16 dot-product scores on every variant that has them, head
+    /// dims even (their condition), against f64 sums of the same bf16
+    /// values (the products are exact; f32 accumulation of up to 128 pairs:
+    /// 1e-4 absolute on terms in [-1, 1]).
+    #[test]
+    fn bf16_scores_match_naive_sums() {
+        for isa in CpuIsa::available() {
+            for d in [2, 16, 64, 130] {
+                if !bf16_scores(isa, d) {
+                    continue;
+                }
+                for (rows, keys) in [(1, 1), (5, 16), (33, 29), (64, 128)] {
+                    let bits = |len, seed| -> Vec<u16> {
+                        data(len, seed)
+                            .iter()
+                            .map(|&x| half::bf16::from_f32(x).to_bits())
+                            .collect()
+                    };
+                    let (q, k) = (bits(rows * d, 6), bits(keys * d, 7));
+                    let stride = key_major_stride(rows);
+                    let (mut s, mut panels) = (vec![f32::NAN; keys * stride], Vec::new());
+                    pack_queries_bf16(&q, rows, d, &mut panels);
+                    scores_key_major_bf16(isa, keys, rows, d, &k, &panels, &mut s, stride);
+                    let f = |x: u16| half::bf16::from_bits(x).to_f64();
+                    for j in 0..keys {
+                        for r in 0..rows {
+                            let want: f64 = (0..d).map(|c| f(q[r * d + c]) * f(k[j * d + c])).sum();
+                            let got = s[j * stride + r] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{isa} d={d} rows={rows} keys={keys} s[{j}, {r}]: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -177,6 +177,11 @@ pub trait Element: candle_core::WithDType + Copy + Send + Sync {
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// The slice's bf16 bit patterns when it is bf16 (the scores' bf16 dot
+    /// products read them as they are).
+    fn as_bf16_bits(_: &[Self]) -> Option<&[u16]> {
+        None
+    }
     /// `dst[i] = src[i] as f32` (equal lengths), vectorized where the dtype
     /// allows: F16C for f16 (runtime-detected by `half`), shifts for bf16.
     fn convert(src: &[Self], dst: &mut [f32]) {
@@ -237,6 +242,10 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const CHEAP_WIDEN: bool = true;
+    fn as_bf16_bits(src: &[Self]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(src.reinterpret_cast())
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // The high half of an f32 (what `convert` does for whole rows).

@@ -63,7 +63,7 @@ macro_rules! dispatch {
                 match isa {
                     // SAFETY: the caller checked that the CPU supports `isa`
                     // (`CpuIsa::supported`).
-                    CpuIsa::Avx512 => return unsafe { avx512($($arg),*) },
+                    CpuIsa::Avx512 | CpuIsa::Avx512Bf16 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
                     CpuIsa::Avx2 => return unsafe { avx2($($arg),*) },
                     CpuIsa::Portable => {}
@@ -84,7 +84,8 @@ dispatch! {
     ///
     /// `s` holds `keys` rows of `stride` scores, column `r` for query row `r`
     /// (`m.len()` of them; columns up to the next multiple of 16 may be
-    /// written), already in log2 units. Row `r` may see keys
+    /// written), in log2 units once multiplied by `factor` (1 when the
+    /// queries carry the scale already). Row `r` may see keys
     /// `bounds[r].0..bounds[r].1`: all of them when `full`, and then `bounds`
     /// is not read. On return column `r` holds `2^(s - m_new)` for the keys
     /// the row may see and 0 for the others (a select: a masked key's score
@@ -96,6 +97,7 @@ dispatch! {
         keys: usize,
         bounds: &[(usize, usize)],
         full: bool,
+        factor: f32,
         m: &mut [f32],
         l: &mut [f32],
         o: &mut [f32],
@@ -111,12 +113,14 @@ fn softmax_key_major_impl<A: Arith>(
     keys: usize,
     bounds: &[(usize, usize)],
     full: bool,
+    factor: f32,
     m: &mut [f32],
     l: &mut [f32],
     o: &mut [f32],
     d: usize,
 ) {
     let rows = m.len();
+    let scaled = factor != 1.0;
     debug_assert!(stride >= rows.div_ceil(LANES) * LANES && s.len() >= keys * stride);
     // Sixteen query rows (one vector of columns) at a time.
     for r0 in (0..rows).step_by(LANES) {
@@ -133,6 +137,9 @@ fn softmax_key_major_impl<A: Arith>(
             let row = &mut s[j * stride + r0..j * stride + r0 + LANES];
             let key = j as i32;
             for i in 0..LANES {
+                if scaled {
+                    row[i] *= factor;
+                }
                 if !full {
                     let visible = lo[i] <= key && key < hi[i];
                     row[i] = if visible { row[i] } else { f32::NEG_INFINITY };
@@ -375,7 +382,7 @@ mod tests {
                 }
                 let m_old = m.clone();
                 softmax_update_key_major(
-                    isa, &mut s, stride, keys, &bounds, full, &mut m, &mut l, &mut o, d,
+                    isa, &mut s, stride, keys, &bounds, full, 1.0, &mut m, &mut l, &mut o, d,
                 );
                 for r in 0..rows {
                     let (a, b) = if full { (0, keys) } else { bounds[r] };

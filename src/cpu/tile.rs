@@ -75,8 +75,11 @@ impl<T: Element> Context<'_, T> {
 /// Per-thread buffers, reused across tasks.
 pub(crate) struct Scratch {
     q: Vec<f32>,
-    /// The query tile packed as the scores' column panels.
+    /// The query tile packed as the scores' column panels (f32), or its
+    /// bf16 rows and their panels of dim pairs (the bf16 dot products).
     q_panels: Vec<f32>,
+    q_bf16: Vec<u16>,
+    q_panels_bf16: Vec<u32>,
     o: Vec<f32>,
     s: Vec<f32>,
     m: Vec<f32>,
@@ -99,6 +102,8 @@ impl Scratch {
         Self {
             q: vec![0.0; rows * ctx.d],
             q_panels: Vec::new(),
+            q_bf16: Vec::new(),
+            q_panels_bf16: Vec::new(),
             o: vec![0.0; rows * ctx.d],
             s: vec![0.0; sizes.key * matmul::key_major_stride(rows)],
             m: vec![0.0; rows],
@@ -123,17 +128,38 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     let bq = tokens.len();
     let rows = ctx.group * bq;
     let stride = matmul::key_major_stride(rows);
-    for hh in 0..ctx.group {
-        for (i, token) in tokens.clone().enumerate() {
-            let r = hh * bq + i;
-            ctx.load_query(
-                ctx.first_head + hh,
-                schedule.text_slot(token),
-                &mut sc.q[r * d..(r + 1) * d],
-            );
+    // bf16 inputs on AVX512_BF16: scores by bf16 dot products from the raw
+    // rows (the softmax applies the scale); otherwise f32 panels of the
+    // scaled queries.
+    let bf16_keys = T::as_bf16_bits(ctx.k).filter(|_| matmul::bf16_scores(ctx.isa, d));
+    let factor = match bf16_keys {
+        Some(_) => {
+            sc.q_bf16.clear();
+            for hh in 0..ctx.group {
+                for token in tokens.clone() {
+                    let row = ctx.row(ctx.first_head + hh, schedule.text_slot(token)) * d;
+                    let bits = T::as_bf16_bits(&ctx.q[row..row + d]).expect("bf16 queries");
+                    sc.q_bf16.extend_from_slice(bits);
+                }
+            }
+            matmul::pack_queries_bf16(&sc.q_bf16, rows, d, &mut sc.q_panels_bf16);
+            ctx.scale * LOG2_E
         }
-    }
-    matmul::pack_queries(ctx.isa, &sc.q, rows, d, &mut sc.q_panels);
+        None => {
+            for hh in 0..ctx.group {
+                for (i, token) in tokens.clone().enumerate() {
+                    let r = hh * bq + i;
+                    ctx.load_query(
+                        ctx.first_head + hh,
+                        schedule.text_slot(token),
+                        &mut sc.q[r * d..(r + 1) * d],
+                    );
+                }
+            }
+            matmul::pack_queries(ctx.isa, &sc.q, rows, d, &mut sc.q_panels);
+            1.0
+        }
+    };
     sc.o[..rows * d].fill(0.0);
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
@@ -142,17 +168,29 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         let keys = kt.len();
         let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
-        matmul::scores_key_major(
-            ctx.isa,
-            keys,
-            rows,
-            d,
-            k,
-            (&sc.q, &sc.q_panels),
-            &mut sc.s,
-            stride,
-            &mut sc.pack,
-        );
+        match bf16_keys {
+            Some(bits) => matmul::scores_key_major_bf16(
+                ctx.isa,
+                keys,
+                rows,
+                d,
+                &bits[base..base + keys * d],
+                &sc.q_panels_bf16,
+                &mut sc.s,
+                stride,
+            ),
+            None => matmul::scores_key_major(
+                ctx.isa,
+                keys,
+                rows,
+                d,
+                k,
+                (&sc.q, &sc.q_panels),
+                &mut sc.s,
+                stride,
+                &mut sc.pack,
+            ),
+        }
         if !kt.full {
             tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         }
@@ -163,6 +201,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             keys,
             &sc.bounds[..rows],
             kt.full,
+            factor,
             &mut sc.m[..rows],
             &mut sc.l[..rows],
             &mut sc.o[..rows * d],
