@@ -22,6 +22,12 @@
 // The per-row key ranges used by the edge mask are computed here in closed form
 // (mirroring Layout::key_ranges); the Rust tests check both against each other.
 //
+// Where a gathered row sits in the buffers is `Rows`' business alone: the full
+// forward holds every row in slot order; a cache step (a query offset) holds
+// only its own query rows (Q, O, log-sum-exp) and only the held keys (K, V, in
+// gathered order: every summary, then the text from token `k_first`). The
+// schedule and the mask stay in absolute gathered coordinates either way.
+//
 // Shared memory rows are XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)), so
 // cp.async stores and ldmatrix loads are bank-conflict free.
 
@@ -31,13 +37,35 @@
 
 namespace ksa {
 
+// Buffer rows of gathered rows g. Full forward: q_slot0 = q_row0 = k_first =
+// k_gathered = 0, lse_rows = n_slots.
+struct Rows {
+    // Q/O row of query g: its slot less the slot of the launch's first query
+    // row (q_slot0), plus that row's place in the buffer (q_row0).
+    uint32_t q_slot0, q_row0;
+    // Rows per (batch, head) of the log-sum-exp buffer.
+    uint32_t lse_rows;
+    // K/V: k_gathered == 0: slot order; else gathered order without the text
+    // before token k_first (the schedule never visits it).
+    uint32_t k_first, k_gathered;
+
+    __device__ __forceinline__ uint32_t q(const Geo& geo, uint32_t g) const {
+        return geo.slot(g) - q_slot0 + q_row0;
+    }
+    __device__ __forceinline__ uint32_t k(const Geo& geo, uint32_t g) const {
+        if (k_gathered == 0) return geo.slot(g);
+        return g < geo.n_sum ? g : g - k_first;
+    }
+};
+
 template <typename T, int D>
 __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                                     const uint16_t* __restrict__ v, uint16_t* __restrict__ o,
                                     float* __restrict__ lse, const uint4* __restrict__ tiles,
                                     const uint2* __restrict__ entries, uint64_t q_bs, uint64_t q_hs,
                                     uint64_t k_bs, uint64_t k_hs, uint64_t v_bs, uint64_t v_hs,
-                                    uint64_t o_bs, uint64_t o_hs, const Geo geo, uint32_t n_heads,
+                                    uint64_t o_bs, uint64_t o_hs, const Geo geo, const Rows rows,
+                                    uint32_t n_heads,
                                     uint32_t group, uint32_t lg_hp, float scale_log2) {
     constexpr int CPR = D / 8;             // 16-byte chunks per row
     constexpr int TILE = KSA_BK * CPR;     // chunks per K or V tile (== Q tile)
@@ -84,7 +112,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         const uint32_t hr = h0 + (static_cast<uint32_t>(r) >> row_shift);
         if (g < q1) {
             cp_async16(s_q + sw(r, c),
-                       qb + hr * q_hs + static_cast<uint64_t>(geo.slot(g)) * D + c * 8);
+                       qb + hr * q_hs + static_cast<uint64_t>(rows.q(geo, g)) * D + c * 8);
         } else {
             st_shared_zero16(s_q + sw(r, c));
         }
@@ -99,7 +127,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
             const uint32_t g = kbeg + r;
             const uint32_t off = stage * TILE * 16 + sw(r, c);
             if (g < kend) {
-                const uint64_t row = static_cast<uint64_t>(geo.slot(g)) * D + c * 8;
+                const uint64_t row = static_cast<uint64_t>(rows.k(geo, g)) * D + c * 8;
                 cp_async16(s_k + off, kb + row);
                 cp_async16(s_v + off, vb + row);
             } else {
@@ -260,7 +288,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                           Ops<T>::pack(acc[j][2 * hh] * inv, acc[j][2 * hh + 1] * inv));
         }
         if (g < q1 && tig == 0) {
-            lse[(static_cast<uint64_t>(b) * n_heads + hw) * geo.n_slots + geo.slot(g)] =
+            lse[(static_cast<uint64_t>(b) * n_heads + hw) * rows.lse_rows + rows.q(geo, g)] =
                 (m[hh] * scale_log2 + lg2(lt)) * 0.69314718055994531f;
         }
     }
@@ -271,7 +299,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         const uint32_t g = q0 + rb * 16 + r;
         if (g < q1) {
             const uint4 x = ld_shared_v4(s_q + sw(warp * 16 + r, c));
-            *reinterpret_cast<uint4*>(ob + static_cast<uint64_t>(geo.slot(g)) * D + c * 8) = x;
+            *reinterpret_cast<uint4*>(ob + static_cast<uint64_t>(rows.q(geo, g)) * D + c * 8) = x;
         }
     }
 }
@@ -282,7 +310,8 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
 //   q, k, v, o, lse, tiles, entries,
 //   q_batch_stride, q_head_stride, k_batch_stride, k_head_stride,
 //   v_batch_stride, v_head_stride, o_batch_stride, o_head_stride   (u64, elements)
-//   n_slots, n_sum, chunk, summaries, window, mode, n_heads, group,
+//   n_slots, n_sum, chunk, summaries, window, mode,
+//   q_slot0, q_row0, lse_rows, k_first, k_gathered (Rows), n_heads, group,
 //   lg_hp (log2 of query heads per CTA: 0, 1, 2; divides group)      (u32)
 //   scale_log2 = softmax scale * log2(e)                              (f32)
 #define KSA_FWD_ENTRY(NAME, T, D)                                                                \
@@ -292,11 +321,13 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         const uint4* __restrict__ tiles, const uint2* __restrict__ entries, uint64_t q_bs,        \
         uint64_t q_hs, uint64_t k_bs, uint64_t k_hs, uint64_t v_bs, uint64_t v_hs, uint64_t o_bs, \
         uint64_t o_hs, uint32_t n_slots, uint32_t n_sum, uint32_t chunk, uint32_t summaries,      \
-        uint32_t window, uint32_t mode, uint32_t n_heads, uint32_t group, uint32_t lg_hp,         \
+        uint32_t window, uint32_t mode, uint32_t q_slot0, uint32_t q_row0, uint32_t lse_rows,     \
+        uint32_t k_first, uint32_t k_gathered, uint32_t n_heads, uint32_t group, uint32_t lg_hp,  \
         float scale_log2) {                                                                      \
         const ksa::Geo geo{n_slots, n_sum, chunk, summaries, window, mode};                      \
+        const ksa::Rows rows{q_slot0, q_row0, lse_rows, k_first, k_gathered};                    \
         ksa::fwd<T, D>(q, k, v, o, lse, tiles, entries, q_bs, q_hs, k_bs, k_hs, v_bs, v_hs, o_bs, \
-                       o_hs, geo, n_heads, group, lg_hp, scale_log2);                            \
+                       o_hs, geo, rows, n_heads, group, lg_hp, scale_log2);                      \
     }
 
 KSA_FWD_ENTRY(ksa_fwd_bf16_d64, ksa::Bf16, 64)

@@ -211,6 +211,13 @@ impl Schedule {
         self.offset
     }
 
+    /// The mask slot of the step's first query row (that of text token
+    /// `old`; `N` for an empty step, 0 for the whole mask): the step's rows
+    /// are the mask's slots from here on.
+    pub fn first_slot(&self) -> usize {
+        self.slot_base
+    }
+
     /// The query (and output) rows the schedule writes: `0..N` for the
     /// whole mask, one per new slot after `first_row` for a step.
     pub fn step_rows(&self) -> Range<usize> {

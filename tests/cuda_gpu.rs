@@ -1,13 +1,19 @@
 //! The kernels on a real GPU through `ksa::attention` (feature `cuda`): the
-//! forward equal to the reference, gradients equal to the CPU backward's, and
-//! the typed errors of the CUDA path. Without a GPU every test here prints why
-//! it skips and passes; the kernels themselves are proven under the emulator
-//! by tests/cuda_emu_fwd.rs and tests/cuda_emu_bwd.rs.
+//! forward equal to the reference, gradients equal to the CPU backward's, the
+//! typed errors of the CUDA path, and the decode cache's chunked prefill on
+//! the prefill kernel equal to the model's forward. Without a GPU every test
+//! here prints why it skips and passes; the kernels themselves are proven
+//! under the emulator by tests/cuda_emu_fwd.rs, tests/cuda_emu_step.rs and
+//! tests/cuda_emu_bwd.rs.
 #![cfg(feature = "cuda")]
+
+mod model_common;
 
 use candle_core::{DType, Device, Tensor};
 use ksa::mask::Mask;
-use ksa::{KsaConfig, KsaLayout};
+use ksa::{CacheStorage, KsaCache, KsaConfig, KsaLayout, LogitRows, Qwen3Ksa, Qwen3KsaConfig};
+use model_common::{max_abs, max_abs_diff, random_weights, reference_tensors, tiny_config, with};
+use serde_json::json;
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -142,6 +148,76 @@ fn gradients_match_cpu_on_gpu() {
             let scale = max_diff(want, &want.zeros_like().unwrap()).max(1e-3);
             let err = max_diff(got, want) / scale;
             assert!(err <= tol, "{name} C={c} S={s} W={w} n={n} d={d}: {err}");
+        }
+    }
+}
+
+/// `KsaCache` on CUDA (tensor storage) prefills a prompt, then a continued
+/// prompt, in chunks: steps with 16 or more query rows run the prefill kernel
+/// with a query offset over the held keys (`cuda::op::forward_steps`), shorter
+/// ones and the decode steps after them the decode kernels; every logit
+/// equals `Qwen3Ksa::forward` on the same device within half-precision
+/// rounding (relative to the logits' scale, as tests/cache_prefill.rs).
+/// C = 4, S = 2, windows 1, 0 and 3 chunks and a bypass layer.
+#[test]
+fn cache_chunked_prefill_equals_the_forward_on_gpu() {
+    let Some(dev) = gpu() else { return };
+    const TOL: f64 = 2e-2;
+    for (dtype, d) in [(DType::BF16, 64), (DType::F16, 128)] {
+        let config = with(
+            &tiny_config(),
+            json!({
+                "head_dim": d,
+                "num_hidden_layers": 4,
+                "summary_chunk_size": 4,
+                "summary_token_num": 2,
+                "summary_sliding_chunk_num": [1, 0, 3, 2],
+                "summary_layer_freq": [1, 1, 1, 0],
+            }),
+        );
+        let weights = random_weights(&reference_tensors(&config), 5);
+        let cfg = Qwen3KsaConfig::from_json_str(&config.to_string()).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(weights, dtype, &dev);
+        let model = Qwen3Ksa::new(&cfg, vb).unwrap();
+        assert_eq!(
+            KsaCache::default_storage(&model).unwrap(),
+            CacheStorage::Tensors
+        );
+        let n = 150 + 3;
+        let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 50).collect();
+        let ids = Tensor::from_slice(&tokens, (1, n), &dev).unwrap();
+        let want = model
+            .forward(&ids)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let check = |got: &Tensor, start: usize, what: &str| {
+            let got = got.to_device(&Device::Cpu).unwrap();
+            let want = want.narrow(0, start, got.dim(0).unwrap()).unwrap();
+            let diff = max_abs_diff(&got, &want) / max_abs(&want).max(1.0);
+            assert!(diff <= TOL, "{what}: tokens from {start}: {diff:.2e}");
+        };
+        for chunk in [5, 16, 64, 1000] {
+            let what = format!("{dtype:?} d={d} chunk {chunk}");
+            let mut cache = KsaCache::new(&model, 1)
+                .unwrap()
+                .with_prefill_chunk(chunk)
+                .unwrap();
+            let mut at = 0;
+            for m in [131, 19] {
+                let logits = cache
+                    .append(&model, &[(0, &tokens[at..at + m])], LogitRows::All)
+                    .unwrap();
+                check(&logits[0], at, &what);
+                at += m;
+            }
+            for _ in 0..3 {
+                let logits = cache.step(&model, &tokens[at..at + 1]).unwrap();
+                check(&logits, at, &format!("{what} decode"));
+                at += 1;
+            }
         }
     }
 }

@@ -219,13 +219,18 @@ impl KsaCache {
             let row0 = if ksa { p.rows.start } else { p.text_rows.start };
             (row0, st.text_rows + if ksa { st.sum_rows } else { 0 })
         };
-        // The tiled kernel takes host f32 K/V: host storage, or tensors on
-        // the CPU (gathered per head and step). A step with a long input runs
-        // all its inputs there; decode steps keep the per-row path, which
-        // reads the cache in place.
-        let tiles = self.storage == CacheStorage::Host || q.device().is_cpu();
-        if tiles && (0..plans.len()).any(|i| rows_of(i).1 >= TILED_MIN_ROWS) {
+        // A step with a long input runs all its inputs on a tiled kernel;
+        // decode steps keep the per-row path, which reads the cache in place.
+        // The CPU's takes host f32 K/V: host storage, or tensors on the CPU
+        // (gathered per head and step); tensor storage on CUDA runs the
+        // prefill kernel on K/V gathered on the device.
+        let tiled = (0..plans.len()).any(|i| rows_of(i).1 >= TILED_MIN_ROWS);
+        if tiled && (self.storage == CacheStorage::Host || q.device().is_cpu()) {
             return self.attend_tiled(layer, q, plans, staged, ksa, rows_of);
+        }
+        #[cfg(feature = "cuda")]
+        if tiled && q.device().is_cuda() {
+            return self.attend_cuda(layer, q, plans, staged, ksa, rows_of);
         }
         if self.storage == CacheStorage::Tensors {
             // One entry per query row, in packed order (the plans' rows are).
@@ -347,27 +352,10 @@ impl KsaCache {
                 continue;
             }
             let (store, st) = (&self.seqs[p.seq].layers[layer], &staged[i]);
-            let mask = if ksa {
-                Mask::Ksa(p.layout.with_window(window))
-            } else {
-                Mask::Causal { len: p.new }
-            };
-            let offset = QueryOffset {
-                old: p.old,
-                first_key: p.old - store.text.live(),
-                first_row,
-            };
+            let (mask, offset) = step_of(p, store, window, ksa, first_row);
             let schedule = Schedule::step(mask, TileSizes::default(), offset)?;
             debug_assert_eq!(schedule.step_rows(), first_row..first_row + n_rows);
-            let runs = [
-                (
-                    &store.summaries.kv,
-                    store.summaries.at(0..store.summaries.live()),
-                ),
-                (&st.sums, 0..st.sum_rows),
-                (&store.text.kv, store.text.at(0..store.text.live())),
-                (&st.text, 0..st.text_rows),
-            ];
+            let runs = held_runs(store, st);
             for g in 0..hkv {
                 k.clear();
                 v.clear();
@@ -388,6 +376,58 @@ impl KsaCache {
             }
         }
         Ok(Tensor::from_vec(out, (1, hq, total, d), q.device())?.to_dtype(q.dtype())?)
+    }
+
+    /// [`KsaCache::attend_layer`] on the CUDA prefill kernel (tensor storage
+    /// on a CUDA device): per input, its four held key runs concatenated on
+    /// the device in the gathered order, and one [`crate::cuda::op::forward_steps`]
+    /// launch per input over the mask of its whole text, exactly as
+    /// [`KsaCache::attend_tiled`] runs the CPU kernel. `rows_of(i)` is input
+    /// `i`'s first query row and count.
+    #[cfg(feature = "cuda")]
+    fn attend_cuda(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        plans: &[Plan],
+        staged: &[Staged],
+        ksa: bool,
+        rows_of: impl Fn(usize) -> (usize, usize),
+    ) -> Result<Tensor> {
+        let window = self.spec.layers[layer].1;
+        let mut held = Vec::with_capacity(plans.len());
+        for (i, p) in plans.iter().enumerate() {
+            let (first_row, n_rows) = rows_of(i);
+            if n_rows == 0 {
+                continue;
+            }
+            let (store, st) = (&self.seqs[p.seq].layers[layer], &staged[i]);
+            let (mask, offset) = step_of(p, store, window, ksa, first_row);
+            let (mut ks, mut vs) = (Vec::with_capacity(4), Vec::with_capacity(4));
+            for (kv, rows) in held_runs(store, st) {
+                if !rows.is_empty() {
+                    let run = kv.rows(rows.clone());
+                    ks.push(run.k.narrow(1, rows.start, rows.len())?);
+                    vs.push(run.v.narrow(1, rows.start, rows.len())?);
+                }
+            }
+            // `[1, kv_heads, held, d]`, contiguous (a query always sees
+            // itself, so no step holds nothing).
+            let k = Tensor::cat(&ks, 1)?.unsqueeze(0)?;
+            let v = Tensor::cat(&vs, 1)?.unsqueeze(0)?;
+            held.push((mask, offset, k, v));
+        }
+        let steps: Vec<crate::cuda::op::Step<'_>> = held
+            .iter()
+            .map(|(mask, offset, k, v)| crate::cuda::op::Step {
+                mask: *mask,
+                offset: *offset,
+                k,
+                v,
+            })
+            .collect();
+        let (o, _lse) = crate::cuda::op::forward_steps(&q.contiguous()?, &steps, None)?;
+        Ok(o)
     }
 
     /// LogitRows of the text rows `[1, T, hidden]`, split per input.
@@ -430,6 +470,45 @@ impl KsaCache {
             })
             .collect()
     }
+}
+
+/// The mask and [`QueryOffset`] of input `p`'s step on a layer of `window`
+/// chunks (a KSA layer, else a bypass layer's causal mask over the text),
+/// its query rows from `first_row`: the tiled kernels, CPU and CUDA, run
+/// exactly this over the keys [`held_runs`] gathers.
+fn step_of(
+    p: &Plan,
+    store: &LayerStore,
+    window: usize,
+    ksa: bool,
+    first_row: usize,
+) -> (Mask, QueryOffset) {
+    let mask = if ksa {
+        Mask::Ksa(p.layout.with_window(window))
+    } else {
+        Mask::Causal { len: p.new }
+    };
+    let offset = QueryOffset {
+        old: p.old,
+        first_key: p.old - store.text.live(),
+        first_row,
+    };
+    (mask, offset)
+}
+
+/// The keys a step holds, as four runs of storage rows in the gathered order
+/// ([`crate::mask::Gathered`]): cached summaries, the step's new summaries,
+/// cached window text, the step's new text.
+fn held_runs<'a>(store: &'a LayerStore, st: &'a Staged) -> [(&'a Kv, Range<usize>); 4] {
+    [
+        (
+            &store.summaries.kv,
+            store.summaries.at(0..store.summaries.live()),
+        ),
+        (&st.sums, 0..st.sum_rows),
+        (&store.text.kv, store.text.at(0..store.text.live())),
+        (&st.text, 0..st.text_rows),
+    ]
 }
 
 /// The arguments of [`KsaCache::attend_host`]: layer, queries, plans, staged

@@ -1,9 +1,12 @@
 //! The launch of the forward kernel as one piece of data: kernel name, grid,
 //! block, dynamic shared memory and the argument list in the kernel's order.
-//! The candle/cudarc path and the emulator tests both drive exactly this.
+//! The candle/cudarc path and the emulator tests both drive exactly this,
+//! for the full forward ([`FwdLaunch::new`]) and for a cache step's queries
+//! against its held keys ([`FwdLaunch::step`]).
 
 use super::schedule::{QueryMajorSchedule, BLOCK_Q};
 use crate::mask::Mask;
+use crate::schedule::QueryOffset;
 use crate::{Error, Result};
 use candle_core::DType;
 
@@ -152,8 +155,12 @@ pub struct FwdProblem {
     pub k: Strides,
     /// Strides of v.
     pub v: Strides,
-    /// Strides of o (`lse` is always a contiguous `[b, q_heads, N]` f32).
+    /// Strides of o.
     pub o: Strides,
+    /// Rows per (batch, head) of `lse`, a contiguous `[b, q_heads, lse_rows]`
+    /// f32: `N` for a full forward, at least the step's last row plus one
+    /// for a step.
+    pub lse_rows: usize,
     /// Query heads per CTA (1, 2 or 4; must divide `q_heads / kv_heads`).
     /// `None`: the largest that divides the GQA group, so one K/V tile load
     /// feeds that many heads (query tiles then have 64 / heads rows).
@@ -183,6 +190,7 @@ impl FwdProblem {
             k: ks,
             v: ks,
             o: qs,
+            lse_rows: len,
             heads_per_cta: None,
         }
     }
@@ -199,7 +207,9 @@ pub enum Arg {
     F32(f32),
 }
 
-/// Device addresses of the seven buffers of a launch.
+/// Device addresses of the seven buffers of a launch. A full forward's
+/// rows are the mask's slots; a step's are its query rows (q, o, lse) and
+/// its held keys (k, v), as [`FwdLaunch::step`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FwdPointers {
     /// `q: [b, hq, N, d]`.
@@ -210,7 +220,7 @@ pub struct FwdPointers {
     pub v: u64,
     /// `o: [b, hq, N, d]` (written).
     pub o: u64,
-    /// `lse: [b, hq, N]` f32 (written).
+    /// `lse: [b, hq, lse_rows]` f32 (written).
     pub lse: u64,
     /// The schedule's `tiles` table (u32).
     pub tiles: u64,
@@ -240,9 +250,58 @@ pub struct FwdLaunch {
     scalars: Vec<Arg>,
 }
 
+/// Where the rows of a launch sit in its buffers (`Rows` in
+/// `kernels/ksa_fwd.cu`), in its argument order: `[q_slot0, q_row0,
+/// lse_rows, k_first, k_gathered]`.
+fn row_map(
+    schedule: &QueryMajorSchedule,
+    lse_rows: usize,
+    keys_gathered: bool,
+) -> Result<[u32; 5]> {
+    let rows = schedule.step_rows();
+    if rows.end > lse_rows {
+        return Err(Error::InvalidConfig(format!(
+            "a launch writing rows {rows:?} into a log-sum-exp of {lse_rows} rows per head"
+        )));
+    }
+    let limit = (1 << 31) - 1;
+    within("query rows of a CUDA launch", lse_rows, limit)?;
+    let offset = schedule.offset();
+    Ok([
+        schedule.first_slot() as u32,
+        offset.first_row as u32,
+        lse_rows as u32,
+        offset.first_key as u32,
+        u32::from(keys_gathered),
+    ])
+}
+
 impl FwdLaunch {
-    /// The launch of `problem` under `mask` (builds its schedule).
+    /// The launch of `problem` under `mask` (builds its schedule): every row
+    /// of q, k, v, o and lse is the mask's slot.
     pub fn new(mask: Mask, problem: &FwdProblem) -> Result<Self> {
+        Self::build(mask, problem, QueryOffset::default(), false)
+    }
+
+    /// The launch of one cache step ([`QueryMajorSchedule::step`]): `mask`
+    /// is the mask of the whole text after the step, and only the queries
+    /// `offset` names run. Their rows in q, o and lse are the step's slots
+    /// in slot order from row [`QueryOffset::first_row`]; k and v hold the
+    /// step's held keys in the gathered order ([`crate::mask::Gathered`]):
+    /// every summary from row 0, then the text from token
+    /// [`QueryOffset::first_key`]. The mask stays the absolute layout's.
+    /// Fails as the schedule does (an offset past the text, a query needing
+    /// text before `first_key`) or if lse has too few rows.
+    pub fn step(mask: Mask, problem: &FwdProblem, offset: QueryOffset) -> Result<Self> {
+        Self::build(mask, problem, offset, true)
+    }
+
+    fn build(
+        mask: Mask,
+        problem: &FwdProblem,
+        offset: QueryOffset,
+        keys_gathered: bool,
+    ) -> Result<Self> {
         let p = problem;
         check_heads("ksa CUDA attention", p.head_dim, p.q_heads, p.kv_heads)?;
         within("query heads of a CUDA launch", p.q_heads, 65_535)?;
@@ -258,7 +317,8 @@ impl FwdLaunch {
             }
         };
         let geometry = geometry(&mask);
-        let schedule = QueryMajorSchedule::with_block_q(mask, BLOCK_Q / hp)?;
+        let schedule = QueryMajorSchedule::step(mask, BLOCK_Q / hp, offset)?;
+        let rows = row_map(&schedule, p.lse_rows, keys_gathered)?;
         let (tiles, entries) = schedule.gpu_tables();
         let d = p.head_dim as u32;
         let shared_bytes = 5 * BLOCK_Q as u32 * d * 2;
@@ -273,6 +333,7 @@ impl FwdLaunch {
             Arg::U64(p.o.head),
         ];
         scalars.extend(geometry.map(Arg::U32));
+        scalars.extend(rows.map(Arg::U32));
         scalars.extend([
             Arg::U32(p.q_heads as u32),
             Arg::U32(group as u32),
@@ -347,15 +408,66 @@ mod tests {
             entries: 7,
         };
         let args = l.args(&ptrs);
-        assert_eq!(args.len(), 7 + 8 + 9 + 1);
+        assert_eq!(args.len(), 7 + 8 + 6 + 5 + 3 + 1);
         assert_eq!(args[0], Arg::U64(1));
         assert_eq!(args[6], Arg::U64(7));
-        assert_eq!(args[22], Arg::U32(4)); // group
-        assert_eq!(args[23], Arg::U32(2)); // log2(heads per CTA)
+        // The full forward's row map: slot order everywhere.
+        let map = [0, 0, n as u32, 0, 0].map(Arg::U32);
+        assert_eq!(args[21..26], map);
+        assert_eq!(args[27], Arg::U32(4)); // group
+        assert_eq!(args[28], Arg::U32(2)); // log2(heads per CTA)
         let mut p3 = FwdProblem::contiguous(1, 6, 2, n, 64, Elem::F16);
         assert_eq!(FwdLaunch::new(rule(), &p3).unwrap().heads_per_cta, 1);
         p3.heads_per_cta = Some(2);
         assert!(FwdLaunch::new(rule(), &p3).is_err());
+    }
+
+    #[test]
+    fn a_step_launch_maps_its_rows() {
+        // 100 tokens, C = 8, S = 1, W = 2: a step from token 37 (slot 41)
+        // holding text from token 8, written from row 3 of an 80-row buffer.
+        let (mask, offset) = (
+            rule(),
+            QueryOffset {
+                old: 37,
+                first_key: 8,
+                first_row: 3,
+            },
+        );
+        let mut p = FwdProblem::contiguous(1, 4, 2, 80, 64, Elem::F16);
+        let l = FwdLaunch::step(mask, &p, offset).unwrap();
+        assert_eq!(l.schedule.first_slot(), 41);
+        assert_eq!(l.schedule.step_rows(), 3..3 + mask.len() - 41);
+        let args = l.args(&FwdPointers {
+            q: 0,
+            k: 0,
+            v: 0,
+            o: 0,
+            lse: 0,
+            tiles: 0,
+            entries: 0,
+        });
+        assert_eq!(args[21..26], [41, 3, 80, 8, 1].map(Arg::U32));
+        // Too few log-sum-exp rows, text needed before `first_key`, a step
+        // past the text: typed errors.
+        p.lse_rows = 3 + mask.len() - 42;
+        assert!(matches!(
+            FwdLaunch::step(mask, &p, offset),
+            Err(Error::InvalidConfig(_))
+        ));
+        p.lse_rows = 80;
+        for bad in [
+            QueryOffset {
+                first_key: 17,
+                ..offset
+            },
+            QueryOffset { old: 101, ..offset },
+        ] {
+            assert!(matches!(
+                FwdLaunch::step(mask, &p, bad),
+                Err(Error::InvalidConfig(_))
+            ));
+        }
     }
 
     #[test]

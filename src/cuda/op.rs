@@ -1,17 +1,22 @@
 //! The candle side of the CUDA path: checks, then launches on candle's stream
 //! built from the same [`FwdLaunch`] / [`BwdLaunch`] the emulator tests drive:
 //! the forward `ksa_fwd_{bf16,f16}_d{64,128}` ([`forward`], and
-//! [`forward_storage`] for the autograd op in `crate::op`) and the three
-//! backward kernels ([`backward`]).
+//! [`forward_storage`] for the autograd op in `crate::op`; [`forward_steps`]
+//! for a cache's chunked prefill) and the three backward kernels
+//! ([`backward`]).
 
 use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
 use super::launch::{kernel_elem, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
 use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
 use crate::mask::Mask;
+use crate::schedule::QueryOffset;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
@@ -156,7 +161,7 @@ pub fn forward_storage(
     let hkv = kl.shape().dims4()?.1;
     let elem = kernel_elem("ksa CUDA attention", qs.dtype(), ql.dim(3)?)?;
     let dev = qs.device.clone();
-    let lse = dev.alloc_zeros::<f32>((b * hq * n).max(1))?;
+    let mut lse = dev.alloc_zeros::<f32>((b * hq * n).max(1))?;
     macro_rules! empty {
         ($t:ty) => {
             CudaStorage::wrap_cuda_slice(
@@ -180,47 +185,11 @@ pub fn forward_storage(
         problem.scale = s as f32;
     }
     let plan = FwdLaunch::new(mask, &problem)?;
-    let stream = dev.cuda_stream();
-    let tiles = dev.clone_htod(&plan.tiles)?;
-    let entries = dev.clone_htod(&plan.entries)?;
-
     macro_rules! run {
         ($t:ty) => {{
-            let o = dev.alloc_zeros::<$t>(b * hq * n * d)?;
-            {
-                let qv = qs.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
-                let kv = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
-                let vv = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
-                let (qp, _g1) = qv.device_ptr(&stream);
-                let (kp, _g2) = kv.device_ptr(&stream);
-                let (vp, _g3) = vv.device_ptr(&stream);
-                let (op, _g4) = o.device_ptr(&stream);
-                let (lp, _g5) = lse.device_ptr(&stream);
-                let (tp, _g6) = tiles.device_ptr(&stream);
-                let (ep, _g7) = entries.device_ptr(&stream);
-                let args = plan.args(&FwdPointers {
-                    q: qp,
-                    k: kp,
-                    v: vp,
-                    o: op,
-                    lse: lp,
-                    tiles: tp,
-                    entries: ep,
-                });
-                if !plan.is_empty() {
-                    let (grid, block, shared) = (plan.grid, plan.block, plan.shared_bytes);
-                    launch(
-                        &dev,
-                        MODULE,
-                        super::ptx::FWD,
-                        &plan.kernel,
-                        grid,
-                        block,
-                        shared,
-                        &args,
-                    )?;
-                }
-            }
+            let mut o = dev.alloc_zeros::<$t>(b * hq * n * d)?;
+            let qkv = (&view(qs, ql)?, &view(ks, kl)?, &view(vs, vl)?);
+            launch_fwd(&dev, &plan, qkv, &mut o, &mut lse)?;
             CudaStorage::wrap_cuda_slice(o, dev.clone())
         }};
     }
@@ -229,6 +198,164 @@ pub fn forward_storage(
         Elem::F16 => run!(half::f16),
     };
     Ok((o, CudaStorage::wrap_cuda_slice(lse, dev.clone())))
+}
+
+/// The elements of `s` from `l`'s first on.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Uploads `plan`'s tables and launches it on `q, k, v` (views from their
+/// tensors' first elements) into `o` and `lse`, on `dev`'s stream. Every
+/// pointer's stream guard lives until the launch is enqueued.
+fn launch_fwd<T: DeviceRepr>(
+    dev: &CudaDevice,
+    plan: &FwdLaunch,
+    (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+    o: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if plan.is_empty() {
+        return Ok(());
+    }
+    let stream = dev.cuda_stream();
+    let tiles = dev.clone_htod(&plan.tiles)?;
+    let entries = dev.clone_htod(&plan.entries)?;
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kp, _g2) = k.device_ptr(&stream);
+    let (vp, _g3) = v.device_ptr(&stream);
+    let (op, _g4) = o.device_ptr_mut(&stream);
+    let (lp, _g5) = lse.device_ptr_mut(&stream);
+    let (tp, _g6) = tiles.device_ptr(&stream);
+    let (ep, _g7) = entries.device_ptr(&stream);
+    let args = plan.args(&FwdPointers {
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        lse: lp,
+        tiles: tp,
+        entries: ep,
+    });
+    launch(
+        dev,
+        MODULE,
+        super::ptx::FWD,
+        &plan.kernel,
+        plan.grid,
+        plan.block,
+        plan.shared_bytes,
+        &args,
+    )
+}
+
+/// One cache step of [`forward_steps`].
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The mask of the sequence's whole text after the step.
+    pub mask: Mask,
+    /// The step's queries and where its rows sit ([`FwdLaunch::step`]): its
+    /// query rows in `q` from [`QueryOffset::first_row`], its keys held from
+    /// text token [`QueryOffset::first_key`].
+    pub offset: QueryOffset,
+    /// The held keys `[b, hkv, held, d]` in the gathered order: every
+    /// summary of `mask`, then its text from `first_key`.
+    pub k: &'a Tensor,
+    /// The held values, as `k`.
+    pub v: &'a Tensor,
+}
+
+/// The forward kernel over cache steps that share one query tensor `q: [b,
+/// hq, R, d]` (each step's query rows at its own `first_row`, in slot
+/// order), one launch per step ([`FwdLaunch::step`]); returns the output
+/// `[b, hq, R, d]` and the log-sum-exp `[b, hq, R]` (f32), both zero on rows
+/// no step names. CUDA tensors, bf16 or f16, d = 64 or 128, rows contiguous;
+/// every step's `k` and `v` hold exactly the keys its launch reads (else
+/// [`Error::DimMismatch`]), so no launch reads past them.
+pub fn forward_steps(
+    q: &Tensor,
+    steps: &[Step<'_>],
+    scale: Option<f64>,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "ksa CUDA attention (cache steps)";
+    let (b, hq, rows, d) = q.dims4()?;
+    let elem = kernel_elem(OP, q.dtype(), d)?;
+    let dev = cuda_device(q, OP)?;
+    let mut problems = Vec::with_capacity(steps.len());
+    for st in steps {
+        let ((kb, hkv, held, kd), vdims) = (st.k.dims4()?, st.v.dims4()?);
+        check_eq("batch", "q", b, "k", kb)?;
+        check_eq("head dim", "q", d, "k", kd)?;
+        for (axis, (want, got)) in ["batch", "heads", "held keys", "head dim"].into_iter().zip(
+            [kb, hkv, held, kd]
+                .into_iter()
+                .zip(<[usize; 4]>::from(vdims)),
+        ) {
+            check_eq(axis, "k", want, "v", got)?;
+        }
+        let text = st.mask.text_len().checked_sub(st.offset.first_key);
+        let want = text.map_or(usize::MAX, |t| st.mask.summary_len() + t);
+        check_eq("held keys", "the step's mask", want, "k", held)?;
+        for (name, t) in [("k", st.k), ("v", st.v)] {
+            check_same_dtype("q", q, name, t)?;
+            check_same_device("q", q, name, t)?;
+        }
+        let mut p = FwdProblem::contiguous(b, hq, hkv, rows, d, elem);
+        p.q = row_strides("q", q.layout())?;
+        p.k = row_strides("k", st.k.layout())?;
+        p.v = row_strides("v", st.v.layout())?;
+        if let Some(s) = scale {
+            p.scale = s as f32;
+        }
+        problems.push(FwdLaunch::step(st.mask, &p, st.offset)?);
+    }
+    macro_rules! run {
+        ($t:ty) => {
+            run_steps::<$t>(&dev, q, steps, &problems, (b, hq, rows, d))?
+        };
+    }
+    let (o, lse) = match elem {
+        Elem::Bf16 => run!(half::bf16),
+        Elem::F16 => run!(half::f16),
+    };
+    let wrap = |s: CudaStorage, shape: Shape| {
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    };
+    Ok((
+        wrap(o, (b, hq, rows, d).into()),
+        wrap(lse, (b, hq, rows).into()),
+    ))
+}
+
+/// [`forward_steps`]' launches, for element type `T`: every storage stays
+/// read-locked until its step's launch is enqueued.
+fn run_steps<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    q: &Tensor,
+    steps: &[Step<'_>],
+    launches: &[FwdLaunch],
+    (b, hq, rows, d): (usize, usize, usize, usize),
+) -> Result<(CudaStorage, CudaStorage)> {
+    let mut o = dev.alloc_zeros::<T>((b * hq * rows * d).max(1))?;
+    let mut lse = dev.alloc_zeros::<f32>((b * hq * rows).max(1))?;
+    let (qs, ql) = q.storage_and_layout();
+    let Storage::Cuda(qs) = &*qs else {
+        unreachable!("q was checked to be on the CUDA device")
+    };
+    let qv = view::<T>(qs, ql)?;
+    for (st, plan) in steps.iter().zip(launches) {
+        let (ks, kl) = st.k.storage_and_layout();
+        let (vs, vl) = st.v.storage_and_layout();
+        let (Storage::Cuda(ks), Storage::Cuda(vs)) = (&*ks, &*vs) else {
+            unreachable!("k and v were checked to be on q's device")
+        };
+        let (kv, vv) = (view::<T>(ks, kl)?, view::<T>(vs, vl)?);
+        launch_fwd(dev, plan, (&qv, &kv, &vv), &mut o, &mut lse)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(o, dev.clone()),
+        CudaStorage::wrap_cuda_slice(lse, dev.clone()),
+    ))
 }
 
 /// Gradients `(dq, dk, dv)` of `o = softmax(scale q k^T + mask) v` under

@@ -18,7 +18,7 @@
 
 use crate::layout::KsaLayout;
 use crate::mask::{KeySpace, Mask};
-use crate::schedule::{Schedule as TextSchedule, TileSizes};
+use crate::schedule::{QueryOffset, Schedule as TextSchedule, TileSizes};
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -29,18 +29,23 @@ pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 64;
 
+/// `rows` cut into tiles of `block` rows from its start, appended to `out`.
+fn tiles_of(rows: Range<usize>, block: usize, out: &mut Vec<Range<usize>>) {
+    let mut a = rows.start;
+    while a < rows.end {
+        let b = (a + block).min(rows.end);
+        out.push(a..b);
+        a = b;
+    }
+}
+
 /// The tiles (of `block` rows) of a mask's gathered rows: the summary and
 /// text regions each start a new tile.
 fn region_tiles(mask: &Mask, block: usize) -> Vec<Range<usize>> {
     let (n, ns) = (mask.len(), mask.summary_len());
     let mut out = Vec::with_capacity(n.div_ceil(block) + 1);
     for region in [0..ns, ns..n] {
-        let mut a = region.start;
-        while a < region.end {
-            let b = (a + block).min(region.end);
-            out.push(a..b);
-            a = b;
-        }
+        tiles_of(region, block, &mut out);
     }
     out
 }
@@ -87,11 +92,15 @@ pub struct QueryTile {
 
 /// The block-sparse schedule of one mask: query tiles (heaviest first, so a
 /// GPU starts the long tiles early) and, per tile, the key tiles it visits in
-/// ascending key order.
+/// ascending key order. Either all queries of the mask, or only those of a
+/// cache step ([`QueryMajorSchedule::step`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueryMajorSchedule {
     mask: Mask,
     block_q: usize,
+    offset: QueryOffset,
+    first_slot: usize,
+    step_rows: Range<usize>,
     query_tiles: Vec<QueryTile>,
     visits: Vec<KeyVisit>,
 }
@@ -105,6 +114,18 @@ impl QueryMajorSchedule {
 
     /// [`QueryMajorSchedule::new`] with `block_q` query rows per tile (16, 32 or 64).
     pub fn with_block_q(mask: Mask, block_q: usize) -> Result<Self> {
+        Self::step(mask, block_q, QueryOffset::default())
+    }
+
+    /// The schedule of one cache step over `mask` (the mask of the whole text
+    /// after the step), `block_q` query rows per tile: only the queries
+    /// `offset` names, as the shared [`TextSchedule::step`] (which checks the
+    /// offset) runs them: text tokens `old..n` and the summaries of the
+    /// chunks they complete. Rows stay absolute gathered rows; no visit holds
+    /// a text key before [`QueryOffset::first_key`] (summary tiles of the
+    /// fixed key grid are clipped there), so a launch may hold only the keys
+    /// from there on. The default offset is [`QueryMajorSchedule::with_block_q`].
+    pub fn step(mask: Mask, block_q: usize, offset: QueryOffset) -> Result<Self> {
         if !matches!(block_q, 16 | 32 | 64) {
             return Err(Error::InvalidConfig(format!(
                 "query tile of {block_q} rows (supported: 16, 32, 64)"
@@ -129,10 +150,7 @@ impl QueryMajorSchedule {
             query: block_q,
             key: BLOCK_K,
         };
-        let text = match mask {
-            Mask::Ksa(layout) => TextSchedule::ksa(&layout, sizes)?,
-            Mask::Causal { len } => TextSchedule::causal(len, sizes)?,
-        };
+        let text = TextSchedule::step(mask, sizes, offset)?;
         let mut buf = Vec::new();
         for t in 0..text.query_tiles() {
             let q = text.query_tile(t);
@@ -154,17 +172,21 @@ impl QueryMajorSchedule {
         }
 
         // Summary queries (KSA): the shared schedule lists their keys per
-        // chunk; the GPU tiles them too, `block_q` summaries per tile, each
-        // visiting the key tiles of a fixed grid its rows can see.
-        if ns > 0 {
+        // chunk; the GPU tiles them too, `block_q` summaries per tile (from
+        // the step's first), each visiting the key tiles of a fixed grid its
+        // rows can see, clipped to the held text.
+        let s = mask.layout().map_or(1, |l| l.config().summaries());
+        let chunks = text.summary_query_chunks();
+        let summary_rows = chunks.start * s..chunks.end * s;
+        if !summary_rows.is_empty() {
             let gathered = mask.gathered();
             let ktiles = region_tiles(&mask, BLOCK_K);
+            let held = ns + offset.first_key;
             let mut spans: Vec<Range<usize>> = Vec::with_capacity(2 * block_q);
             let mut row_ranges: Vec<[Range<usize>; 2]> = Vec::with_capacity(block_q);
-            for rows in region_tiles(&mask, block_q)
-                .into_iter()
-                .filter(|r| r.start < ns)
-            {
+            let mut summary_tiles = Vec::new();
+            tiles_of(summary_rows, block_q, &mut summary_tiles);
+            for rows in summary_tiles {
                 row_ranges.clear();
                 row_ranges.extend(rows.clone().map(|g| gathered.keys(g)));
                 spans.clear();
@@ -192,7 +214,13 @@ impl QueryMajorSchedule {
                         key_tile_of(&mask, b - 1),
                     );
                     for (t, keys) in ktiles.iter().enumerate().take(last + 1).skip(first) {
-                        let keys = keys.clone();
+                        // Text before `first_key` is not held (and no row of
+                        // a step sees it: `TextSchedule::step` checked).
+                        let keys = if keys.start >= ns {
+                            keys.start.max(held)..keys.end
+                        } else {
+                            keys.clone()
+                        };
                         let edge = !full_tile(&row_ranges, &keys);
                         visits.push(KeyVisit { keys, edge });
                         next_tile = t + 1;
@@ -216,6 +244,9 @@ impl QueryMajorSchedule {
         Ok(Self {
             mask,
             block_q,
+            offset,
+            first_slot: text.first_slot(),
+            step_rows: text.step_rows(),
             query_tiles,
             visits,
         })
@@ -238,6 +269,19 @@ impl QueryMajorSchedule {
     /// Query rows per tile.
     pub fn block_q(&self) -> usize {
         self.block_q
+    }
+    /// The step this schedule runs (all zero for the whole mask).
+    pub fn offset(&self) -> QueryOffset {
+        self.offset
+    }
+    /// The mask slot of the first query row ([`TextSchedule::first_slot`]).
+    pub fn first_slot(&self) -> usize {
+        self.first_slot
+    }
+    /// The query (and output) buffer rows written, the mask's slots from
+    /// [`QueryMajorSchedule::first_slot`] on ([`TextSchedule::step_rows`]).
+    pub fn step_rows(&self) -> Range<usize> {
+        self.step_rows.clone()
     }
     /// Query tiles, heaviest first.
     pub fn query_tiles(&self) -> &[QueryTile] {
@@ -505,9 +549,13 @@ mod tests {
         }
     }
 
+    /// Every query of the schedule (a step's: those whose slot is the step's)
+    /// visits each of its allowed keys exactly once, edge flags are exact,
+    /// and no visit holds text before the step's `first_key`.
     fn check(s: &QueryMajorSchedule) {
         let mask = s.mask();
         let n = mask.len();
+        let held = mask.summary_len() + s.offset().first_key;
         let mut covered = vec![0u8; 0];
         let mut rows_seen = vec![false; n];
         for t in s.query_tiles() {
@@ -516,6 +564,11 @@ mod tests {
             for v in s.visits_of(t) {
                 assert!(v.keys.len() <= BLOCK_K && !v.keys.is_empty());
                 assert!(v.keys.start >= last_end, "visits ascending, disjoint");
+                assert!(
+                    v.keys.end <= mask.summary_len() || v.keys.start >= held,
+                    "text key {:?} before the held {held}",
+                    v.keys
+                );
                 last_end = v.keys.end;
                 let mut any = false;
                 let mut all = v.keys.len() == BLOCK_K;
@@ -546,7 +599,12 @@ mod tests {
                 }
             }
         }
-        assert!(rows_seen.iter().all(|&x| x));
+        // Exactly the step's queries: the slots from `first_slot` on.
+        for (g, seen) in rows_seen.iter().enumerate() {
+            let slot = mask.gathered().slot(g).unwrap();
+            assert_eq!(*seen, slot >= s.first_slot(), "row {g} (slot {slot})");
+        }
+        assert_eq!(s.step_rows().len(), n - s.first_slot());
         let (tiles, entries) = s.gpu_tables();
         assert_eq!(tiles.len(), 4 * s.query_tiles().len());
         assert_eq!(entries.len(), 2 * s.tiles_visited());
@@ -564,6 +622,39 @@ mod tests {
         }
         assert!(QueryMajorSchedule::with_block_q(Mask::Causal { len: 5 }, 48).is_err());
         check(&QueryMajorSchedule::causal(0).unwrap());
+    }
+
+    #[test]
+    fn a_step_visits_its_queries_keys_within_the_held_text() {
+        for l in layouts() {
+            let n = l.text_len();
+            for mask in [Mask::Ksa(l), Mask::Causal { len: n }] {
+                for old in [0, 1, n / 3, n.saturating_sub(1), n] {
+                    // The least text a step may hold, and more of it.
+                    let need = if old < n {
+                        TextSchedule::new(mask, TileSizes::default())
+                            .unwrap()
+                            .row_keys(old)
+                            .text
+                            .start
+                    } else {
+                        0
+                    };
+                    for first_key in [need, need / 2] {
+                        let offset = QueryOffset {
+                            old,
+                            first_key,
+                            first_row: 7,
+                        };
+                        for bq in [16, 64] {
+                            let s = QueryMajorSchedule::step(mask, bq, offset).unwrap();
+                            assert_eq!(s.step_rows().start, 7);
+                            check(&s);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -127,17 +127,35 @@ pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
     } else {
         (k.to_vec(), v.to_vec())
     };
-    let (k, v) = (&k[..], &v[..]);
     let launch = FwdLaunch::new(case.mask, &problem).unwrap();
+    let o_len = case.batch * case.q_heads * n * case.head_dim;
+    let lse_len = case.batch * case.q_heads * n;
+    let (out, lse, report) = execute(case, &launch, (q, &k, &v), o_len, lse_len);
+    Run {
+        out,
+        lse,
+        report,
+        launch,
+    }
+}
+
+/// Runs `launch` on q, k, v (laid out as it expects) under the emulator
+/// (sanitizer on; any finding is an error) into an output of `o_len`
+/// elements and a log-sum-exp of `lse_len`, both all-ones bits (NaN) before,
+/// so every element the launch does not write reads back NaN.
+pub fn execute(
+    case: &Case,
+    launch: &FwdLaunch,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    o_len: usize,
+    lse_len: usize,
+) -> (Vec<f32>, Vec<f32>, LaunchReport) {
     let mut dev = Device::new();
     let qp = upload(&mut dev, case.elem, q);
     let kp = upload(&mut dev, case.elem, k);
     let vp = upload(&mut dev, case.elem, v);
-    let o_len = case.batch * case.q_heads * n * case.head_dim;
-    let lse_len = case.batch * case.q_heads * n;
     let op = dev.alloc(o_len * 2);
     let lp = dev.alloc(lse_len * 4);
-    // NaN everywhere: every element must be written.
     dev.write(op, &vec![0xff; o_len * 2]).unwrap();
     dev.write(lp, &vec![0xff; lse_len * 4]).unwrap();
     let tp = dev.alloc_u32(&launch.tiles);
@@ -184,12 +202,7 @@ pub fn run(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Run {
             .collect(),
     };
     let lse = dev.read_f32(lp, lse_len).unwrap();
-    Run {
-        out,
-        lse,
-        report,
-        launch,
-    }
+    (out, lse, report)
 }
 
 /// `ksa::reference` output (f64 math on the rounded inputs, returned as f32)
