@@ -8,9 +8,11 @@
 //! group together (one K/V tile serves `hq / hkv` heads), over the key tiles
 //! [`Schedule`] lists; scores and the value product are register-blocked
 //! GEMM microkernels (AVX-512F or AVX2/FMA as [`CpuIsa`] says, `matmul.rs`;
-//! the `gemm` crate on the portable variant),
-//! the softmax is online (streaming) in f32, and only
-//! edge tiles are masked, per row. Summary queries (`C + j + 1` keys each)
+//! `vdpbf16ps` for bf16 scores on AVX512_BF16; the `gemm` crate on the
+//! portable variant). Scores are key-major (`S^T = K Q^T`: the query tile is
+//! packed once, key tiles are read in place), the softmax is online
+//! (streaming) in f32 and runs down the score columns, and only edge tiles
+//! are masked, per row, by a select. Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
 //! the input dtype (KSA only: causal attention reads K/V in place) plus
