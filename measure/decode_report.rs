@@ -253,11 +253,16 @@ fn main() -> Result<()> {
             bases.push((ki, base));
         }
         let base_bytes: f64 = bases.iter().map(|(_, b)| b.bytes() as f64).sum();
-        // K/V bytes of one sequence at the context, per window set (a host
-        // copy holds its live rows).
-        let per_seq: Vec<f64> = bases
+        // K/V bytes of the sequence at the context and of its eighth, per
+        // window set (a host copy holds its live rows).
+        let per_seq: Vec<[f64; 2]> = bases
             .iter()
-            .map(|(_, b)| Ok(b.select(&[0])?.bytes() as f64))
+            .map(|(_, b)| {
+                Ok([
+                    b.select(&[0])?.bytes() as f64,
+                    b.select(&[1])?.bytes() as f64,
+                ])
+            })
             .collect::<Result<_>>()?;
         for &b in &args.batches {
             for ragged in [false, true] {
@@ -266,7 +271,11 @@ fn main() -> Result<()> {
                 }
                 let label = format!("{n} batch {b}{}", if ragged { " ragged" } else { "" });
                 let budget = args.max_cache * GIB - base_bytes;
-                let need: Vec<f64> = per_seq.iter().map(|p| p * b as f64).collect();
+                let picks: Vec<usize> = (0..b).map(|i| usize::from(ragged && i % 2 == 1)).collect();
+                let need: Vec<f64> = per_seq
+                    .iter()
+                    .map(|p| picks.iter().map(|&i| p[i]).sum())
+                    .collect();
                 // Together when all fit, else each that fits alone in turn.
                 let groups: Vec<Vec<usize>> = if need.iter().sum::<f64>() <= budget {
                     vec![(0..bases.len()).collect()]
@@ -289,7 +298,6 @@ fn main() -> Result<()> {
                         .map(|i| vec![i])
                         .collect()
                 };
-                let picks: Vec<usize> = (0..b).map(|i| usize::from(ragged && i % 2 == 1)).collect();
                 let next: Vec<u32> = (0..b as u32).map(|i| 1 + i % 100).collect();
                 for group in groups {
                     bar.set_message(format!("{label}: decode"));
