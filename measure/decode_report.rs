@@ -330,6 +330,9 @@ fn main() -> Result<()> {
                             interleaved,
                         });
                     }
+                    // The batches' K/V are freed: hand the pages back, so the
+                    // shared machine does not carry them until the next batch.
+                    release_free_memory();
                 }
             }
         }
