@@ -1,6 +1,7 @@
 //! The random model of `examples/long_context` (4 layers, hidden 512, 8 query
-//! / 2 KV heads of 64, C = 8, S = 1) with chosen windows, and the process
-//! figures the cache reports print (peak resident memory, the CPU's name).
+//! / 2 KV heads of 64, C = 8, S = 1) with chosen windows, random models of
+//! other shapes (KSA-4B-base's layers), and the process figures the cache
+//! reports print (peak resident memory, the CPU's name, the load).
 
 #![allow(dead_code)] // each report uses its own subset
 
@@ -35,13 +36,54 @@ impl Rng {
     }
 }
 
-/// The example's random f32 model with the given windows.
-pub fn model(windows: &[usize], seed: u64) -> Result<Qwen3Ksa> {
-    let json = format!(
-        r#"{{
-        "vocab_size": 4097, "hidden_size": 512, "intermediate_size": 1536,
-        "num_hidden_layers": {}, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+/// Per-layer shapes and depth of a random model (C = 8, S = 1, tied
+/// embeddings, a text vocabulary of 4,096 plus the summary row).
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+}
+
+impl Shape {
+    /// The random model of `examples/long_context`.
+    pub const LONG_CONTEXT: Shape = Shape {
+        hidden: 512,
+        intermediate: 1536,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        layers: 4,
+    };
+
+    /// KSA-4B-base's per-layer shapes (hidden 2560, intermediate 9728, 32
+    /// query / 8 KV heads of 128) with `layers` of its 36 layers; the
+    /// vocabulary stays 4,096 (its 151,936-row embedding and lm head would
+    /// only add a constant per token).
+    pub fn ksa_4b(layers: usize) -> Shape {
+        Shape {
+            hidden: 2560,
+            intermediate: 9728,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            layers,
+        }
+    }
+
+    /// The configuration of this shape with per-layer `windows` (one per layer).
+    pub fn config(&self, windows: &[usize]) -> Result<Qwen3KsaConfig> {
+        if windows.len() != self.layers {
+            return Err(format!("{} windows for {} layers", windows.len(), self.layers).into());
+        }
+        let json = format!(
+            r#"{{
+        "vocab_size": 4097, "hidden_size": {}, "intermediate_size": {},
+        "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {},
+        "head_dim": {}, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": true, "hidden_act": "silu", "attention_bias": false,
         "truncate_predict_nums": 4096, "summary_token_begin": 4096,
         "summary_chunk_size": 8, "summary_token_num": 1,
@@ -51,13 +93,25 @@ pub fn model(windows: &[usize], seed: u64) -> Result<Qwen3Ksa> {
         "summary_independent_parameters": true,
         "summary_independent_attention_layernorm": false, "mix_coeff": 0.5
     }}"#,
-        windows.len()
-    );
-    let config = Qwen3KsaConfig::from_json_str(&json)?;
+            self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads, self.head_dim
+        );
+        Ok(Qwen3KsaConfig::from_json_str(&json)?)
+    }
+}
+
+/// Deterministic random weights of `config` in `dtype` (uniform, scaled by
+/// fan-in; norms 1). Windows do not change the tensors, so models of one
+/// shape with different windows can share them (tensors are reference
+/// counted: [`model_from`] does not copy them).
+pub fn weights(
+    config: &Qwen3KsaConfig,
+    dtype: DType,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
     let device = Device::Cpu;
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut tensors = HashMap::new();
-    for (name, dims) in Qwen3Ksa::expected_tensors(&config)? {
+    for (name, dims) in Qwen3Ksa::expected_tensors(config)? {
         let count: usize = dims.iter().product();
         let scale = match dims.as_slice() {
             [_] => 0.0,
@@ -67,12 +121,29 @@ pub fn model(windows: &[usize], seed: u64) -> Result<Qwen3Ksa> {
         };
         let center = if dims.len() == 1 { 1.0 } else { 0.0 };
         let data: Vec<f32> = (0..count).map(|_| center + scale * rng.next()).collect();
-        tensors.insert(name, Tensor::from_vec(data, dims, &device)?);
+        let t = Tensor::from_vec(data, dims, &device)?.to_dtype(dtype)?;
+        tensors.insert(name, t);
     }
+    Ok(tensors)
+}
+
+/// A model of `config` over shared `weights` (their dtype is the model's).
+pub fn model_from(config: &Qwen3KsaConfig, weights: &HashMap<String, Tensor>) -> Result<Qwen3Ksa> {
+    let dtype = weights.values().next().map_or(DType::F32, |t| t.dtype());
     Ok(Qwen3Ksa::new(
-        &config,
-        VarBuilder::from_tensors(tensors, DType::F32, &device),
+        config,
+        VarBuilder::from_tensors(weights.clone(), dtype, &Device::Cpu),
     )?)
+}
+
+/// The example's random f32 model with the given windows.
+pub fn model(windows: &[usize], seed: u64) -> Result<Qwen3Ksa> {
+    let shape = Shape {
+        layers: windows.len(),
+        ..Shape::LONG_CONTEXT
+    };
+    let config = shape.config(windows)?;
+    model_from(&config, &weights(&config, DType::F32, seed)?)
 }
 
 /// `n` random text ids of `model`.
@@ -134,6 +205,15 @@ pub fn cpu_time() -> f64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The load averages of `/proc/loadavg` (1, 5, 15 minutes), as `uptime`
+/// prints them: how busy the shared machine was around a measurement.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A comma-separated list of sizes given to `flag`.
