@@ -280,6 +280,36 @@ fn strided_and_empty_valid_inputs() {
     assert_eq!(m.forward(&ids).unwrap().dims(), [0, 5, 50]);
 }
 
+/// Class 9b: a stride-0 broadcast describing more elements than the crate
+/// materialises (or more than `usize` counts) is `TooLarge` before any copy,
+/// on every entry point that makes inputs contiguous; one within the limit
+/// still works.
+#[test]
+fn huge_broadcast_inputs_are_bounded() {
+    let limit = ksa::model_config::MAX_TENSOR_ELEMENTS;
+    let one = Tensor::ones((1, 1, 1, 8), DType::F32, &Device::Cpu).unwrap();
+    // 2^41 elements (over the limit), and 2^64 (wraps to 0 in candle's count).
+    for (b, h) in [(1 << 20, 1 << 18), (1 << 32, 1 << 29)] {
+        let big = one.broadcast_as((b, h, 1, 8)).unwrap();
+        let kernel = CpuKernel::default();
+        let options = AttentionOptions::default();
+        for result in [
+            ksa::causal_attention(&big, &big, &big),
+            kernel.causal_attention(&big, &big, &big, &options).map(|x| x.0),
+        ] {
+            match result {
+                Err(Error::TooLarge { got, limit: l, .. }) => {
+                    assert!(got > limit && l == limit, "{got} {l}")
+                }
+                other => panic!("{b}x{h} broadcast: {other:?}"),
+            }
+        }
+    }
+    let small = one.broadcast_as((2, 3, 5, 8)).unwrap();
+    let out = ksa::causal_attention(&small, &small, &small).unwrap();
+    assert_eq!(max_abs_diff(&out, &small.contiguous().unwrap()), 0.0);
+}
+
 /// Class 10a: a non-finite key or value reaches only the rows that may see it.
 #[test]
 fn non_finite_keys_and_values_stay_in_their_rows() {
