@@ -88,6 +88,7 @@ __device__ __forceinline__ void bwd(
     constexpr uint32_t ST_DO = QT * 16, ST_RR = 2 * QT * 16, ST_L2 = ST_RR + BQ * 16,
                        ST_D = ST_L2 + BQ * 4, STAGE = ST_D + BQ * 4;
     extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
     const uint32_t s_k = smem_u32(smem);
     const uint32_t s_v = s_k + KT * 16;
     const uint32_t s_st = s_v + KT * 16;  // two stages
@@ -205,6 +206,13 @@ __device__ __forceinline__ void bwd(
         for (int x = 0; x < 4; ++x) dka[j][x] = dva[j][x] = 0.f;
     }
 
+    // Whether the K tile holds a NaN or infinity (ksa_common.cuh): then every
+    // edge tile takes the slow products. Waits for the K/V group (the first
+    // query tile's may still fly); once per CTA.
+    cp_async_wait<1>();
+    __syncthreads();
+    const bool k_bad = cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags);
+
     for (uint32_t it = 0; it < iters; ++it) {
         const int stage = it & 1;
         if (it + 1 < iters) {
@@ -251,20 +259,37 @@ __device__ __forceinline__ void bwd(
             }
         }
 
-        // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges
-        if (ent.y >> 31) {
+        // Whether query column c of this tile may see my key row kg0 + 8 hh.
+        auto visible = [&](uint32_t c, int hh) {
+            const uint4 r = s_rr[c];
+            const uint32_t key = kg0 + hh * 8;
+            return key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
+        };
+
+        // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges;
+        // bit 4j + x of `masked` marks s[j][x] (NQ <= 8: 32 bits).
+        const bool edge = ent.y >> 31;
+        uint32_t masked = 0;
+        if (edge) {
 #pragma unroll
             for (int j = 0; j < NQ; ++j) {
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
-                    const uint4 r = s_rr[j * 8 + tig * 2 + (x & 1)];
-                    const uint32_t key = kg0 + (x >> 1) * 8;
-                    const bool ok =
-                        key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
-                    if (!ok) s[j][x] = -INFINITY;
+                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) {
+                        s[j][x] = -INFINITY;
+                        masked |= 1u << (4 * j + x);
+                    }
                 }
             }
         }
+        // A NaN or infinity in this tile's Q or dO rows, or in the K tile, sends
+        // an edge tile to the slow products below (ksa_common.cuh). V needs no
+        // scan: it only enters dP^T, and masked dS^T is a select. The previous
+        // call's reads are behind the loop's closing barrier.
+        const bool bad =
+            edge && (k_bad || cta_any((tile_non_finite<T, QT>(sq) |
+                                       tile_non_finite<T, QT>(sdo)) != 0,
+                                      s_flags));
 
         // ---- P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - D)
 #pragma unroll
@@ -277,8 +302,73 @@ __device__ __forceinline__ void bwd(
                 dp[j][x] = p * (dp[j][x] - ((x & 1) ? dd.y : dd.x));
             }
         }
+        if (edge) {
+            // Masked pairs are exactly 0 by a select: a row's lse or D may be
+            // NaN (it reads a non-finite key or value), and V or dO may put a
+            // NaN into dP^T; 0 * NaN would leak it into other rows' dV, dK, dQ.
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    if ((masked >> (4 * j + x)) & 1) s[j][x] = dp[j][x] = 0.f;
+                }
+            }
+        }
+
+        // Slow path: a 64 x BQ tile of P^T or dS^T in the dS^T region, unswizzled
+        // (element (key, query) at byte (key * BQ + query) * 2), rounded to T as
+        // the mma would take it.
+        auto stage_rows = [&](const float (&x)[NQ][4]) {
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint32_t at =
+                        static_cast<uint32_t>(((kw + gid + hh * 8) * BQ + j * 8 + tig * 2) * 2);
+                    st_shared_u32(s_ds + at, Ops<T>::pack(x[j][2 * hh], x[j][2 * hh + 1]));
+                }
+            }
+            __syncwarp();
+        };
+        // acc[j] (my key rows) += sum over the tile's queries c that see the key of
+        // staged(key, c) * tile(c, my columns): each thread's own fragment, a select
+        // per pair, so a masked query's NaN or infinity never enters the sum.
+        auto visible_sum = [&](float (&acc)[NT][4], uint32_t tile) {
+            for (int c = 0; c < BQ; c += 2) {
+                float w[2][2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint32_t at = static_cast<uint32_t>(((kw + gid + hh * 8) * BQ + c) * 2);
+                    Ops<T>::unpack(ld_shared_u32(s_ds + at), w[hh][0], w[hh][1]);
+                }
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                    const bool ok0 = visible(c + cc, 0), ok1 = visible(c + cc, 1);
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        float x0, x1;
+                        Ops<T>::unpack(ld_shared_u32(tile + sw(c + cc, j) + tig * 4), x0, x1);
+                        if (ok0) {
+                            acc[j][0] += w[0][cc] * x0;
+                            acc[j][1] += w[0][cc] * x1;
+                        }
+                        if (ok1) {
+                            acc[j][2] += w[1][cc] * x0;
+                            acc[j][3] += w[1][cc] * x1;
+                        }
+                    }
+                }
+            }
+            __syncwarp();
+        };
 
         // ---- dV += P^T dO, dK += dS^T Q (k = the tile's queries)
+        if (bad) {
+            stage_rows(s);
+            visible_sum(dva, sdo);
+            stage_rows(dp);  // dS^T, read by every warp's dQ after the barrier
+            visible_sum(dka, sq);
+        } else {
 #pragma unroll
         for (int ks = 0; ks < BQ / 16; ++ks) {
             uint32_t pa[4], da[4];
@@ -311,12 +401,44 @@ __device__ __forceinline__ void bwd(
                 Ops<T>::mma(dka[2 * dq + 1], da, bf[2], bf[3]);
             }
         }
+        }
         __syncthreads();  // dS^T of all 64 keys is in shared memory
 
         // ---- dQ (query rows rbq * 16 .., columns cq * DQN * 8 ..) += dS K
         float dqa[DQN][4];
 #pragma unroll
         for (int j = 0; j < DQN; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
+        if (bad) {
+            // Slow path: my query rows' sums over the keys they may see, from the
+            // staged dS^T and the K tile.
+            const uint4 qr[2] = {s_rr[rbq * 16 + gid], s_rr[rbq * 16 + gid + 8]};
+            for (int kk = 0; kk < KSA_BK; ++kk) {
+                const uint32_t key = k0 + kk;
+                float w[2];
+                bool ok[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint4 r = qr[hh];
+                    ok[hh] = key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
+                    const uint32_t at =
+                        static_cast<uint32_t>((kk * BQ + rbq * 16 + gid + hh * 8) * 2);
+                    float hi;
+                    Ops<T>::unpack(ld_shared_u16(s_ds + at), w[hh], hi);
+                }
+#pragma unroll
+                for (int j = 0; j < DQN; ++j) {
+                    float x0, x1;
+                    Ops<T>::unpack(ld_shared_u32(s_k + sw(kk, cq * DQN + j) + tig * 4), x0, x1);
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        if (ok[hh]) {
+                            dqa[j][2 * hh] += w[hh] * x0;
+                            dqa[j][2 * hh + 1] += w[hh] * x1;
+                        }
+                    }
+                }
+            }
+        } else {
 #pragma unroll
         for (int ks = 0; ks < KSA_BK / 16; ++ks) {
             uint32_t a[4];
@@ -332,6 +454,7 @@ __device__ __forceinline__ void bwd(
                 Ops<T>::mma(dqa[2 * dq], a, bf[0], bf[1]);
                 Ops<T>::mma(dqa[2 * dq + 1], a, bf[2], bf[3]);
             }
+        }
         }
         const uint32_t qe = ent.y & 0x7fffffffu;
 #pragma unroll

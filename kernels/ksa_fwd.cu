@@ -72,6 +72,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     constexpr int NT = D / 8;              // n8 tiles of the output
     constexpr int KS = D / 16;             // k16 steps of Q K^T
     extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
     const uint32_t s_q = smem_u32(smem);
     const uint32_t s_k = s_q + TILE * 16;  // two stages
     const uint32_t s_v = s_k + 2 * TILE * 16;
@@ -204,21 +205,30 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
             }
         }
 
+        // Whether my row hh may see key `col` of this tile (its end is kend).
+        const uint32_t kend = ent.y & 0x7fffffffu;
+        auto visible = [&](int hh, uint32_t col) {
+            const uint32_t* r = rr[hh];
+            return col < kend && ((col >= r[0] && col < r[1]) || (col >= r[2] && col < r[3]));
+        };
+
         // ---- element mask on edge tiles
-        if (ent.y >> 31) {
-            const uint32_t kend = ent.y & 0x7fffffffu;
+        const bool edge = ent.y >> 31;
+        if (edge) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
-                    const uint32_t col = ent.x + j * 8 + tig * 2 + (x & 1);
-                    const uint32_t* r = rr[x >> 1];
-                    const bool ok = col < kend && ((col >= r[0] && col < r[1]) ||
-                                                   (col >= r[2] && col < r[3]));
-                    if (!ok) s[j][x] = -INFINITY;
+                    if (!visible(x >> 1, ent.x + j * 8 + tig * 2 + (x & 1))) s[j][x] = -INFINITY;
                 }
             }
         }
+        // An edge tile's V with a NaN or infinity takes the slow O += P V below
+        // (see ksa_common.cuh). S needs nothing: a masked score is replaced,
+        // whatever K held. The barrier in cta_any is the only cost a finite
+        // edge tile pays besides the scan; the previous call's reads are behind
+        // the loop's closing barrier.
+        const bool v_bad = edge && cta_any(tile_non_finite<T, TILE>(sv) != 0, s_flags);
 
         // ---- online softmax (rows gid and gid + 8 of this warp)
 #pragma unroll
@@ -250,6 +260,49 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         }
 
         // ---- O += P V
+        if (v_bad) {
+            // Slow path: P, rounded to T as the mma would take it, goes to this
+            // warp's 16 rows of the Q tile (free: the Q fragments are in
+            // registers, and the epilogue reuses those rows after the loop), 16
+            // rows x 64 keys; then each thread adds, for its two rows and its
+            // output columns, p * v over the keys its row may see (a select, so
+            // a masked key's NaN or infinity never enters the sum). One key per
+            // step: two keys per step made ptxas spill at d = 128 on sm_90.
+            const uint32_t sp = s_q + static_cast<uint32_t>(warp * 16 * CPR * 16);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint32_t at = static_cast<uint32_t>(((gid + hh * 8) * KSA_BK + j * 8 + tig * 2) * 2);
+                    st_shared_u32(sp + at, Ops<T>::pack(s[j][2 * hh], s[j][2 * hh + 1]));
+                }
+            }
+            __syncwarp();
+            for (int c = 0; c < KSA_BK; ++c) {
+                float p[2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    float hi;
+                    const uint32_t at = static_cast<uint32_t>(((gid + hh * 8) * KSA_BK + c) * 2);
+                    Ops<T>::unpack(ld_shared_u16(sp + at), p[hh], hi);
+                }
+                const bool ok0 = visible(0, ent.x + c), ok1 = visible(1, ent.x + c);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    float v0, v1;
+                    // == sw(c, j) + tig * 4
+                    Ops<T>::unpack(ld_shared_u32(sv + sw(c, j) + tig * 4), v0, v1);
+                    if (ok0) {
+                        acc[j][0] += p[0] * v0;
+                        acc[j][1] += p[0] * v1;
+                    }
+                    if (ok1) {
+                        acc[j][2] += p[1] * v0;
+                        acc[j][3] += p[1] * v1;
+                    }
+                }
+            }
+        } else {
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
             uint32_t a[4];
@@ -266,6 +319,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 Ops<T>::mma(acc[2 * dp], a, bf[0], bf[1]);
                 Ops<T>::mma(acc[2 * dp + 1], a, bf[2], bf[3]);
             }
+        }
         }
         __syncthreads();  // this stage is overwritten by the load two iterations on
     }
