@@ -88,7 +88,7 @@ __device__ __forceinline__ void bwd(
     constexpr uint32_t ST_DO = QT * 16, ST_RR = 2 * QT * 16, ST_L2 = ST_RR + BQ * 16,
                        ST_D = ST_L2 + BQ * 4, STAGE = ST_D + BQ * 4;
     extern __shared__ __align__(128) uint8_t smem[];
-    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // each warp's non-finite vote (edge tiles)
     const uint32_t s_k = smem_u32(smem);
     const uint32_t s_v = s_k + KT * 16;
     const uint32_t s_st = s_v + KT * 16;  // two stages
@@ -206,13 +206,6 @@ __device__ __forceinline__ void bwd(
         for (int x = 0; x < 4; ++x) dka[j][x] = dva[j][x] = 0.f;
     }
 
-    // Whether the K tile holds a NaN or infinity (ksa_common.cuh): then every
-    // edge tile takes the slow products. Waits for the K/V group (the first
-    // query tile's may still fly); once per CTA.
-    cp_async_wait<1>();
-    __syncthreads();
-    const bool k_bad = cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags);
-
     for (uint32_t it = 0; it < iters; ++it) {
         const int stage = it & 1;
         if (it + 1 < iters) {
@@ -266,30 +259,44 @@ __device__ __forceinline__ void bwd(
             return key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
         };
 
-        // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges;
-        // bit 4j + x of `masked` marks s[j][x] (NQ <= 8: 32 bits).
+        // Non-finite inputs (ksa_common.cuh) on an edge tile. With everything
+        // finite a masked pair has P = ex2(-inf) = 0 and dS = 0 * finite = 0
+        // exactly, so the tensor-core products are exact. A NaN or infinity in a
+        // Q, dO or K row shows in this warp's S^T or dP^T (x * 0 is NaN for a
+        // non-finite x; V's too, which is harmless), and a row's lse or D that is
+        // not finite (it read one elsewhere) is read here: then this warp's dV and
+        // dK take the slow sums, and the warp's vote, published before the
+        // barrier that already precedes dQ, sends the whole CTA's dQ there (dQ
+        // reads every warp's keys). No scan of shared memory, no extra barrier.
         const bool edge = ent.y >> 31;
-        uint32_t masked = 0;
+        bool bad = false;
+        if (edge) {
+            float z = 0.f;
+            bool lse_ok = true;
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+                const float2 l2 = s_l2[j * 4 + tig], dd = s_dd[j * 4 + tig];
+                // Rows past the tile have lse = +inf (P = 0): only NaN and -inf
+                // make ex2(-inf - lse) differ from 0.
+                lse_ok &= l2.x > -INFINITY && l2.y > -INFINITY;
+                z = fmaf(dd.x, 0.f, fmaf(dd.y, 0.f, z));
+#pragma unroll
+                for (int x = 0; x < 4; ++x) z = fmaf(s[j][x], 0.f, fmaf(dp[j][x], 0.f, z));
+            }
+            bad = __any_sync(0xffffffffu, !(z == 0.f && lse_ok));
+            if (lane == 0) s_flags[warp] = bad;
+        }
+
+        // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges
         if (edge) {
 #pragma unroll
             for (int j = 0; j < NQ; ++j) {
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
-                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) {
-                        s[j][x] = -INFINITY;
-                        masked |= 1u << (4 * j + x);
-                    }
+                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) s[j][x] = -INFINITY;
                 }
             }
         }
-        // A NaN or infinity in this tile's Q or dO rows, or in the K tile, sends
-        // an edge tile to the slow products below (ksa_common.cuh). V needs no
-        // scan: it only enters dP^T, and masked dS^T is a select. The previous
-        // call's reads are behind the loop's closing barrier.
-        const bool bad =
-            edge && (k_bad || cta_any((tile_non_finite<T, QT>(sq) |
-                                       tile_non_finite<T, QT>(sdo)) != 0,
-                                      s_flags));
 
         // ---- P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - D)
 #pragma unroll
@@ -302,19 +309,6 @@ __device__ __forceinline__ void bwd(
                 dp[j][x] = p * (dp[j][x] - ((x & 1) ? dd.y : dd.x));
             }
         }
-        if (edge) {
-            // Masked pairs are exactly 0 by a select: a row's lse or D may be
-            // NaN (it reads a non-finite key or value), and V or dO may put a
-            // NaN into dP^T; 0 * NaN would leak it into other rows' dV, dK, dQ.
-#pragma unroll
-            for (int j = 0; j < NQ; ++j) {
-#pragma unroll
-                for (int x = 0; x < 4; ++x) {
-                    if ((masked >> (4 * j + x)) & 1) s[j][x] = dp[j][x] = 0.f;
-                }
-            }
-        }
-
         // Slow path: a 64 x BQ tile of P^T or dS^T in the dS^T region, unswizzled
         // (element (key, query) at byte (key * BQ + query) * 2), rounded to T as
         // the mma would take it.
@@ -363,11 +357,30 @@ __device__ __forceinline__ void bwd(
         };
 
         // ---- dV += P^T dO, dK += dS^T Q (k = the tile's queries)
+        // dS^T -> shared for the dQ product, in either path: rows kw + gid (+8),
+        // chunks 2ks (+1), swizzled.
+        auto store_ds = [&](int ks, const uint32_t (&da)[4]) {
+            constexpr uint32_t R8 = 8 * SCPR * 16;
+            const uint32_t c0 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks) ^ ds_x) << 4);
+            const uint32_t c1 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks + 1) ^ ds_x) << 4);
+            st_shared_u32(c0, da[0]);
+            st_shared_u32(c0 + R8, da[1]);
+            st_shared_u32(c1, da[2]);
+            st_shared_u32(c1 + R8, da[3]);
+        };
         if (bad) {
             stage_rows(s);
             visible_sum(dva, sdo);
-            stage_rows(dp);  // dS^T, read by every warp's dQ after the barrier
+            stage_rows(dp);
             visible_sum(dka, sq);
+#pragma unroll
+            for (int ks = 0; ks < BQ / 16; ++ks) {
+                const uint32_t da[4] = {Ops<T>::pack(dp[2 * ks][0], dp[2 * ks][1]),
+                                        Ops<T>::pack(dp[2 * ks][2], dp[2 * ks][3]),
+                                        Ops<T>::pack(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
+                                        Ops<T>::pack(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+                store_ds(ks, da);
+            }
         } else {
 #pragma unroll
         for (int ks = 0; ks < BQ / 16; ++ks) {
@@ -380,14 +393,7 @@ __device__ __forceinline__ void bwd(
             da[1] = Ops<T>::pack(dp[2 * ks][2], dp[2 * ks][3]);
             da[2] = Ops<T>::pack(dp[2 * ks + 1][0], dp[2 * ks + 1][1]);
             da[3] = Ops<T>::pack(dp[2 * ks + 1][2], dp[2 * ks + 1][3]);
-            // dS^T -> shared for the dQ product: rows kw + gid (+8), chunks 2ks (+1).
-            constexpr uint32_t R8 = 8 * SCPR * 16;
-            const uint32_t c0 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks) ^ ds_x) << 4);
-            const uint32_t c1 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks + 1) ^ ds_x) << 4);
-            st_shared_u32(c0, da[0]);
-            st_shared_u32(c0 + R8, da[1]);
-            st_shared_u32(c1, da[2]);
-            st_shared_u32(c1 + R8, da[3]);
+            store_ds(ks, da);
 #pragma unroll
             for (int dq = 0; dq < D / 16; ++dq) {
                 uint32_t bf[4];
@@ -408,9 +414,13 @@ __device__ __forceinline__ void bwd(
         float dqa[DQN][4];
 #pragma unroll
         for (int j = 0; j < DQN; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
-        if (bad) {
+        // Any warp's vote (written before the barrier) sends dQ to the slow sums.
+        const bool dq_bad =
+            edge && (s_flags[0] | s_flags[1] | s_flags[2] | s_flags[3]) != 0;
+        if (dq_bad) {
             // Slow path: my query rows' sums over the keys they may see, from the
-            // staged dS^T and the K tile.
+            // staged dS^T (masked entries of a bad warp may be NaN: the select
+            // skips them) and the K tile.
             const uint4 qr[2] = {s_rr[rbq * 16 + gid], s_rr[rbq * 16 + gid + 8]};
             for (int kk = 0; kk < KSA_BK; ++kk) {
                 const uint32_t key = k0 + kk;
@@ -420,8 +430,11 @@ __device__ __forceinline__ void bwd(
                 for (int hh = 0; hh < 2; ++hh) {
                     const uint4 r = qr[hh];
                     ok[hh] = key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
-                    const uint32_t at =
-                        static_cast<uint32_t>((kk * BQ + rbq * 16 + gid + hh * 8) * 2);
+                    // dS^T (kk, query) in the swizzled layout of store_ds.
+                    const int qc = rbq * 16 + gid + hh * 8;
+                    const uint32_t at = static_cast<uint32_t>(
+                        kk * SCPR * 16 + (((qc >> 3) ^ ((kk / (8 / SCPR)) & (SCPR - 1))) << 4) +
+                        (qc & 7) * 2);
                     float hi;
                     Ops<T>::unpack(ld_shared_u16(s_ds + at), w[hh], hi);
                 }

@@ -18,8 +18,12 @@ struct F16 {};
 template <typename T> struct Ops;
 
 template <> struct Ops<Bf16> {
-    // Exponent field of each 16-bit half of a packed pair, and its lowest bit.
-    static constexpr uint32_t EXP = 0x7f807f80u, EXP_ONE = 0x00800080u;
+    // acc + x * 0 per half: NaN where x is NaN or infinite (or acc is NaN), else +-0.
+    static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
+        uint32_t d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(0u), "r"(acc));
+        return d;
+    }
     static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
         asm volatile(
@@ -42,7 +46,11 @@ template <> struct Ops<Bf16> {
 };
 
 template <> struct Ops<F16> {
-    static constexpr uint32_t EXP = 0x7c007c00u, EXP_ONE = 0x04000400u;
+    static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
+        uint32_t d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(0u), "r"(acc));
+        return d;
+    }
     static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
         asm volatile(
@@ -120,25 +128,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 // (a scan of the staged tile plus one barrier) and only then take a slow
 // path that sums the allowed pairs only; full tiles have no masked pair.
 
-// Nonzero when a packed pair of 16-bit floats holds a NaN or an infinity: an
-// all-ones exponent plus one carries into the half's sign bit (no carry
-// crosses halves).
-template <typename T> __device__ __forceinline__ uint32_t non_finite_pair(uint32_t x) {
-    return ((x & Ops<T>::EXP) + Ops<T>::EXP_ONE) & 0x80008000u;
-}
-
 // Nonzero when this thread's share of the CHUNKS 16-byte chunks at `base` (the
-// CTA's threads stride over them) holds a non-finite element.
+// CTA's threads stride over them) holds a NaN or an infinity: one packed
+// `acc + x * 0` per 32-bit word, and only NaN halves of acc have bits besides
+// the sign.
 template <typename T, int CHUNKS>
 __device__ __forceinline__ uint32_t tile_non_finite(uint32_t base) {
-    uint32_t bad = 0;
-#pragma unroll
+    uint32_t acc = 0;
+    // Not unrolled: at the call the kernels' fragments hold most registers.
+#pragma unroll 1
     for (int i = threadIdx.x; i < CHUNKS; i += KSA_THREADS) {
         const uint4 x = ld_shared_v4(base + static_cast<uint32_t>(i) * 16);
-        bad |= non_finite_pair<T>(x.x) | non_finite_pair<T>(x.y) | non_finite_pair<T>(x.z) |
-               non_finite_pair<T>(x.w);
+        acc = Ops<T>::fma_zero(x.x, Ops<T>::fma_zero(x.y, acc));
+        acc = Ops<T>::fma_zero(x.z, Ops<T>::fma_zero(x.w, acc));
     }
-    return bad;
+    return acc & 0x7fff7fffu;
 }
 
 // Whether `pred` holds on any thread of the CTA. Every thread calls it (it
