@@ -288,12 +288,17 @@ __device__ __forceinline__ void bwd(
         }
 
         // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges
+        // (spelled out, not through `visible`: see the forward's mask)
         if (edge) {
 #pragma unroll
             for (int j = 0; j < NQ; ++j) {
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
-                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) s[j][x] = -INFINITY;
+                    const uint4 r = s_rr[j * 8 + tig * 2 + (x & 1)];
+                    const uint32_t key = kg0 + (x >> 1) * 8;
+                    const bool ok =
+                        key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
+                    if (!ok) s[j][x] = -INFINITY;
                 }
             }
         }

@@ -18,6 +18,8 @@ struct F16 {};
 template <typename T> struct Ops;
 
 template <> struct Ops<Bf16> {
+    // Exponent field of each 16-bit half of a packed pair, and its lowest bit.
+    static constexpr uint32_t EXP = 0x7f807f80u, EXP_ONE = 0x00800080u;
     // acc + x * 0 per half: NaN where x is NaN or infinite (or acc is NaN), else +-0.
     static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
         uint32_t d;
@@ -46,6 +48,7 @@ template <> struct Ops<Bf16> {
 };
 
 template <> struct Ops<F16> {
+    static constexpr uint32_t EXP = 0x7c007c00u, EXP_ONE = 0x04000400u;
     static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
         uint32_t d;
         asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(0u), "r"(acc));
@@ -91,6 +94,11 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t dst) {
 __device__ __forceinline__ void st_shared_u32(uint32_t dst, uint32_t x) {
     asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(x) : "memory");
 }
+__device__ __forceinline__ void st_shared_v4(uint32_t dst, uint4 x) {
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst), "r"(x.x), "r"(x.y),
+                 "r"(x.z), "r"(x.w)
+                 : "memory");
+}
 __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t src) {
     uint32_t x;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(src) : "memory");
@@ -135,14 +143,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 template <typename T, int CHUNKS>
 __device__ __forceinline__ uint32_t tile_non_finite(uint32_t base) {
     uint32_t acc = 0;
-    // Not unrolled: at the call the kernels' fragments hold most registers.
-#pragma unroll 1
+#pragma unroll
     for (int i = threadIdx.x; i < CHUNKS; i += KSA_THREADS) {
         const uint4 x = ld_shared_v4(base + static_cast<uint32_t>(i) * 16);
         acc = Ops<T>::fma_zero(x.x, Ops<T>::fma_zero(x.y, acc));
         acc = Ops<T>::fma_zero(x.z, Ops<T>::fma_zero(x.w, acc));
     }
     return acc & 0x7fff7fffu;
+}
+
+// A packed pair with each NaN or infinite half replaced by 0: an all-ones
+// exponent plus one carries into the half's sign bit (no carry crosses halves),
+// which becomes a mask of that half.
+template <typename T> __device__ __forceinline__ uint32_t finite_or_zero(uint32_t x) {
+    const uint32_t top = ((x & Ops<T>::EXP) + Ops<T>::EXP_ONE) & 0x80008000u;
+    return x & ~((top >> 15) * 0xffffu);
 }
 
 // Whether `pred` holds on any thread of the CTA. Every thread calls it (it

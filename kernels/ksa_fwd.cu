@@ -172,6 +172,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
+    bool poisoned[2] = {false, false};  // the row read a non-finite value of V
 
     for (uint32_t e = e0; e < e1; ++e) {
         const int stage = (e - e0) & 1;
@@ -212,22 +213,27 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
             return col < kend && ((col >= r[0] && col < r[1]) || (col >= r[2] && col < r[3]));
         };
 
-        // ---- element mask on edge tiles
+        // ---- element mask on edge tiles (spelled out: through `visible`, nvcc
+        // materializes each verdict as a 16-bit value, ~130 PTX moves a tile)
         const bool edge = ent.y >> 31;
         if (edge) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
-                    if (!visible(x >> 1, ent.x + j * 8 + tig * 2 + (x & 1))) s[j][x] = -INFINITY;
+                    const uint32_t col = ent.x + j * 8 + tig * 2 + (x & 1);
+                    const uint32_t* r = rr[x >> 1];
+                    const bool ok = col < kend && ((col >= r[0] && col < r[1]) ||
+                                                   (col >= r[2] && col < r[3]));
+                    if (!ok) s[j][x] = -INFINITY;
                 }
             }
         }
-        // An edge tile's V with a NaN or infinity takes the slow O += P V below
-        // (see ksa_common.cuh). S needs nothing: a masked score is replaced,
-        // whatever K held. The barrier in cta_any is the only cost a finite
-        // edge tile pays besides the scan; the previous call's reads are behind
-        // the loop's closing barrier.
+        // An edge tile's V with a NaN or infinity takes the rare path before
+        // O += P V (see ksa_common.cuh). S needs nothing: a masked score is
+        // replaced, whatever K held. The scan and cta_any's barrier are all a
+        // finite edge tile pays; the previous call's reads are behind the loop's
+        // closing barrier.
         const bool v_bad = edge && cta_any(tile_non_finite<T, TILE>(sv) != 0, s_flags);
 
         // ---- online softmax (rows gid and gid + 8 of this warp)
@@ -259,50 +265,54 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
             }
         }
 
-        // ---- O += P V
         if (v_bad) {
-            // Slow path: P, rounded to T as the mma would take it, goes to this
-            // warp's 16 rows of the Q tile (free: the Q fragments are in
-            // registers, and the epilogue reuses those rows after the loop), 16
-            // rows x 64 keys; then each thread adds, for its two rows and its
-            // output columns, p * v over the keys its row may see (a select, so
-            // a masked key's NaN or infinity never enters the sum). One key per
-            // step: two keys per step made ptxas spill at d = 128 on sm_90.
-            const uint32_t sp = s_q + static_cast<uint32_t>(warp * 16 * CPR * 16);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const uint32_t at = static_cast<uint32_t>(((gid + hh * 8) * KSA_BK + j * 8 + tig * 2) * 2);
-                    st_shared_u32(sp + at, Ops<T>::pack(s[j][2 * hh], s[j][2 * hh + 1]));
-                }
-            }
-            __syncwarp();
-            for (int c = 0; c < KSA_BK; ++c) {
-                float p[2];
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    float hi;
-                    const uint32_t at = static_cast<uint32_t>(((gid + hh * 8) * KSA_BK + c) * 2);
-                    Ops<T>::unpack(ld_shared_u16(sp + at), p[hh], hi);
-                }
+            // Rare path. A row of mine that may see a key whose V row is not
+            // finite reads it: its output is unspecified, and the epilogue makes
+            // it NaN (the lanes of a quad split the keys, then share the
+            // verdict); its log-sum-exp does not read V and stays exact.
+            // Then every non-finite element of the tile becomes 0, so the
+            // unchanged mma below multiplies masked zeros by finite values only.
+            // (An earlier version summed allowed pairs in a branch instead of
+            // the mma: the merge of the two accumulator versions cost ~48 PTX
+            // moves per tile visit in the common case.)
+            bool sees[2] = {false, false};
+            for (int c = tig; c < KSA_BK; c += 4) {
                 const bool ok0 = visible(0, ent.x + c), ok1 = visible(1, ent.x + c);
+                if (ok0 || ok1) {
+                    uint32_t acc_nf = 0;
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    float v0, v1;
-                    // == sw(c, j) + tig * 4
-                    Ops<T>::unpack(ld_shared_u32(sv + sw(c, j) + tig * 4), v0, v1);
-                    if (ok0) {
-                        acc[j][0] += p[0] * v0;
-                        acc[j][1] += p[0] * v1;
+                    for (int cc = 0; cc < CPR; ++cc) {
+                        const uint4 x = ld_shared_v4(sv + sw(c, cc));
+                        acc_nf = Ops<T>::fma_zero(x.x, Ops<T>::fma_zero(x.y, acc_nf));
+                        acc_nf = Ops<T>::fma_zero(x.z, Ops<T>::fma_zero(x.w, acc_nf));
                     }
-                    if (ok1) {
-                        acc[j][2] += p[1] * v0;
-                        acc[j][3] += p[1] * v1;
+                    if (acc_nf & 0x7fff7fffu) {
+                        sees[0] |= ok0;
+                        sees[1] |= ok1;
                     }
                 }
             }
-        } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                uint32_t f = sees[hh];
+                f |= __shfl_xor_sync(0xffffffffu, f, 1);
+                f |= __shfl_xor_sync(0xffffffffu, f, 2);
+                poisoned[hh] |= f != 0;
+            }
+            __syncthreads();  // every row checked before the tile is rewritten
+            for (int i = tid; i < TILE; i += KSA_THREADS) {
+                const uint32_t at = sv + static_cast<uint32_t>(i) * 16;
+                uint4 x = ld_shared_v4(at);
+                x.x = finite_or_zero<T>(x.x);
+                x.y = finite_or_zero<T>(x.y);
+                x.z = finite_or_zero<T>(x.z);
+                x.w = finite_or_zero<T>(x.w);
+                st_shared_v4(at, x);
+            }
+            __syncthreads();
+        }
+
+        // ---- O += P V
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
             uint32_t a[4];
@@ -320,7 +330,6 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 Ops<T>::mma(acc[2 * dp + 1], a, bf[2], bf[3]);
             }
         }
-        }
         __syncthreads();  // this stage is overwritten by the load two iterations on
     }
 
@@ -333,7 +342,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         lt += __shfl_xor_sync(0xffffffffu, lt, 1);
         lt += __shfl_xor_sync(0xffffffffu, lt, 2);
         const uint32_t g = grow[hh];
-        const float inv = g < q1 ? 1.f / lt : 0.f;
+        const float inv = g < q1 ? (poisoned[hh] ? NAN : 1.f / lt) : 0.f;
         // == sw(warp * 16 + gid + hh * 8, j) + tig * 4 (row & 7 == gid).
         const uint32_t srow_off = static_cast<uint32_t>((warp * 16 + gid + hh * 8) * CPR * 16);
 #pragma unroll
