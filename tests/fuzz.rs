@@ -602,7 +602,7 @@ fn backward_case(
 ) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let vars = qkv
-        .map(|t| candle_core::Var::from_tensor(t))
+        .map(candle_core::Var::from_tensor)
         .into_iter()
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(|e| err(&e))?;

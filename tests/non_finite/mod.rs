@@ -134,7 +134,9 @@ pub fn compare(
         compared += 1;
         for c in 0..d {
             let (g, w) = (got[row * d + c], want[row * d + c]);
-            if !((g - w).abs() <= tol * top) {
+            // Bound first: a NaN comparison is false, so NaN fails.
+            let close = (g - w).abs() <= tol * top;
+            if !close {
                 return Err(format!("{name} row {row} col {c}: got {g}, want {w}"));
             }
         }
