@@ -88,7 +88,7 @@ __device__ __forceinline__ void bwd(
     constexpr uint32_t ST_DO = QT * 16, ST_RR = 2 * QT * 16, ST_L2 = ST_RR + BQ * 16,
                        ST_D = ST_L2 + BQ * 4, STAGE = ST_D + BQ * 4;
     extern __shared__ __align__(128) uint8_t smem[];
-    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // each warp's non-finite vote (edge tiles)
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
     const uint32_t s_k = smem_u32(smem);
     const uint32_t s_v = s_k + KT * 16;
     const uint32_t s_st = s_v + KT * 16;  // two stages
@@ -206,6 +206,27 @@ __device__ __forceinline__ void bwd(
         for (int x = 0; x < 4; ++x) dka[j][x] = dva[j][x] = 0.f;
     }
 
+    // A NaN or infinity in the K tile (ksa_common.cuh) becomes 0 once per CTA,
+    // so dQ += dS K never multiplies a masked zero by it. Nothing else needs
+    // marking: a query that may see such a key read it in the forward, so its
+    // lse is NaN and every warp takes the slow dV/dK sums for it below, and its
+    // dQ row reads the NaN P. Waits for the K/V group (the first query tile's
+    // may still fly).
+    cp_async_wait<1>();
+    __syncthreads();
+    if (cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags)) {
+        for (int i = tid; i < KT; i += KSA_THREADS) {
+            const uint32_t at = s_k + static_cast<uint32_t>(i) * 16;
+            uint4 x = ld_shared_v4(at);
+            x.x = finite_or_zero<T>(x.x);
+            x.y = finite_or_zero<T>(x.y);
+            x.z = finite_or_zero<T>(x.z);
+            x.w = finite_or_zero<T>(x.w);
+            st_shared_v4(at, x);
+        }
+    }
+    // (The loop's first barrier orders these stores before any read.)
+
     for (uint32_t it = 0; it < iters; ++it) {
         const int stage = it & 1;
         if (it + 1 < iters) {
@@ -262,12 +283,13 @@ __device__ __forceinline__ void bwd(
         // Non-finite inputs (ksa_common.cuh) on an edge tile. With everything
         // finite a masked pair has P = ex2(-inf) = 0 and dS = 0 * finite = 0
         // exactly, so the tensor-core products are exact. A NaN or infinity in a
-        // Q, dO or K row shows in this warp's S^T or dP^T (x * 0 is NaN for a
-        // non-finite x; V's too, which is harmless), and a row's lse or D that is
-        // not finite (it read one elsewhere) is read here: then this warp's dV and
-        // dK take the slow sums, and the warp's vote, published before the
-        // barrier that already precedes dQ, sends the whole CTA's dQ there (dQ
-        // reads every warp's keys). No scan of shared memory, no extra barrier.
+        // Q, dO or V row shows in this warp's S^T or dP^T (x * 0 is NaN for a
+        // non-finite x; K's rows were zeroed above), and a row's lse or D that is
+        // not finite (it read one elsewhere) is read here: then this warp sums
+        // its dV and dK over the allowed pairs only and stages dS^T with masked
+        // entries selected to 0, so the one dQ mma stays exact. No scan, no
+        // barrier. (A slow dQ branch, tried first, cost ~45 PTX instructions in
+        // every iteration, full tiles included.)
         const bool edge = ent.y >> 31;
         bool bad = false;
         if (edge) {
@@ -284,7 +306,6 @@ __device__ __forceinline__ void bwd(
                 for (int x = 0; x < 4; ++x) z = fmaf(s[j][x], 0.f, fmaf(dp[j][x], 0.f, z));
             }
             bad = __any_sync(0xffffffffu, !(z == 0.f && lse_ok));
-            if (lane == 0) s_flags[warp] = bad;
         }
 
         // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges
@@ -379,6 +400,13 @@ __device__ __forceinline__ void bwd(
             stage_rows(dp);
             visible_sum(dka, sq);
 #pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) dp[j][x] = 0.f;
+                }
+            }
+#pragma unroll
             for (int ks = 0; ks < BQ / 16; ++ks) {
                 const uint32_t da[4] = {Ops<T>::pack(dp[2 * ks][0], dp[2 * ks][1]),
                                         Ops<T>::pack(dp[2 * ks][2], dp[2 * ks][3]),
@@ -419,44 +447,6 @@ __device__ __forceinline__ void bwd(
         float dqa[DQN][4];
 #pragma unroll
         for (int j = 0; j < DQN; ++j) dqa[j][0] = dqa[j][1] = dqa[j][2] = dqa[j][3] = 0.f;
-        // Any warp's vote (written before the barrier) sends dQ to the slow sums.
-        const bool dq_bad =
-            edge && (s_flags[0] | s_flags[1] | s_flags[2] | s_flags[3]) != 0;
-        if (dq_bad) {
-            // Slow path: my query rows' sums over the keys they may see, from the
-            // staged dS^T (masked entries of a bad warp may be NaN: the select
-            // skips them) and the K tile.
-            const uint4 qr[2] = {s_rr[rbq * 16 + gid], s_rr[rbq * 16 + gid + 8]};
-            for (int kk = 0; kk < KSA_BK; ++kk) {
-                const uint32_t key = k0 + kk;
-                float w[2];
-                bool ok[2];
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const uint4 r = qr[hh];
-                    ok[hh] = key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
-                    // dS^T (kk, query) in the swizzled layout of store_ds.
-                    const int qc = rbq * 16 + gid + hh * 8;
-                    const uint32_t at = static_cast<uint32_t>(
-                        kk * SCPR * 16 + (((qc >> 3) ^ ((kk / (8 / SCPR)) & (SCPR - 1))) << 4) +
-                        (qc & 7) * 2);
-                    float hi;
-                    Ops<T>::unpack(ld_shared_u16(s_ds + at), w[hh], hi);
-                }
-#pragma unroll
-                for (int j = 0; j < DQN; ++j) {
-                    float x0, x1;
-                    Ops<T>::unpack(ld_shared_u32(s_k + sw(kk, cq * DQN + j) + tig * 4), x0, x1);
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        if (ok[hh]) {
-                            dqa[j][2 * hh] += w[hh] * x0;
-                            dqa[j][2 * hh + 1] += w[hh] * x1;
-                        }
-                    }
-                }
-            }
-        } else {
 #pragma unroll
         for (int ks = 0; ks < KSA_BK / 16; ++ks) {
             uint32_t a[4];
@@ -472,7 +462,6 @@ __device__ __forceinline__ void bwd(
                 Ops<T>::mma(dqa[2 * dq], a, bf[0], bf[1]);
                 Ops<T>::mma(dqa[2 * dq + 1], a, bf[2], bf[3]);
             }
-        }
         }
         const uint32_t qe = ent.y & 0x7fffffffu;
 #pragma unroll

@@ -104,11 +104,6 @@ __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t src) {
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(src) : "memory");
     return x;
 }
-__device__ __forceinline__ uint32_t ld_shared_u16(uint32_t src) {
-    uint16_t x;
-    asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(x) : "r"(src) : "memory");
-    return x;
-}
 __device__ __forceinline__ uint4 ld_shared_v4(uint32_t src) {
     uint4 x;
     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
