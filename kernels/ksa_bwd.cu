@@ -88,6 +88,7 @@ __device__ __forceinline__ void bwd(
     constexpr uint32_t ST_DO = QT * 16, ST_RR = 2 * QT * 16, ST_L2 = ST_RR + BQ * 16,
                        ST_D = ST_L2 + BQ * 4, STAGE = ST_D + BQ * 4;
     extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
     const uint32_t s_k = smem_u32(smem);
     const uint32_t s_v = s_k + KT * 16;
     const uint32_t s_st = s_v + KT * 16;  // two stages
@@ -205,6 +206,27 @@ __device__ __forceinline__ void bwd(
         for (int x = 0; x < 4; ++x) dka[j][x] = dva[j][x] = 0.f;
     }
 
+    // A NaN or infinity in the K tile (ksa_common.cuh) becomes 0 once per CTA,
+    // so dQ += dS K never multiplies a masked zero by it. Nothing else needs
+    // marking: a query that may see such a key read it in the forward, so its
+    // lse is NaN and every warp takes the slow dV/dK sums for it below, and its
+    // dQ row reads the NaN P. Waits for the K/V group (the first query tile's
+    // may still fly).
+    cp_async_wait<1>();
+    __syncthreads();
+    if (cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags)) {
+        for (int i = tid; i < KT; i += KSA_THREADS) {
+            const uint32_t at = s_k + static_cast<uint32_t>(i) * 16;
+            uint4 x = ld_shared_v4(at);
+            x.x = finite_or_zero<T>(x.x);
+            x.y = finite_or_zero<T>(x.y);
+            x.z = finite_or_zero<T>(x.z);
+            x.w = finite_or_zero<T>(x.w);
+            st_shared_v4(at, x);
+        }
+    }
+    // (The loop's first barrier orders these stores before any read.)
+
     for (uint32_t it = 0; it < iters; ++it) {
         const int stage = it & 1;
         if (it + 1 < iters) {
@@ -251,8 +273,44 @@ __device__ __forceinline__ void bwd(
             }
         }
 
+        // Whether query column c of this tile may see my key row kg0 + 8 hh.
+        auto visible = [&](uint32_t c, int hh) {
+            const uint4 r = s_rr[c];
+            const uint32_t key = kg0 + hh * 8;
+            return key < k1 && ((key >= r.x && key < r.y) || (key >= r.z && key < r.w));
+        };
+
+        // Non-finite inputs (ksa_common.cuh) on an edge tile. With everything
+        // finite a masked pair has P = ex2(-inf) = 0 and dS = 0 * finite = 0
+        // exactly, so the tensor-core products are exact. A NaN or infinity in a
+        // Q, dO or V row shows in this warp's S^T or dP^T (x * 0 is NaN for a
+        // non-finite x; K's rows were zeroed above), and a row's lse or D that is
+        // not finite (it read one elsewhere) is read here: then this warp sums
+        // its dV and dK over the allowed pairs only and stages dS^T with masked
+        // entries selected to 0, so the one dQ mma stays exact. No scan, no
+        // barrier. (A slow dQ branch, tried first, cost ~45 PTX instructions in
+        // every iteration, full tiles included.)
+        const bool edge = ent.y >> 31;
+        bool bad = false;
+        if (edge) {
+            float z = 0.f;
+            bool lse_ok = true;
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+                const float2 l2 = s_l2[j * 4 + tig], dd = s_dd[j * 4 + tig];
+                // Rows past the tile have lse = +inf (P = 0): only NaN and -inf
+                // make ex2(-inf - lse) differ from 0.
+                lse_ok &= l2.x > -INFINITY && l2.y > -INFINITY;
+                z = fmaf(dd.x, 0.f, fmaf(dd.y, 0.f, z));
+#pragma unroll
+                for (int x = 0; x < 4; ++x) z = fmaf(s[j][x], 0.f, fmaf(dp[j][x], 0.f, z));
+            }
+            bad = __any_sync(0xffffffffu, !(z == 0.f && lse_ok));
+        }
+
         // ---- element mask on edge tiles: key row kg0 (+8) against query column's ranges
-        if (ent.y >> 31) {
+        // (spelled out, not through `visible`: see the forward's mask)
+        if (edge) {
 #pragma unroll
             for (int j = 0; j < NQ; ++j) {
 #pragma unroll
@@ -277,8 +335,86 @@ __device__ __forceinline__ void bwd(
                 dp[j][x] = p * (dp[j][x] - ((x & 1) ? dd.y : dd.x));
             }
         }
+        // Slow path: a 64 x BQ tile of P^T or dS^T in the dS^T region, unswizzled
+        // (element (key, query) at byte (key * BQ + query) * 2), rounded to T as
+        // the mma would take it.
+        auto stage_rows = [&](const float (&x)[NQ][4]) {
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint32_t at =
+                        static_cast<uint32_t>(((kw + gid + hh * 8) * BQ + j * 8 + tig * 2) * 2);
+                    st_shared_u32(s_ds + at, Ops<T>::pack(x[j][2 * hh], x[j][2 * hh + 1]));
+                }
+            }
+            __syncwarp();
+        };
+        // acc[j] (my key rows) += sum over the tile's queries c that see the key of
+        // staged(key, c) * tile(c, my columns): each thread's own fragment, a select
+        // per pair, so a masked query's NaN or infinity never enters the sum.
+        auto visible_sum = [&](float (&acc)[NT][4], uint32_t tile) {
+            for (int c = 0; c < BQ; c += 2) {
+                float w[2][2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const uint32_t at = static_cast<uint32_t>(((kw + gid + hh * 8) * BQ + c) * 2);
+                    Ops<T>::unpack(ld_shared_u32(s_ds + at), w[hh][0], w[hh][1]);
+                }
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                    const bool ok0 = visible(c + cc, 0), ok1 = visible(c + cc, 1);
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        float x0, x1;
+                        Ops<T>::unpack(ld_shared_u32(tile + sw(c + cc, j) + tig * 4), x0, x1);
+                        if (ok0) {
+                            acc[j][0] += w[0][cc] * x0;
+                            acc[j][1] += w[0][cc] * x1;
+                        }
+                        if (ok1) {
+                            acc[j][2] += w[1][cc] * x0;
+                            acc[j][3] += w[1][cc] * x1;
+                        }
+                    }
+                }
+            }
+            __syncwarp();
+        };
 
         // ---- dV += P^T dO, dK += dS^T Q (k = the tile's queries)
+        // dS^T -> shared for the dQ product, in either path: rows kw + gid (+8),
+        // chunks 2ks (+1), swizzled.
+        auto store_ds = [&](int ks, const uint32_t (&da)[4]) {
+            constexpr uint32_t R8 = 8 * SCPR * 16;
+            const uint32_t c0 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks) ^ ds_x) << 4);
+            const uint32_t c1 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks + 1) ^ ds_x) << 4);
+            st_shared_u32(c0, da[0]);
+            st_shared_u32(c0 + R8, da[1]);
+            st_shared_u32(c1, da[2]);
+            st_shared_u32(c1 + R8, da[3]);
+        };
+        if (bad) {
+            stage_rows(s);
+            visible_sum(dva, sdo);
+            stage_rows(dp);
+            visible_sum(dka, sq);
+#pragma unroll
+            for (int j = 0; j < NQ; ++j) {
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    if (!visible(j * 8 + tig * 2 + (x & 1), x >> 1)) dp[j][x] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int ks = 0; ks < BQ / 16; ++ks) {
+                const uint32_t da[4] = {Ops<T>::pack(dp[2 * ks][0], dp[2 * ks][1]),
+                                        Ops<T>::pack(dp[2 * ks][2], dp[2 * ks][3]),
+                                        Ops<T>::pack(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
+                                        Ops<T>::pack(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+                store_ds(ks, da);
+            }
+        } else {
 #pragma unroll
         for (int ks = 0; ks < BQ / 16; ++ks) {
             uint32_t pa[4], da[4];
@@ -290,14 +426,7 @@ __device__ __forceinline__ void bwd(
             da[1] = Ops<T>::pack(dp[2 * ks][2], dp[2 * ks][3]);
             da[2] = Ops<T>::pack(dp[2 * ks + 1][0], dp[2 * ks + 1][1]);
             da[3] = Ops<T>::pack(dp[2 * ks + 1][2], dp[2 * ks + 1][3]);
-            // dS^T -> shared for the dQ product: rows kw + gid (+8), chunks 2ks (+1).
-            constexpr uint32_t R8 = 8 * SCPR * 16;
-            const uint32_t c0 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks) ^ ds_x) << 4);
-            const uint32_t c1 = s_ds + ds_st + static_cast<uint32_t>(((2 * ks + 1) ^ ds_x) << 4);
-            st_shared_u32(c0, da[0]);
-            st_shared_u32(c0 + R8, da[1]);
-            st_shared_u32(c1, da[2]);
-            st_shared_u32(c1 + R8, da[3]);
+            store_ds(ks, da);
 #pragma unroll
             for (int dq = 0; dq < D / 16; ++dq) {
                 uint32_t bf[4];
@@ -310,6 +439,7 @@ __device__ __forceinline__ void bwd(
                 Ops<T>::mma(dka[2 * dq], da, bf[0], bf[1]);
                 Ops<T>::mma(dka[2 * dq + 1], da, bf[2], bf[3]);
             }
+        }
         }
         __syncthreads();  // dS^T of all 64 keys is in shared memory
 

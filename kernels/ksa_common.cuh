@@ -18,6 +18,14 @@ struct F16 {};
 template <typename T> struct Ops;
 
 template <> struct Ops<Bf16> {
+    // Exponent field of each 16-bit half of a packed pair, and its lowest bit.
+    static constexpr uint32_t EXP = 0x7f807f80u, EXP_ONE = 0x00800080u;
+    // acc + x * 0 per half: NaN where x is NaN or infinite (or acc is NaN), else +-0.
+    static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
+        uint32_t d;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(0u), "r"(acc));
+        return d;
+    }
     static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
         asm volatile(
@@ -40,6 +48,12 @@ template <> struct Ops<Bf16> {
 };
 
 template <> struct Ops<F16> {
+    static constexpr uint32_t EXP = 0x7c007c00u, EXP_ONE = 0x04000400u;
+    static __device__ __forceinline__ uint32_t fma_zero(uint32_t x, uint32_t acc) {
+        uint32_t d;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(0u), "r"(acc));
+        return d;
+    }
     static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
         asm volatile(
@@ -80,6 +94,16 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t dst) {
 __device__ __forceinline__ void st_shared_u32(uint32_t dst, uint32_t x) {
     asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(x) : "memory");
 }
+__device__ __forceinline__ void st_shared_v4(uint32_t dst, uint4 x) {
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst), "r"(x.x), "r"(x.y),
+                 "r"(x.z), "r"(x.w)
+                 : "memory");
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t src) {
+    uint32_t x;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(src) : "memory");
+    return x;
+}
 __device__ __forceinline__ uint4 ld_shared_v4(uint32_t src) {
     uint4 x;
     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -98,6 +122,50 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+}
+
+// ---- Non-finite inputs (docs/robustness.md): masked keys never influence a row.
+// The score mask is a select, but the tensor-core products multiply a masked
+// pair's zero probability (or dS) by its row of V, K, Q or dO, and 0 * inf is
+// NaN. A non-finite element in a tile is rare, so edge tiles check for one
+// (a scan of the staged tile plus one barrier) and only then take a slow
+// path that sums the allowed pairs only; full tiles have no masked pair.
+
+// Nonzero when this thread's share of the CHUNKS 16-byte chunks at `base` (the
+// CTA's threads stride over them) holds a NaN or an infinity: one packed
+// `acc + x * 0` per 32-bit word, and only NaN halves of acc have bits besides
+// the sign.
+template <typename T, int CHUNKS>
+__device__ __forceinline__ uint32_t tile_non_finite(uint32_t base) {
+    uint32_t acc = 0;
+#pragma unroll
+    for (int i = threadIdx.x; i < CHUNKS; i += KSA_THREADS) {
+        const uint4 x = ld_shared_v4(base + static_cast<uint32_t>(i) * 16);
+        acc = Ops<T>::fma_zero(x.x, Ops<T>::fma_zero(x.y, acc));
+        acc = Ops<T>::fma_zero(x.z, Ops<T>::fma_zero(x.w, acc));
+    }
+    return acc & 0x7fff7fffu;
+}
+
+// A packed pair with each NaN or infinite half replaced by 0: an all-ones
+// exponent plus one carries into the half's sign bit (no carry crosses halves),
+// which becomes a mask of that half.
+template <typename T> __device__ __forceinline__ uint32_t finite_or_zero(uint32_t x) {
+    const uint32_t top = ((x & Ops<T>::EXP) + Ops<T>::EXP_ONE) & 0x80008000u;
+    return x & ~((top >> 15) * 0xffffu);
+}
+
+// Whether `pred` holds on any thread of the CTA. Every thread calls it (it
+// contains a barrier); `flags` is one shared word per warp, and the caller
+// puts a barrier between two calls (the next call's writes must not overtake
+// this call's reads). A vote plus a barrier: `__syncthreads_or` would be one
+// instruction, but ptx-emu does not execute `bar.red` and this costs one
+// shared store per warp more.
+__device__ __forceinline__ bool cta_any(bool pred, volatile uint32_t* flags) {
+    const uint32_t any = __any_sync(0xffffffffu, pred);
+    if ((threadIdx.x & 31) == 0) flags[threadIdx.x >> 5] = any;
+    __syncthreads();
+    return (flags[0] | flags[1] | flags[2] | flags[3]) != 0;
 }
 
 __device__ __forceinline__ float ex2(float x) {

@@ -72,6 +72,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     constexpr int NT = D / 8;              // n8 tiles of the output
     constexpr int KS = D / 16;             // k16 steps of Q K^T
     extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ uint32_t s_flags[KSA_THREADS / 32];  // cta_any's votes
     const uint32_t s_q = smem_u32(smem);
     const uint32_t s_k = s_q + TILE * 16;  // two stages
     const uint32_t s_v = s_k + 2 * TILE * 16;
@@ -171,6 +172,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
+    bool poisoned[2] = {false, false};  // the row read a non-finite value of V
 
     for (uint32_t e = e0; e < e1; ++e) {
         const int stage = (e - e0) & 1;
@@ -204,9 +206,17 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
             }
         }
 
-        // ---- element mask on edge tiles
-        if (ent.y >> 31) {
-            const uint32_t kend = ent.y & 0x7fffffffu;
+        // Whether my row hh may see key `col` of this tile (its end is kend).
+        const uint32_t kend = ent.y & 0x7fffffffu;
+        auto visible = [&](int hh, uint32_t col) {
+            const uint32_t* r = rr[hh];
+            return col < kend && ((col >= r[0] && col < r[1]) || (col >= r[2] && col < r[3]));
+        };
+
+        // ---- element mask on edge tiles (spelled out: through `visible`, nvcc
+        // materializes each verdict as a 16-bit value, ~130 PTX moves a tile)
+        const bool edge = ent.y >> 31;
+        if (edge) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -219,6 +229,12 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 }
             }
         }
+        // An edge tile's V with a NaN or infinity takes the rare path before
+        // O += P V (see ksa_common.cuh). S needs nothing: a masked score is
+        // replaced, whatever K held. The scan and cta_any's barrier are all a
+        // finite edge tile pays; the previous call's reads are behind the loop's
+        // closing barrier.
+        const bool v_bad = edge && cta_any(tile_non_finite<T, TILE>(sv) != 0, s_flags);
 
         // ---- online softmax (rows gid and gid + 8 of this warp)
 #pragma unroll
@@ -247,6 +263,53 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 acc[j][2 * hh] *= corr;
                 acc[j][2 * hh + 1] *= corr;
             }
+        }
+
+        if (v_bad) {
+            // Rare path. A row of mine that may see a key whose V row is not
+            // finite reads it: its output is unspecified, and the epilogue makes
+            // it NaN (the lanes of a quad split the keys, then share the
+            // verdict); its log-sum-exp does not read V and stays exact.
+            // Then every non-finite element of the tile becomes 0, so the
+            // unchanged mma below multiplies masked zeros by finite values only.
+            // (An earlier version summed allowed pairs in a branch instead of
+            // the mma: the merge of the two accumulator versions cost ~48 PTX
+            // moves per tile visit in the common case.)
+            bool sees[2] = {false, false};
+            for (int c = tig; c < KSA_BK; c += 4) {
+                const bool ok0 = visible(0, ent.x + c), ok1 = visible(1, ent.x + c);
+                if (ok0 || ok1) {
+                    uint32_t acc_nf = 0;
+#pragma unroll
+                    for (int cc = 0; cc < CPR; ++cc) {
+                        const uint4 x = ld_shared_v4(sv + sw(c, cc));
+                        acc_nf = Ops<T>::fma_zero(x.x, Ops<T>::fma_zero(x.y, acc_nf));
+                        acc_nf = Ops<T>::fma_zero(x.z, Ops<T>::fma_zero(x.w, acc_nf));
+                    }
+                    if (acc_nf & 0x7fff7fffu) {
+                        sees[0] |= ok0;
+                        sees[1] |= ok1;
+                    }
+                }
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                uint32_t f = sees[hh];
+                f |= __shfl_xor_sync(0xffffffffu, f, 1);
+                f |= __shfl_xor_sync(0xffffffffu, f, 2);
+                poisoned[hh] |= f != 0;
+            }
+            __syncthreads();  // every row checked before the tile is rewritten
+            for (int i = tid; i < TILE; i += KSA_THREADS) {
+                const uint32_t at = sv + static_cast<uint32_t>(i) * 16;
+                uint4 x = ld_shared_v4(at);
+                x.x = finite_or_zero<T>(x.x);
+                x.y = finite_or_zero<T>(x.y);
+                x.z = finite_or_zero<T>(x.z);
+                x.w = finite_or_zero<T>(x.w);
+                st_shared_v4(at, x);
+            }
+            __syncthreads();
         }
 
         // ---- O += P V
@@ -279,7 +342,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
         lt += __shfl_xor_sync(0xffffffffu, lt, 1);
         lt += __shfl_xor_sync(0xffffffffu, lt, 2);
         const uint32_t g = grow[hh];
-        const float inv = g < q1 ? 1.f / lt : 0.f;
+        const float inv = g < q1 ? (poisoned[hh] ? NAN : 1.f / lt) : 0.f;
         // == sw(warp * 16 + gid + hh * 8, j) + tig * 4 (row & 7 == gid).
         const uint32_t srow_off = static_cast<uint32_t>((warp * 16 + gid + hh * 8) * CPR * 16);
 #pragma unroll

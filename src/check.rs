@@ -146,9 +146,44 @@ pub(crate) fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) ->
 /// shape: candle's strided copy indexes an empty view's storage at its
 /// offset, which may lie past the storage's end (a `narrow` of an empty
 /// tensor) and panics.
+///
+/// A view (a stride-0 broadcast above all) may describe far more elements
+/// than its storage holds, so the count is computed with checked arithmetic
+/// (candle's `elem_count` wraps) and bounded by
+/// [`MAX_TENSOR_ELEMENTS`](crate::model_config::MAX_TENSOR_ELEMENTS) before
+/// the copy; on the CPU the copy's bytes are reserved fallibly first, so a
+/// count within the limit that memory cannot hold is
+/// [`Error::OutOfMemory`], not an abort inside candle's allocation.
 pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
-    if x.elem_count() == 0 {
+    let limit = crate::model_config::MAX_TENSOR_ELEMENTS;
+    let dims = x.dims();
+    let count = if dims.contains(&0) {
+        Some(0)
+    } else {
+        dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    };
+    let count = count
+        .filter(|&n| n <= limit)
+        .ok_or_else(|| Error::TooLarge {
+            what: "elements of an input view made contiguous",
+            got: dims.iter().fold(1usize, |n, &d| n.saturating_mul(d)),
+            limit,
+        })?;
+    if count == 0 {
         return Ok(Tensor::zeros(x.shape(), x.dtype(), x.device())?);
+    }
+    if x.is_contiguous() {
+        return Ok(x.clone());
+    }
+    if x.device().is_cpu() {
+        let bytes = count.saturating_mul(x.dtype().size_in_bytes());
+        // The probe is freed at once; candle's copy then allocates the same.
+        Vec::<u8>::new()
+            .try_reserve_exact(bytes)
+            .map_err(|_| Error::OutOfMemory {
+                what: "an input view made contiguous",
+                bytes,
+            })?;
     }
     Ok(x.contiguous()?)
 }

@@ -30,7 +30,9 @@ pub const MAX_LAYERS: usize = 1 << 12;
 pub const MAX_DIM: usize = 1 << 24;
 
 /// The most elements one weight tensor the config implies may have
-/// (`vocab_size * hidden_size`, `intermediate_size * hidden_size`, ...).
+/// (`vocab_size * hidden_size`, `intermediate_size * hidden_size`, ...), and
+/// the most an attention input view may describe when the crate makes it
+/// contiguous (a stride-0 broadcast materialised).
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 40;
 
 /// The logits width the reference keeps when `truncate_predict_nums` is absent

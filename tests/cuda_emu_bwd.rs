@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/emu_bwd.rs"]
 mod emu_bwd;
+#[allow(dead_code)] // the f64 gradients are the CPU fuzz suite's; the reach sets are shared
+mod non_finite;
 
 use common::emu::{Case, Rng};
 use emu_bwd::check;
@@ -88,6 +90,80 @@ fn random_configurations() {
     }
 }
 
+/// Non-finite inputs (docs/robustness.md): a NaN or infinity planted in q, k,
+/// v or dO rows (at slots that some rows of their edge tiles may not see)
+/// leaves every gradient row outside `non_finite::reach` equal to the CPU
+/// backward on the clean input (within the kernel's tolerance); after a NaN,
+/// every row inside it has a non-finite entry (after an infinity the policy
+/// claims nothing there: a key of -inf may give probability 0).
+#[test]
+fn non_finite_inputs_stay_in_their_gradient_rows() {
+    for case in [
+        Case::ksa(8, 1, 1, 300),
+        Case::ksa(4, 2, 0, 150).heads(1, 4, 2).dim(128).f16(),
+        Case::causal(200).heads(1, 2, 1),
+    ] {
+        let (n, d) = (case.mask.len(), case.head_dim);
+        let slot = match case.mask {
+            ksa::mask::Mask::Ksa(layout) => layout.text_slot(37).unwrap(),
+            ksa::mask::Mask::Causal { .. } => 40,
+        };
+        let (q, k, v) = common::emu::inputs(&case);
+        let mut rng = Rng::new(case.seed ^ 0xbad);
+        let dout: Vec<f32> = q.iter().map(|_| rng.normal()).collect();
+        let dout = common::emu::rounded(case.elem, &dout);
+        let clean = emu_bwd::cpu_grads(&case, &q, &k, &v, &dout);
+        let tol = emu_bwd::grad_tol(case.elem);
+        let dims = (case.batch, case.q_heads, case.kv_heads, n, d);
+        let allowed = |i, j| case.can_attend(i, j);
+        for (which, bad) in [
+            (0, f32::NAN),
+            (1, f32::NAN),
+            (1, f32::INFINITY),
+            (2, f32::NAN),
+            (2, f32::NEG_INFINITY),
+            (3, f32::NAN),
+            (3, f32::INFINITY),
+            (0, f32::INFINITY),
+        ] {
+            let mut x = [q.clone(), k.clone(), v.clone(), dout.clone()];
+            // The last head of q / dO (or of k / v) of batch 0.
+            let heads = if which == 0 || which == 3 {
+                case.q_heads
+            } else {
+                case.kv_heads
+            };
+            x[which][((heads - 1) * n + slot) * d + 3] = bad;
+            let [q, k, v, dout] = &x;
+            let fwd = common::emu::run(&case, q, k, v);
+            let run = emu_bwd::run(&case, q, k, v, &fwd.out, dout, &fwd.lse);
+            let reach = non_finite::reach(q, k, v, dout, dims, &allowed);
+            let what = format!("{case:?}: {bad} in input {which}");
+            let mut compared = 0;
+            for (name, got, want, reach) in [
+                ("dq", &run.dq, &clean[0], &reach.dq),
+                ("dk", &run.dk, &clean[1], &reach.dk),
+                ("dv", &run.dv, &clean[2], &reach.dv),
+            ] {
+                let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+                compared += non_finite::compare(name, &got, want, reach, d, tol)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                if bad.is_nan() {
+                    for (row, _) in reach.iter().enumerate().filter(|(_, r)| **r) {
+                        assert!(
+                            got[row * d..(row + 1) * d].iter().any(|x| !x.is_finite()),
+                            "{what}: {name} row {row} reads the NaN but is finite"
+                        );
+                    }
+                }
+            }
+            // Causal: every key is read by the last row, so a bad key or value
+            // reaches all of dK; dQ's earlier rows stay clean.
+            assert!(compared > 0, "{what}: every gradient row reads it");
+        }
+    }
+}
+
 /// A longer seeded sweep (run with `--ignored`): random C, S, W, n, head dim,
 /// dtype, batch and GQA group, and some causal cases.
 #[test]
@@ -141,6 +217,7 @@ fn counters() {
             s.tiles_visited(),
             s.edge_tiles(),
         );
+        println!("  forward: {}", fwd.report);
         for (name, r) in &run.reports {
             println!("  {name}: {r}");
         }

@@ -84,6 +84,78 @@ fn strided_kv_heads() {
     check(&Case::ksa(8, 1, 2, 200).heads(2, 4, 2).pad_rows(37));
 }
 
+/// Non-finite keys and values (docs/robustness.md): NaN and infinities planted
+/// in K or V rows of one KV head, at slots that some rows of their edge tiles
+/// may not see (mid-tile text, a summary). Every row that may not see a
+/// planted row equals the reference on the clean input; every row that sees
+/// a NaN, or an infinite value, has a non-finite output (an infinite key may
+/// legitimately give a score of -inf, so no claim there).
+#[test]
+fn non_finite_keys_and_values_stay_in_their_rows() {
+    for case in [
+        Case::ksa(8, 1, 1, 300),
+        Case::ksa(4, 2, 0, 150).heads(1, 4, 2).dim(128).f16(),
+        Case::causal(200).heads(1, 2, 1),
+    ] {
+        let (n, d) = (case.mask.len(), case.head_dim);
+        let slots = match case.mask {
+            ksa::mask::Mask::Ksa(layout) => vec![
+                layout.text_slot(37).unwrap(),
+                layout.summary_slot(2, 0).unwrap(),
+            ],
+            ksa::mask::Mask::Causal { .. } => vec![40, 130],
+        };
+        let (q, k, v) = common::emu::inputs(&case);
+        let (clean, _) = common::emu::reference(&case, &q, &k, &v);
+        // The last KV head of batch 0; its query heads are the last group.
+        let hk = case.kv_heads - 1;
+        let group = case.q_heads / case.kv_heads;
+        for (in_v, bad) in [
+            (false, f32::NAN),
+            (false, f32::INFINITY),
+            (true, f32::NAN),
+            (true, f32::INFINITY),
+            (true, f32::NEG_INFINITY),
+        ] {
+            let (mut k, mut v) = (k.clone(), v.clone());
+            let target = if in_v { &mut v } else { &mut k };
+            for &slot in &slots {
+                target[(hk * n + slot) * d + 3] = bad;
+            }
+            let run = common::emu::run(&case, &q, &k, &v);
+            let (mut unaffected, mut affected) = (0, 0);
+            for h in 0..case.q_heads {
+                for i in 0..n {
+                    let row = &run.out[(h * n + i) * d..][..d];
+                    let want = &clean[(h * n + i) * d..][..d];
+                    let sees = h / group == hk && slots.iter().any(|&j| case.can_attend(i, j));
+                    if !sees {
+                        unaffected += 1;
+                        for (c, (&g, &w)) in row.iter().zip(want).enumerate() {
+                            let tol = common::emu::out_tol(case.elem);
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{case:?} {bad} in {}: head {h} row {i} col {c}: {g} vs {w}",
+                                if in_v { "v" } else { "k" }
+                            );
+                        }
+                    } else if in_v || bad.is_nan() {
+                        affected += 1;
+                        assert!(
+                            row.iter().any(|x| !x.is_finite()),
+                            "{case:?} {bad}: head {h} row {i} sees it but is finite"
+                        );
+                    }
+                }
+            }
+            assert!(
+                unaffected > 0 && (affected > 0 || !(in_v || bad.is_nan())),
+                "{case:?} {bad}: {unaffected} rows unaffected, {affected} non-finite"
+            );
+        }
+    }
+}
+
 /// A longer seeded sweep (run with `--ignored`): random C, S, W, n, head dim,
 /// dtype, batch, GQA group and heads per CTA.
 #[test]

@@ -15,6 +15,7 @@
 #[path = "fuzz/gen.rs"]
 mod gen;
 mod model_common;
+mod non_finite;
 
 use candle_core::{DType, Device, Tensor};
 use gen::{Rng, VIEWS};
@@ -548,6 +549,95 @@ fn attention_case(r: &mut Rng) -> ksa::Result<()> {
                 w[c]
             );
         }
+    }
+    // The op's backward (candle autograd) on the same inputs, with a dO that
+    // may hold a non-finite value too: every gradient row that does not
+    // depend on a planted value equals the f64 gradients of the cleaned
+    // input. f32 and f64 only (the half dtypes round the gradients).
+    if matches!(api, Api::Ksa | Api::Causal)
+        && matches!(dtype, DType::F32 | DType::F64)
+        && q.elem_count() > 0
+    {
+        let mut dout = gen::values(r, &qd, 1.5);
+        if r.chance(0.3) {
+            let at = r.below(dout.len());
+            dout[at] = gen::non_finite(r);
+        }
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| match &layout {
+            Some(l) if ksa_api => ksa::attention_with(q, k, v, l, &options),
+            _ => ksa::causal_attention_with(q, k, v, &options),
+        };
+        let inputs = Inputs {
+            q: &qv,
+            k: &kv,
+            v: &vv,
+            dout: &dout,
+            dims: (b, hq, hkv, n, d),
+        };
+        if let Err(e) = backward_case([&q, &k, &v], &attend, &inputs, sc, &allowed) {
+            check!(false, "{api:?} backward {qd:?} {kd:?} {dtype:?}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// What the tensors of a backward case read as, f32 row-major.
+struct Inputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dout: &'a [f32],
+    dims: non_finite::Dims,
+}
+
+/// Runs `attend` on `Var` copies of `qkv` and candle autograd on
+/// `sum(out * dout)`; every gradient row that does not depend on a
+/// non-finite input must equal the f64 gradients of the cleaned input.
+fn backward_case(
+    qkv: [&Tensor; 3],
+    attend: &dyn Fn(&Tensor, &Tensor, &Tensor) -> ksa::Result<Tensor>,
+    x: &Inputs<'_>,
+    scale: f64,
+    allowed: &dyn Fn(usize, usize) -> bool,
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let vars = qkv
+        .map(candle_core::Var::from_tensor)
+        .into_iter()
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(|e| err(&e))?;
+    let out = attend(&vars[0], &vars[1], &vars[2]).map_err(|e| err(&e))?;
+    let dout = Tensor::from_vec(x.dout.to_vec(), out.dims(), &Device::Cpu)
+        .and_then(|t| t.to_dtype(out.dtype()))
+        .map_err(|e| err(&e))?;
+    let grads = (out * dout)
+        .and_then(|l| l.sum_all())
+        .and_then(|l| l.backward())
+        .map_err(|e| err(&e))?;
+    let reach = non_finite::reach(x.q, x.k, x.v, x.dout, x.dims, allowed);
+    let want = non_finite::grads(
+        &non_finite::cleaned(x.q),
+        &non_finite::cleaned(x.k),
+        &non_finite::cleaned(x.v),
+        &non_finite::cleaned(x.dout),
+        x.dims,
+        scale,
+        allowed,
+    );
+    for (((var, want), reach), name) in vars
+        .iter()
+        .zip([&want.0, &want.1, &want.2])
+        .zip([&reach.dq, &reach.dk, &reach.dv])
+        .zip(["dq", "dk", "dv"])
+    {
+        let got = grads
+            .get(var)
+            .ok_or(format!("no gradient for {name}"))?
+            .to_dtype(DType::F64)
+            .and_then(|g| g.flatten_all())
+            .and_then(|g| g.to_vec1::<f64>())
+            .map_err(|e| err(&e))?;
+        non_finite::compare(name, &got, want, reach, x.dims.4, 1e-4)?;
     }
     Ok(())
 }

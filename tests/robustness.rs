@@ -3,6 +3,7 @@
 //! error or the right result.
 
 mod model_common;
+mod non_finite;
 
 use candle_core::{DType, Device, Tensor};
 use ksa::cpu::CpuKernel;
@@ -279,6 +280,38 @@ fn strided_and_empty_valid_inputs() {
     assert_eq!(m.forward(&ids).unwrap().dims(), [0, 5, 50]);
 }
 
+/// Class 9b: a stride-0 broadcast describing more elements than the crate
+/// materialises (or more than `usize` counts) is `TooLarge` before any copy,
+/// on every entry point that makes inputs contiguous; one within the limit
+/// still works.
+#[test]
+fn huge_broadcast_inputs_are_bounded() {
+    let limit = ksa::model_config::MAX_TENSOR_ELEMENTS;
+    let one = Tensor::ones((1, 1, 1, 8), DType::F32, &Device::Cpu).unwrap();
+    // 2^41 elements (over the limit), and 2^64 (wraps to 0 in candle's count).
+    for (b, h) in [(1 << 20, 1 << 18), (1 << 32, 1 << 29)] {
+        let big = one.broadcast_as((b, h, 1, 8)).unwrap();
+        let kernel = CpuKernel::default();
+        let options = AttentionOptions::default();
+        for result in [
+            ksa::causal_attention(&big, &big, &big),
+            kernel
+                .causal_attention(&big, &big, &big, &options)
+                .map(|x| x.0),
+        ] {
+            match result {
+                Err(Error::TooLarge { got, limit: l, .. }) => {
+                    assert!(got > limit && l == limit, "{got} {l}")
+                }
+                other => panic!("{b}x{h} broadcast: {other:?}"),
+            }
+        }
+    }
+    let small = one.broadcast_as((2, 3, 5, 8)).unwrap();
+    let out = ksa::causal_attention(&small, &small, &small).unwrap();
+    assert_eq!(max_abs_diff(&out, &small.contiguous().unwrap()), 0.0);
+}
+
 /// Class 10a: a non-finite key or value reaches only the rows that may see it.
 #[test]
 fn non_finite_keys_and_values_stay_in_their_rows() {
@@ -319,6 +352,84 @@ fn non_finite_keys_and_values_stay_in_their_rows() {
                 assert!(unaffected > n, "most rows cannot see chunk 0's text");
             }
         }
+    }
+}
+
+/// Class 10a, gradients: a NaN or infinity planted in a query, key, value or
+/// `dO` row reaches only the gradient rows that depend on it through allowed
+/// pairs (`non_finite::reach`); every other row equals the f64 gradients of
+/// the input with the planted entries replaced by 0. The sequence spans
+/// several query and key tiles, so the plants sit in full and edge tiles.
+#[test]
+fn non_finite_inputs_stay_in_their_gradient_rows() {
+    let layout = KsaLayout::new(KsaConfig::new(4, 1, 1).unwrap(), 240).unwrap();
+    let (n, d, hq, hkv) = (layout.len(), 8, 2, 1);
+    let dims = (1, hq, hkv, n, d);
+    let values = |h, seed| {
+        let t = Tensor::randn(0f32, 1.0, (1, h, n, d), &Device::Cpu).unwrap();
+        let t = (t + seed as f64 * 1e-3).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let clean = [values(hq, 0), values(hkv, 1), values(hkv, 2), values(hq, 3)];
+    let allowed = |i, j| layout.can_attend(i, j);
+    let scale = 1.0 / (d as f64).sqrt();
+    let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    // Text in chunk 0 (later chunks lose it), a summary, late text (read by
+    // few rows): on query head 1 for q and dO.
+    let slots = [
+        layout.text_slot(3).unwrap(),
+        layout.summary_slot(5, 0).unwrap(),
+        layout.text_slot(200).unwrap(),
+    ];
+    let bads = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for case in 0..4 * bads.len() {
+        // Input `which` of q, k, v, dO.
+        let (which, bad, slot) = (case / 3, bads[case % 3], slots[case % slots.len()]);
+        let mut data = clean.clone();
+        let head = if which == 0 || which == 3 { 1 } else { 0 };
+        data[which][(head * n + slot) * d + 5] = bad;
+        let [q, k, v, dout] = [hq, hkv, hkv, hq]
+            .iter()
+            .zip(&data)
+            .map(|(&h, x)| Tensor::from_vec(x.clone(), (1, h, n, d), &Device::Cpu).unwrap())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        let vars = [&q, &k, &v].map(|t| candle_core::Var::from_tensor(t).unwrap());
+        let out = ksa::attention(&vars[0], &vars[1], &vars[2], &layout).unwrap();
+        let grads = (out * dout).unwrap().sum_all().unwrap().backward().unwrap();
+        let reach = non_finite::reach(&data[0], &data[1], &data[2], &data[3], dims, &allowed);
+        // The planted entry replaced by 0: any finite value gives the same
+        // rows outside `reach`.
+        let want = non_finite::grads(
+            &non_finite::cleaned(&data[0]),
+            &non_finite::cleaned(&data[1]),
+            &non_finite::cleaned(&data[2]),
+            &non_finite::cleaned(&data[3]),
+            dims,
+            scale,
+            &allowed,
+        );
+        let compared: usize = [
+            (&reach.dq, &want.0),
+            (&reach.dk, &want.1),
+            (&reach.dv, &want.2),
+        ]
+        .into_iter()
+        .zip(&vars)
+        .zip(["dq", "dk", "dv"])
+        .map(|(((reach, want), var), name)| {
+            let got = grads.get(var).unwrap().flatten_all().unwrap();
+            let got = as64(&got.to_vec1::<f32>().unwrap());
+            non_finite::compare(name, &got, want, reach, d, 1e-4)
+                .unwrap_or_else(|e| panic!("{bad} in input {which} at slot {slot}: {e}"))
+        })
+        .sum();
+        let rows = reach.dq.len() + reach.dk.len() + reach.dv.len();
+        assert!(
+            compared > rows / 10 && compared < rows,
+            "{bad} in input {which}: {compared} of {rows} rows unaffected"
+        );
     }
 }
 

@@ -286,6 +286,8 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
         }
     }
     sc.dq[..rows * d].fill(0.0);
+    // Whether the tile's query and dO rows are all finite, once needed.
+    let mut rows_finite = None;
     schedule.key_tiles(tile, &mut sc.tiles);
     for kt in &sc.tiles {
         let keys = kt.len();
@@ -326,28 +328,64 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &sc.delta[..rows],
             ctx.scale * LOG2_E,
         );
-        matmul::accumulate_transposed(
-            isa,
-            rows,
-            keys,
-            d,
-            &sc.s,
-            stride,
-            &sc.dout,
-            &mut dv[span.clone()],
-        );
-        matmul::accumulate_transposed(isa, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
-        matmul::accumulate(
-            isa,
-            rows,
-            keys,
-            d,
-            &sc.dp,
-            stride,
-            k,
-            &mut sc.dq,
-            &mut sc.pack,
-        );
+        // Masked pairs have P = dS = 0 (a select in softmax_grad), but
+        // 0 * inf is NaN: on an edge tile, a product whose other operand is
+        // not all finite sums only the allowed pairs (docs/robustness.md).
+        // Full tiles have no masked pair. The query tile's rows are scanned
+        // once, at its first edge tile; each edge tile scans its keys.
+        let (q_ok, dout_ok, k_ok) = if kt.full {
+            (true, true, true)
+        } else {
+            let (q_ok, dout_ok) = *rows_finite.get_or_insert_with(|| {
+                (
+                    simd::all_finite(&sc.q[..rows * d]),
+                    simd::all_finite(&sc.dout[..rows * d]),
+                )
+            });
+            (q_ok, dout_ok, simd::all_finite(k))
+        };
+        let bounds = &sc.bounds[..rows];
+        if dout_ok {
+            matmul::accumulate_transposed(
+                isa,
+                rows,
+                keys,
+                d,
+                &sc.s,
+                stride,
+                &sc.dout,
+                &mut dv[span.clone()],
+            );
+        } else {
+            tile::accumulate_visible_transposed(
+                &sc.s,
+                stride,
+                bounds,
+                &sc.dout,
+                d,
+                &mut dv[span.clone()],
+            );
+        }
+        if q_ok {
+            matmul::accumulate_transposed(isa, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
+        } else {
+            tile::accumulate_visible_transposed(&sc.dp, stride, bounds, &sc.q, d, &mut dk[span]);
+        }
+        if k_ok {
+            matmul::accumulate(
+                isa,
+                rows,
+                keys,
+                d,
+                &sc.dp,
+                stride,
+                k,
+                &mut sc.dq,
+                &mut sc.pack,
+            );
+        } else {
+            tile::accumulate_visible((&sc.dp, stride, 1), bounds, k, d, &mut sc.dq);
+        }
     }
     for hh in 0..ctx.group {
         for (i, token) in tokens.clone().enumerate() {

@@ -251,6 +251,17 @@ fn max_of(a: f32, b: f32) -> f32 {
     }
 }
 
+/// Whether every element of `x` is finite (no NaN, no infinity). One OR
+/// over the exponent fields, which vectorizes at any instruction-set level
+/// (a short-circuiting `all(is_finite)` does not): an all-ones exponent plus
+/// one carries into the sign bit.
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    let carry = x.iter().fold(0u32, |acc, v| {
+        acc | (v.to_bits() & 0x7f80_0000).wrapping_add(0x0080_0000)
+    });
+    carry & 0x8000_0000 == 0
+}
+
 /// `2^x` for `x <= 0` (relative error about 2e-7; 0 below `2^-126`), in
 /// branch-free arithmetic the compiler vectorizes.
 #[inline(always)]

@@ -222,7 +222,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 &mut sc.pack,
             );
         } else {
-            accumulate_visible(&sc.s, stride, &sc.bounds[..rows], v, d, &mut sc.o);
+            accumulate_visible((&sc.s, 1, stride), &sc.bounds[..rows], v, d, &mut sc.o);
         }
     }
     for hh in 0..ctx.group {
@@ -239,12 +239,13 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     }
 }
 
-/// `o[r] += sum_{j in bounds[r]} p[j, r] * v[j]` (`p` key-major): the value
-/// product of an edge tile reading only the keys each row may see.
-/// Only edge tiles with a non-finite value take it, so it stays scalar.
-fn accumulate_visible<T: Element>(
-    p: &[f32],
-    stride: usize,
+/// `o[r] += sum_{j in bounds[r]} p[r * rs + j * cs] * v[j]`: the value
+/// product of an edge tile reading only the keys each row may see; `p` is
+/// the forward's key-major P (`rs = 1`, `cs = stride`) or the backward's
+/// row-major dS with the keys as `v` (`rs = stride`, `cs = 1`).
+/// Only edge tiles with a non-finite operand take it, so it stays scalar.
+pub(crate) fn accumulate_visible<T: Element>(
+    (p, rs, cs): (&[f32], usize, usize),
     bounds: &[(usize, usize)],
     v: &[T],
     d: usize,
@@ -253,10 +254,29 @@ fn accumulate_visible<T: Element>(
     for (r, &(a, b)) in bounds.iter().enumerate() {
         let acc = &mut o[r * d..(r + 1) * d];
         for j in a..b {
-            let w = p[j * stride + r];
+            let w = p[r * rs + j * cs];
             for (y, x) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
                 *y += w * x.to_f32();
             }
+        }
+    }
+}
+
+/// `o[j] += sum_{r: j in bounds[r]} p[r, j] * x[r]`: the transposed product
+/// (the backward's `dV += P^T dO` and `dK += dS^T Q`) over only the pairs
+/// each row may see; scalar for the same reason as [`accumulate_visible`].
+pub(crate) fn accumulate_visible_transposed(
+    p: &[f32],
+    stride: usize,
+    bounds: &[(usize, usize)],
+    x: &[f32],
+    d: usize,
+    o: &mut [f32],
+) {
+    for (r, &(a, b)) in bounds.iter().enumerate() {
+        let row = &x[r * d..(r + 1) * d];
+        for j in a..b {
+            simd::axpy(p[r * stride + j], row, &mut o[j * d..(j + 1) * d]);
         }
     }
 }

@@ -63,6 +63,11 @@ pub struct Run {
     pub launch: FwdLaunch,
 }
 
+/// `x` rounded to the element type, as f32.
+pub fn rounded(elem: Elem, x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| round(elem, v)).collect()
+}
+
 fn round(elem: Elem, x: f32) -> f32 {
     match elem {
         Elem::Bf16 => bf16::from_f32(x).to_f32(),
@@ -369,6 +374,14 @@ impl Case {
         self.heads_per_cta = Some(h);
         self
     }
+    /// Whether query slot `i` may read key slot `j` under the case's mask.
+    pub fn can_attend(&self, i: usize, j: usize) -> bool {
+        match self.mask {
+            Mask::Ksa(layout) => layout.can_attend(i, j),
+            Mask::Causal { .. } => j <= i,
+        }
+    }
+
     pub fn rule_kind(&self) -> String {
         match self.mask {
             Mask::Ksa(l) => format!(
