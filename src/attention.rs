@@ -47,7 +47,7 @@ pub fn attention_with(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            crate::cuda::op::check_inputs(q, k, v, "ksa::attention")?;
+            crate::cuda::op::check_inputs(q, k, v, options.scale, "ksa::attention")?;
             op::apply(q, k, v, Mask::Ksa(*layout), options.scale)
         }
         device => Err(unsupported("ksa::attention", device)),
@@ -78,7 +78,7 @@ pub fn causal_attention_with(
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            crate::cuda::op::check_inputs(q, k, v, "ksa::causal_attention")?;
+            crate::cuda::op::check_inputs(q, k, v, options.scale, "ksa::causal_attention")?;
             op::apply(q, k, v, mask, options.scale)
         }
         device => Err(unsupported("ksa::causal_attention", device)),

@@ -409,6 +409,7 @@ mod gpu {
             });
         }
         let mut problem = DecodeProblem::new(hq, kv_heads.unwrap_or(1), d, elem);
+        crate::cuda::launch::check_scale(OP, options.scale)?;
         if let Some(s) = options.scale {
             problem.scale = s as f32;
         }

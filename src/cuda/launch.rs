@@ -64,6 +64,23 @@ pub(crate) fn check_head_dim(op: &'static str, head_dim: usize) -> Result<()> {
     }
 }
 
+/// The softmax scales the kernels compute correctly: finite and positive.
+/// They take the row maximum of the raw scores and mask with `-inf` before
+/// scaling, so a negative scale would normalise by the wrong score and turn
+/// masked keys into `+inf`, and a zero scale makes `0 * -inf` NaN; the CPU
+/// path (which scales first and masks by a select) takes any finite scale.
+/// `None` is the default `1/sqrt(head_dim)`.
+pub fn check_scale(op: &'static str, scale: Option<f64>) -> Result<()> {
+    match scale {
+        Some(s) if !(s.is_finite() && s > 0.0 && (s as f32) > 0.0 && (s as f32).is_finite()) => {
+            Err(Error::InvalidConfig(format!(
+                "{op}: the CUDA kernels take a finite, positive softmax scale, got {s}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What every launch checks first: a compiled head dim and query heads that
 /// split evenly over the KV heads.
 pub(crate) fn check_heads(
@@ -382,6 +399,19 @@ impl FwdLaunch {
 mod tests {
     use super::*;
     use crate::{KsaConfig, KsaLayout};
+
+    #[test]
+    fn scales_the_kernels_cannot_compute_are_refused() {
+        for ok in [None, Some(0.125), Some(1e-30), Some(3.0)] {
+            assert!(check_scale("op", ok).is_ok(), "{ok:?}");
+        }
+        for bad in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, 1e-50, 1e300] {
+            assert!(
+                matches!(check_scale("op", Some(bad)), Err(Error::InvalidConfig(_))),
+                "{bad}"
+            );
+        }
+    }
 
     fn rule() -> Mask {
         Mask::Ksa(KsaLayout::new(KsaConfig::new(8, 1, 2).unwrap(), 100).unwrap())

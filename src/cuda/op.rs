@@ -6,7 +6,9 @@
 //! ([`backward`]).
 
 use super::backward::{BwdLaunch, BwdPointers, BwdProblem};
-use super::launch::{kernel_elem, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides};
+use super::launch::{
+    check_scale, kernel_elem, Arg, Elem, FwdLaunch, FwdPointers, FwdProblem, Strides,
+};
 use crate::check::{check_eq, check_qkv, check_same_device, check_same_dtype};
 use crate::mask::Mask;
 use crate::schedule::QueryOffset;
@@ -59,10 +61,18 @@ fn cuda_device(t: &Tensor, op: &'static str) -> Result<CudaDevice> {
 }
 
 /// The typed checks of the CUDA path on `q, k, v` (shapes already checked by
-/// `check_qkv`): element type, head dim, CUDA device, row strides. The
-/// autograd op (`crate::op`) runs them before recording itself, so its
-/// errors stay typed instead of arriving wrapped in a candle error.
-pub(crate) fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, op: &'static str) -> Result<()> {
+/// `check_qkv`) and the scale: element type, head dim, CUDA device, row
+/// strides, [`check_scale`]. The autograd op (`crate::op`) runs them before
+/// recording itself, so its errors stay typed instead of arriving wrapped in
+/// a candle error.
+pub(crate) fn check_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+    op: &'static str,
+) -> Result<()> {
+    check_scale(op, scale)?;
     kernel_elem(op, q.dtype(), q.dim(3)?)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         cuda_device(t, op)?;
