@@ -278,18 +278,20 @@ fn exp2_with<A: Arith>(x: f32) -> f32 {
     let shifted = x + MAGIC;
     let f = x - (shifted - MAGIC); // in [-0.5, 0.5]
     let n = shifted.to_bits() as i32 - MAGIC.to_bits() as i32; // round(x) in [-127, 0]
-                                                               // 2^f = e^(f ln 2), Taylor to degree 6: error below 2e-7 on [-0.5, 0.5].
-    let mut p = 0.000_154_035_3;
+                                                               // 2^f on [-0.5, 0.5]: 1 + f q(f), q of degree 4 fitted for relative
+                                                               // error (reweighted least squares, near minimax): 1.9e-7 in f32 Horner,
+                                                               // as accurate as the degree-6 Taylor series it replaced and one FMA
+                                                               // shorter; exactly 1 at f = 0.
+    let mut q = 0.001_326_472_7;
     for c in [
-        0.001_333_355_8,
-        0.009_618_129,
-        0.055_504_11,
-        0.240_226_5,
+        0.009_671_513,
+        0.055_507_336,
+        0.240_222_42,
         std::f32::consts::LN_2,
-        1.0,
     ] {
-        p = A::mul_add(p, f, c);
+        q = A::mul_add(q, f, c);
     }
+    let p = A::mul_add(q, f, 1.0);
     // n = -127 gives a zero exponent field: exactly 0.
     f32::from_bits(((n + 127) << 23) as u32) * p
 }
