@@ -214,17 +214,7 @@ __device__ __forceinline__ void bwd(
     // may still fly).
     cp_async_wait<1>();
     __syncthreads();
-    if (cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags)) {
-        for (int i = tid; i < KT; i += KSA_THREADS) {
-            const uint32_t at = s_k + static_cast<uint32_t>(i) * 16;
-            uint4 x = ld_shared_v4(at);
-            x.x = finite_or_zero<T>(x.x);
-            x.y = finite_or_zero<T>(x.y);
-            x.z = finite_or_zero<T>(x.z);
-            x.w = finite_or_zero<T>(x.w);
-            st_shared_v4(at, x);
-        }
-    }
+    if (cta_any(tile_non_finite<T, KT>(s_k) != 0, s_flags)) zero_non_finite<T, KT>(s_k);
     // (The loop's first barrier orders these stores before any read.)
 
     for (uint32_t it = 0; it < iters; ++it) {

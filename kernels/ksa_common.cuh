@@ -155,6 +155,22 @@ template <typename T> __device__ __forceinline__ uint32_t finite_or_zero(uint32_
     return x & ~((top >> 15) * 0xffffu);
 }
 
+// Replaces every NaN or infinite element of the CHUNKS 16-byte chunks at
+// `base` by 0 (the CTA's threads stride over them; the caller puts barriers
+// around it).
+template <typename T, int CHUNKS> __device__ __forceinline__ void zero_non_finite(uint32_t base) {
+#pragma unroll
+    for (int i = threadIdx.x; i < CHUNKS; i += KSA_THREADS) {
+        const uint32_t at = base + static_cast<uint32_t>(i) * 16;
+        uint4 x = ld_shared_v4(at);
+        x.x = finite_or_zero<T>(x.x);
+        x.y = finite_or_zero<T>(x.y);
+        x.z = finite_or_zero<T>(x.z);
+        x.w = finite_or_zero<T>(x.w);
+        st_shared_v4(at, x);
+    }
+}
+
 // Whether `pred` holds on any thread of the CTA. Every thread calls it (it
 // contains a barrier); `flags` is one shared word per warp, and the caller
 // puts a barrier between two calls (the next call's writes must not overtake

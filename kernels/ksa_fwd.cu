@@ -300,15 +300,7 @@ __device__ __forceinline__ void fwd(const uint16_t* __restrict__ q, const uint16
                 poisoned[hh] |= f != 0;
             }
             __syncthreads();  // every row checked before the tile is rewritten
-            for (int i = tid; i < TILE; i += KSA_THREADS) {
-                const uint32_t at = sv + static_cast<uint32_t>(i) * 16;
-                uint4 x = ld_shared_v4(at);
-                x.x = finite_or_zero<T>(x.x);
-                x.y = finite_or_zero<T>(x.y);
-                x.z = finite_or_zero<T>(x.z);
-                x.w = finite_or_zero<T>(x.w);
-                st_shared_v4(at, x);
-            }
+            zero_non_finite<T, TILE>(sv);
             __syncthreads();
         }
 

@@ -354,44 +354,25 @@ pub(crate) fn scores_key_major_bf16(
     };
 }
 
-/// `o[r * d + c] += sum_j p[j * stride + r] * v[j * d + c]` for `r < rows`,
-/// `j < keys`: `O += P V` with `P` key-major (as [`scores_key_major`] lays
-/// it out). Half-precision values become f32 here, once per tile.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn accumulate_key_major<T: Element>(
-    isa: CpuIsa,
-    rows: usize,
-    keys: usize,
-    d: usize,
-    p: &[f32],
-    stride: usize,
-    v: &[T],
-    o: &mut [f32],
-    pack: &mut Pack,
-) {
-    assert!(v.len() >= keys * d);
-    let v = T::row_f32(&v[..keys * d], &mut pack.rows);
-    product(isa, rows, keys, d, (p, 1, stride), v, o);
-}
-
-/// `o[r * d + c] += sum_j p[r * stride + j] * v[j * d + c]` for `r < rows`,
-/// `j < keys`: `O += P V`. Half-precision values become f32 here, once per
-/// tile.
+/// `o[r * d + c] += sum_j p[r * rs + j * cs] * v[j * d + c]` for `r < rows`,
+/// `j < keys`: `O += P V`, with `P` row-major (`rs = stride, cs = 1`: the
+/// backward's `dQ += dS K`) or key-major (`rs = 1, cs = stride`: the
+/// forward's probabilities as [`scores_key_major`] lays them out).
+/// Half-precision values become f32 here, once per tile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate<T: Element>(
     isa: CpuIsa,
     rows: usize,
     keys: usize,
     d: usize,
-    p: &[f32],
-    stride: usize,
+    p: (&[f32], usize, usize),
     v: &[T],
     o: &mut [f32],
     pack: &mut Pack,
 ) {
     assert!(v.len() >= keys * d);
     let v = T::row_f32(&v[..keys * d], &mut pack.rows);
-    product(isa, rows, keys, d, (p, stride, 1), v, o);
+    product(isa, rows, keys, d, p, v, o);
 }
 
 /// `o[j * d + c] += sum_r p[r * stride + j] * x[r * d + c]` for `j < keys`,
@@ -932,7 +913,7 @@ mod tests {
         let p = data(rows * stride, 3);
         let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
         let (o0, ot0) = (o.clone(), ot.clone());
-        accumulate(isa, rows, keys, d, &p, stride, &k, &mut o, &mut pack);
+        accumulate(isa, rows, keys, d, (&p, stride, 1), &k, &mut o, &mut pack);
         accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
         let tag = format!("{isa} d={d} rows={rows} keys={keys}");
         // Key-major: S^T from packed query panels, then O += P V with P
@@ -958,7 +939,7 @@ mod tests {
             }
         }
         let mut okm = o0.clone();
-        accumulate_key_major(isa, rows, keys, d, &pt, km, &k, &mut okm, &mut pack);
+        accumulate(isa, rows, keys, d, (&pt, 1, km), &k, &mut okm, &mut pack);
         for r in 0..rows {
             for j in 0..keys {
                 assert!(

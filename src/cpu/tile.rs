@@ -210,13 +210,12 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         // A masked key's probability is 0, but 0 * inf is NaN: an edge
         // tile whose values are not all finite sums each row's own keys.
         if kt.full || v.iter().all(|x| x.to_f32().is_finite()) {
-            matmul::accumulate_key_major(
+            matmul::accumulate(
                 ctx.isa,
                 rows,
                 keys,
                 d,
-                &sc.s,
-                stride,
+                (&sc.s, 1, stride),
                 v,
                 &mut sc.o,
                 &mut sc.pack,
