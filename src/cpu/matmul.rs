@@ -117,68 +117,81 @@ pub(crate) fn scores<T: Element>(
     stride: usize,
     pack: &mut Pack,
 ) {
-    assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(keys));
-    assert!(s.len() >= rows * stride);
-    if rows == 0 || keys == 0 {
-        return;
-    }
+    assert!(k.len() >= keys * d);
     let Pack {
         panels: pack,
         rows: conv,
     } = pack;
     let k = T::row_f32(&k[..keys * d], conv);
+    match panel_width(isa) {
+        Some(width) if d > 0 => pack_keys(isa, k, keys, d, width, pack),
+        _ => pack.clear(),
+    }
+    row_dots(isa, d, (q, rows), (k, pack, keys), s, stride);
+}
+
+/// `out[i * stride + j] = sum_c a[i * d + c] * r[j * d + c]` for `i < m`,
+/// `j < n` (columns up to the next multiple of 32 may be overwritten):
+/// every row of `a` against every row of `r`, whose panels ([`pack_keys`]
+/// at the variant's [`panel_width`]) the microkernels read; the portable
+/// path reads `r` itself.
+fn row_dots(
+    isa: CpuIsa,
+    d: usize,
+    (a, m): (&[f32], usize),
+    (r, r_panels, n): (&[f32], &[f32], usize),
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(a.len() >= m * d && r.len() >= n * d && stride >= score_stride(n));
+    assert!(out.len() >= m * stride);
+    if m == 0 || n == 0 {
+        return;
+    }
     let a = Strided {
-        data: &q[..rows * d],
+        data: &a[..m * d],
         rs: d,
         cs: 1,
     };
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        CpuIsa::Avx512 | CpuIsa::Avx512Bf16 if d > 0 => {
-            let width = avx512::NR;
-            pack_keys(isa, k, keys, d, width, pack);
+    if let Some(width) = panel_width(isa).filter(|_| d > 0) {
+        assert!(r_panels.len() >= n.div_ceil(width) * d * width);
+        if isa.avx512() {
             let panels = Panels {
-                b: pack,
+                b: r_panels,
                 b_rs: width,
                 b_step: d * width,
-                cols: keys.div_ceil(width) * width,
+                cols: n.div_ceil(width) * width,
             };
-            // SAFETY: AVX-512F checked by the caller; every rows x 32 block
-            // is inside `s` because the stride is padded to whole panels
+            // SAFETY: AVX-512F checked by the caller; every m x 32 block
+            // is inside `out` because the stride is padded to whole panels
             // (asserted), offsets are debug-asserted.
-            unsafe { avx512::panels(rows, d, a, panels, s, stride, false) };
-            return;
-        }
-        CpuIsa::Avx2 if d > 0 => {
-            let width = avx2::NR;
-            pack_keys(isa, k, keys, d, width, pack);
-            for p in 0..keys.div_ceil(width) {
-                let panel = &pack[p * d * width..(p + 1) * d * width];
+            unsafe { avx512::panels(m, d, a, panels, out, stride, false) };
+        } else {
+            for p in 0..n.div_ceil(width) {
+                let panel = &r_panels[p * d * width..(p + 1) * d * width];
                 // SAFETY: AVX2/FMA checked by the caller; as above.
-                unsafe {
-                    avx2::panel(rows, d, a, panel, width, &mut s[p * width..], stride, false)
-                };
+                unsafe { avx2::panel(m, d, a, panel, width, &mut out[p * width..], stride, false) };
             }
-            return;
         }
-        _ => {}
+        return;
     }
-    let _ = (isa, pack);
-    // SAFETY: S (rows x keys, row stride `stride`) and Q (rows x d) are
-    // inside their buffers (asserted); K^T reads `k` with swapped strides.
+    let _ = (isa, r_panels, a);
+    // SAFETY: OUT (m x n, row stride `stride`) and A (m x d) are inside
+    // their buffers (asserted); R^T reads `r` with swapped strides.
     unsafe {
         gemm(
-            rows,
-            keys,
+            m,
+            n,
             d,
-            s.as_mut_ptr(),
+            out.as_mut_ptr(),
             1,
             stride as isize,
             false,
-            q.as_ptr(),
+            a.data.as_ptr(),
             1,
             d as isize,
-            k.as_ptr(),
+            r.as_ptr(),
             d as isize,
             1,
             0.0,
@@ -231,68 +244,9 @@ pub(crate) fn scores_key_major<T: Element>(
     stride: usize,
     pack: &mut Pack,
 ) {
-    assert!(q.len() >= rows * d && k.len() >= keys * d && stride >= score_stride(rows));
-    assert!(s.len() >= keys * stride);
-    if rows == 0 || keys == 0 {
-        return;
-    }
+    assert!(k.len() >= keys * d);
     let k = T::row_f32(&k[..keys * d], &mut pack.rows);
-    let a = Strided {
-        data: k,
-        rs: d,
-        cs: 1,
-    };
-    #[cfg(target_arch = "x86_64")]
-    if let Some(width) = panel_width(isa).filter(|_| d > 0) {
-        assert!(q_panels.len() >= rows.div_ceil(width) * d * width);
-        if isa.avx512() {
-            let panels = Panels {
-                b: q_panels,
-                b_rs: width,
-                b_step: d * width,
-                cols: rows.div_ceil(width) * width,
-            };
-            // SAFETY: AVX-512F checked by the caller; every keys x 32 block
-            // is inside `s` because the stride is padded to whole panels
-            // (asserted), offsets are debug-asserted.
-            unsafe { avx512::panels(keys, d, a, panels, s, stride, false) };
-        } else {
-            for p in 0..rows.div_ceil(width) {
-                let panel = &q_panels[p * d * width..(p + 1) * d * width];
-                // SAFETY: AVX2/FMA checked by the caller; as above.
-                unsafe {
-                    avx2::panel(keys, d, a, panel, width, &mut s[p * width..], stride, false)
-                };
-            }
-        }
-        return;
-    }
-    let _ = (isa, q_panels, a);
-    // SAFETY: S^T (keys x rows, row stride `stride`) and K (keys x d) are
-    // inside their buffers (asserted); Q^T reads `q` with swapped strides.
-    unsafe {
-        gemm(
-            keys,
-            rows,
-            d,
-            s.as_mut_ptr(),
-            1,
-            stride as isize,
-            false,
-            k.as_ptr(),
-            1,
-            d as isize,
-            q.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    row_dots(isa, d, (k, keys), (q, q_panels, rows), s, stride);
 }
 
 /// Whether [`scores_key_major_bf16`] runs for head dim `d` on `isa`: the
