@@ -8,7 +8,6 @@ mod model_common;
 mod text_common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::qwen3;
 use ksa::convert::{qwen3_to_ksa, ConvertOptions, Windows};
 use ksa::text::TextTokenizer;
 use ksa::{Error, KsaCache, LogitRows, Qwen3Ksa, SummaryPositions, TextPositions};
@@ -66,25 +65,6 @@ fn ids(n: usize) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap()
-}
-
-/// candle-transformers' Qwen3 logits at every position of `ids`.
-fn peer_logits(dir: &Path, config: &Value, ids: &Tensor) -> Tensor {
-    let cfg: qwen3::Config = serde_json::from_value(config.clone()).unwrap();
-    let file = dir.join("model.safetensors");
-    // SAFETY: the test's own file, not modified while mapped.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu).unwrap()
-    };
-    let mut base = qwen3::Model::new(&cfg, vb.clone()).unwrap();
-    let hidden = base.forward(ids, 0).unwrap();
-    let head = if cfg.tie_word_embeddings {
-        "model.embed_tokens.weight"
-    } else {
-        "lm_head.weight"
-    };
-    let w = vb.get((cfg.vocab_size, cfg.hidden_size), head).unwrap();
-    hidden.broadcast_matmul(&w.t().unwrap()).unwrap()
 }
 
 fn load(dir: &Path) -> HashMap<String, Tensor> {
@@ -151,7 +131,7 @@ fn full_window_conversion_equals_candle_transformers_qwen3() {
         let ids = ids(45);
         let model = Qwen3Ksa::from_folder(&dst, DType::F32, &Device::Cpu).unwrap();
         let ours = model.forward(&ids).unwrap();
-        let theirs = peer_logits(&src, &config, &ids);
+        let theirs = qwen3_peer_logits(&src, &config, &ids);
         let scale = max_abs(&theirs);
         let diff = max_abs_diff(&ours, &theirs);
         eprintln!("tied={tied}: max |converted - candle-transformers| = {diff:.2e} (max |logit| {scale:.2})");

@@ -10,29 +10,15 @@ use ksa::Qwen3Ksa;
 use model_common::*;
 use serde_json::json;
 
-/// Logits of the peer for every position: its base model's final hidden
-/// states times the LM head weight (its `ModelForCausalLM` returns only the
-/// last position, which is checked separately).
+/// The peer's logits at every position (`qwen3_peer_logits`) and its
+/// `ModelForCausalLM`'s, which returns the last position only.
 fn peer_logits(
     dir: &std::path::Path,
     config: &serde_json::Value,
     ids: &Tensor,
 ) -> (Tensor, Tensor) {
-    let cfg: qwen3::Config = serde_json::from_value(config.clone()).unwrap();
-    let file = dir.join("model.safetensors");
-    // SAFETY: the test's own file, not modified while mapped.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu).unwrap()
-    };
-    let mut base = qwen3::Model::new(&cfg, vb.clone()).unwrap();
-    let hidden = base.forward(ids, 0).unwrap();
-    let head = if cfg.tie_word_embeddings {
-        "model.embed_tokens.weight"
-    } else {
-        "lm_head.weight"
-    };
-    let w = vb.get((cfg.vocab_size, cfg.hidden_size), head).unwrap();
-    let logits = hidden.broadcast_matmul(&w.t().unwrap()).unwrap();
+    let logits = qwen3_peer_logits(dir, config, ids);
+    let (cfg, vb) = qwen3_peer(dir, config);
     let mut lm = qwen3::ModelForCausalLM::new(&cfg, vb).unwrap();
     let last = lm.forward(ids, 0).unwrap();
     (logits, last)

@@ -240,3 +240,38 @@ pub fn max_abs(a: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// candle-transformers' Qwen3 (an implementation nobody here wrote) over the
+/// checkpoint in `dir`: its config and weights.
+pub fn qwen3_peer(
+    dir: &Path,
+    config: &Value,
+) -> (
+    candle_transformers::models::qwen3::Config,
+    candle_nn::VarBuilder<'static>,
+) {
+    let cfg = serde_json::from_value(config.clone()).unwrap();
+    let file = dir.join("model.safetensors");
+    // SAFETY: the test's own file, not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu).unwrap()
+    };
+    (cfg, vb)
+}
+
+/// The peer's logits at every position of `ids`: its base model's final
+/// hidden states times the LM head weight (its `ModelForCausalLM` returns
+/// only the last position).
+pub fn qwen3_peer_logits(dir: &Path, config: &Value, ids: &Tensor) -> Tensor {
+    use candle_transformers::models::qwen3;
+    let (cfg, vb) = qwen3_peer(dir, config);
+    let mut base = qwen3::Model::new(&cfg, vb.clone()).unwrap();
+    let hidden = base.forward(ids, 0).unwrap();
+    let head = if cfg.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let w = vb.get((cfg.vocab_size, cfg.hidden_size), head).unwrap();
+    hidden.broadcast_matmul(&w.t().unwrap()).unwrap()
+}
