@@ -1,7 +1,8 @@
 //! The random model of `examples/long_context` (4 layers, hidden 512, 8 query
 //! / 2 KV heads of 64, C = 8, S = 1) with chosen windows, random models of
-//! other shapes (KSA-4B-base's layers), and the process figures the cache
-//! reports print (peak resident memory, the CPU's name, the load).
+//! other shapes (KSA-4B-base's layers), and the process figures the reports
+//! print (peak resident memory, the CPU's name, the load). The example
+//! includes this file too (`#[path]`), so the reports measure its model.
 
 #![allow(dead_code)] // each report uses its own subset
 
@@ -24,7 +25,7 @@ pub fn windows(layers: usize, full: bool) -> Vec<usize> {
         .collect()
 }
 
-/// Deterministic uniform numbers in `[-1, 1)` (xorshift), as the example's.
+/// Deterministic uniform numbers in `[-1, 1)` (xorshift).
 pub struct Rng(pub u64);
 
 impl Rng {
@@ -224,6 +225,7 @@ pub fn usize_list(flag: &str, s: &str) -> std::result::Result<Vec<usize>, String
         .collect()
 }
 
+/// `bytes` in MiB, one decimal.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }

@@ -24,6 +24,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 mod model;
+// The random model and the process figures, shared with the measurement
+// programs (`measure/`), which report on this same model.
+#[path = "../../measure/random_model.rs"]
+mod random_model;
+
+use random_model::{mib, proc_status_bytes, reset_peak_rss};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -124,24 +130,6 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-}
-
-/// A field of `/proc/self/status` in bytes (Linux; `None` elsewhere).
-fn proc_status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Resets the peak resident size (VmHWM) to the current one, so the peak
-/// read after the forward is the forward's own. Linux only; best effort.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// Progress bar on stderr, redrawn when the percentage changes.

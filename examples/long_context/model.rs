@@ -7,12 +7,11 @@
 //! with a whole-context window, like the released hybrids); with `--model
 //! DIR` it loads a reference checkpoint folder unchanged.
 
+use crate::random_model::{model_from, proc_status_bytes, tokens, weights, windows, Shape};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use indicatif::{ProgressBar, ProgressStyle};
 use ksa::model_config::LayerKind;
-use ksa::{Qwen3Ksa, Qwen3KsaConfig};
-use std::collections::HashMap;
+use ksa::Qwen3Ksa;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -97,81 +96,8 @@ impl ModelArgs {
     }
 }
 
-/// Deterministic uniform numbers in `[-1, 1)` (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-    }
-}
-
-/// A small Qwen3-KSA config in the reference's `config.json` format (C = 8,
-/// S = 1, W = 128 chunks with a whole-context W on every 4th layer), parsed
-/// by the same code as a real checkpoint's.
-fn random_config(layers: usize) -> Result<Qwen3KsaConfig> {
-    let windows: Vec<usize> = (0..layers)
-        .map(|i| if i % 4 == 3 { 16_768 } else { 128 })
-        .collect();
-    let json = format!(
-        r#"{{
-        "vocab_size": 4097, "hidden_size": 512, "intermediate_size": 1536,
-        "num_hidden_layers": {layers}, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": true, "hidden_act": "silu", "attention_bias": false,
-        "truncate_predict_nums": 4096, "summary_token_begin": 4096,
-        "summary_chunk_size": 8, "summary_token_num": 1,
-        "summary_sliding_chunk_num": {windows:?},
-        "summary_chunk_position_ids_type": "origin",
-        "summary_token_position_ids_type": "last_chunk_slice_right",
-        "summary_independent_parameters": true,
-        "summary_independent_attention_layernorm": false, "mix_coeff": 0.5
-    }}"#
-    );
-    Ok(Qwen3KsaConfig::from_json_str(&json)?)
-}
-
-/// Random weights for every tensor the config needs: norms 1, matrices
-/// uniform with variance `1/fan_in`, embeddings uniform in `[-1, 1)`.
-fn random_model(
-    config: &Qwen3KsaConfig,
-    seed: u64,
-    dtype: DType,
-    device: &Device,
-) -> Result<Qwen3Ksa> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut tensors = HashMap::new();
-    for (name, dims) in Qwen3Ksa::expected_tensors(config)? {
-        let count: usize = dims.iter().product();
-        let scale = match dims.as_slice() {
-            [_] => 0.0,
-            _ if name.contains("embed_tokens") => 1.0,
-            [_, fan_in] => 3f32.sqrt() / (*fan_in as f32).sqrt(),
-            _ => unreachable!("weights are vectors or matrices"),
-        };
-        let center = if dims.len() == 1 { 1.0 } else { 0.0 };
-        let data: Vec<f32> = (0..count).map(|_| center + scale * rng.next()).collect();
-        tensors.insert(name, Tensor::from_vec(data, dims, device)?);
-    }
-    Ok(Qwen3Ksa::new(
-        config,
-        VarBuilder::from_tensors(tensors, dtype, device),
-    )?)
-}
-
-/// Peak resident memory of this process (`VmHWM`), in bytes, where Linux reports it.
-fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// `bytes` in the largest binary unit that keeps the number at least 1.
-fn mib(bytes: u64) -> String {
+fn binary_size(bytes: u64) -> String {
     let mut value = bytes as f64;
     for unit in ["B", "KiB", "MiB"] {
         if value < 1024.0 {
@@ -189,7 +115,15 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     let start = Instant::now();
     let model = match &args.model {
         Some(dir) => Qwen3Ksa::from_folder(dir, args.dtype, &device)?,
-        None => random_model(&random_config(args.layers)?, args.seed, args.dtype, &device)?,
+        None => {
+            // Every 4th layer whole-context, like the released hybrids.
+            let config = Shape {
+                layers: args.layers,
+                ..Shape::LONG_CONTEXT
+            }
+            .config(&windows(args.layers, false))?;
+            model_from(&config, &weights(&config, args.dtype, args.seed)?)?
+        }
     };
     let config = model.config().clone();
     println!(
@@ -205,11 +139,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         start.elapsed()
     );
 
-    let mut rng = Rng(args.seed.wrapping_add(17) | 1);
-    let vocab = config.logits_size() as f32;
-    let ids: Vec<u32> = (0..args.batch * args.len)
-        .map(|_| ((rng.next() + 1.0) / 2.0 * vocab) as u32 % config.logits_size() as u32)
-        .collect();
+    let ids = tokens(&model, args.batch * args.len, args.seed);
     let ids = Tensor::from_vec(ids, (args.batch, args.len), &device)?;
 
     let start = Instant::now();
@@ -245,8 +175,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         "forward: {elapsed:.2?}, {:.1} tokens/s; next-token argmax {next:?}",
         tokens / elapsed.as_secs_f64()
     );
-    match peak_memory() {
-        Some(b) => println!("peak memory (VmHWM): {}", mib(b)),
+    match proc_status_bytes("VmHWM:") {
+        Some(b) => println!("peak memory (VmHWM): {}", binary_size(b)),
         None => println!("peak memory: not reported on this platform"),
     }
 
@@ -284,15 +214,15 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         };
         println!(
             "{i:>5}  {kind:<6}  {window:<7}  {time:>9.2?}  {:>12}  {:>12}  {:>5.2}x",
-            mib(ksa),
-            mib(full),
+            binary_size(ksa),
+            binary_size(full),
             full as f64 / ksa.max(1) as f64
         );
     }
     println!(
         "total KV: {} with KSA vs {} full attention ({:.2}x smaller)",
-        mib(total_ksa),
-        mib(total_full),
+        binary_size(total_ksa),
+        binary_size(total_full),
         total_full as f64 / total_ksa.max(1) as f64
     );
     Ok(())
