@@ -26,13 +26,15 @@
 //! then the KV-cache table of the `KSA-4B-base` shapes at 16K-128K against
 //! full attention, computed from the shapes.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+#[path = "../measure/random_model.rs"]
+mod random_model;
+
+use candle_core::{DType, Device};
 use ksa::cache::CacheStorage;
 use ksa::model_config::LayerKind;
 use ksa::text::{generate_text, ChatMessage, TextTokenizer};
-use ksa::{GenerateOptions, KsaCache, LogitRows, Qwen3Ksa, Qwen3KsaConfig, Sampling};
-use std::collections::HashMap;
+use ksa::{GenerateOptions, KsaCache, LogitRows, Qwen3Ksa, Sampling};
+use random_model::{model_from, Shape};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -124,58 +126,6 @@ fn parse() -> AnyResult<Args> {
         }
     }
     Ok(a)
-}
-
-/// A small random config in the reference's `config.json` format.
-fn random_config(windows: &[usize]) -> AnyResult<Qwen3KsaConfig> {
-    let json = format!(
-        r#"{{
-        "vocab_size": 4097, "hidden_size": 512, "intermediate_size": 1536,
-        "num_hidden_layers": {}, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": true, "truncate_predict_nums": 4096, "summary_token_begin": 4096,
-        "summary_chunk_size": 8, "summary_token_num": 1,
-        "summary_sliding_chunk_num": {windows:?},
-        "summary_chunk_position_ids_type": "origin",
-        "summary_token_position_ids_type": "last_chunk_slice_right",
-        "summary_independent_parameters": true,
-        "summary_independent_attention_layernorm": false, "mix_coeff": 0.5
-    }}"#,
-        windows.len()
-    );
-    Ok(Qwen3KsaConfig::from_json_str(&json)?)
-}
-
-/// Random weights (norms 1, matrices with variance `1/fan_in`), seeded.
-fn random_model(config: &Qwen3KsaConfig) -> AnyResult<Qwen3Ksa> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-    };
-    let mut tensors = HashMap::new();
-    for (name, dims) in Qwen3Ksa::expected_tensors(config)? {
-        let count: usize = dims.iter().product();
-        let data: Vec<f32> = match dims.as_slice() {
-            [_] => vec![1.0; count],
-            [_, fan_in] => {
-                let scale = if name.contains("embed_tokens") {
-                    1.0
-                } else {
-                    3f32.sqrt() / (*fan_in as f32).sqrt()
-                };
-                (0..count).map(|_| scale * next()).collect()
-            }
-            _ => unreachable!("weights are vectors or matrices"),
-        };
-        tensors.insert(name, Tensor::from_vec(data, dims, &Device::Cpu)?);
-    }
-    Ok(Qwen3Ksa::new(
-        config,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-    )?)
 }
 
 fn human(bytes: f64) -> String {
@@ -325,11 +275,15 @@ fn main() -> AnyResult<()> {
         let model = Qwen3Ksa::from_folder(&dir, args.dtype, &Device::Cpu)?;
         return run_text(&model, &dir, text, &args);
     }
-    let model = match &dir {
-        Some(dir) => Qwen3Ksa::from_folder(dir, args.dtype, &Device::Cpu)?,
+    // Without --model: the random model of examples/long_context (f32),
+    // whose weights the full-attention comparison below reuses.
+    let (model, random_weights) = match &dir {
+        Some(dir) => (Qwen3Ksa::from_folder(dir, args.dtype, &Device::Cpu)?, None),
         None => {
             let w = args.window;
-            random_model(&random_config(&[w, w, w, 16_768])?)?
+            let config = Shape::LONG_CONTEXT.config(&[w, w, w, random_model::WHOLE])?;
+            let weights = random_model::weights(&config, DType::F32, 0)?;
+            (model_from(&config, &weights)?, Some(weights))
         }
     };
     let cfg = model.config().clone();
@@ -349,11 +303,11 @@ fn main() -> AnyResult<()> {
         "KSA:  prefill {} x {} tokens in {prefill:.2} s; decode {rate:.1} tokens/s (batch {})",
         args.batch, args.prompt, args.batch
     );
-    let full_rate = if dir.is_none() {
+    let full_rate = if let Some(weights) = &random_weights {
         // Same weights, every window covering the whole context.
         let mut full_cfg = cfg.clone();
         full_cfg.windows = vec![1 << 24; cfg.num_hidden_layers];
-        let full = random_model(&full_cfg)?;
+        let full = model_from(&full_cfg, weights)?;
         let (p, r, _) = run(&full, &args)?;
         println!(
             "full: prefill in {p:.2} s; decode {r:.1} tokens/s ({:.2}x KSA's time per token)",
