@@ -374,14 +374,7 @@ impl Qwen3KsaConfig {
     /// KSA config.
     pub fn validate(&self) -> Result<()> {
         self.check_sizes()?;
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-        ] {
+        for (name, v) in self.dims() {
             if v == 0 {
                 return Err(Error::ModelConfig(format!("`{name}` must be positive")));
             }
@@ -426,19 +419,24 @@ impl Qwen3KsaConfig {
         check_floats(self.rms_norm_eps, self.rope_theta, self.mix_coeff)
     }
 
-    /// Every size within its documented maximum ([`MAX_LAYERS`], [`MAX_DIM`],
-    /// [`MAX_TENSOR_ELEMENTS`]), products computed with checked arithmetic,
-    /// so nothing later computes a shape that overflows or allocates for it.
-    fn check_sizes(&self) -> Result<()> {
-        bound("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
-        for (name, v) in [
+    /// The per-layer sizes and the vocabulary, by their `config.json` names.
+    fn dims(&self) -> [(&'static str, usize); 6] {
+        [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
-        ] {
+        ]
+    }
+
+    /// Every size within its documented maximum ([`MAX_LAYERS`], [`MAX_DIM`],
+    /// [`MAX_TENSOR_ELEMENTS`]), products computed with checked arithmetic,
+    /// so nothing later computes a shape that overflows or allocates for it.
+    fn check_sizes(&self) -> Result<()> {
+        bound("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        for (name, v) in self.dims() {
             bound(name, v, MAX_DIM)?;
         }
         let width = |heads: usize| heads.saturating_mul(self.head_dim);

@@ -25,14 +25,6 @@ fn model_in(windows: &str, seed: u64, dtype: DType) -> Qwen3Ksa {
     Qwen3Ksa::new(&cfg, vb).unwrap()
 }
 
-fn text(n: usize, seed: u64) -> Vec<u32> {
-    token_ids(1, n, 50, seed)
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn memory_follows_window_and_summaries_whatever_the_batch() {
     for storage in [CacheStorage::Host, CacheStorage::Tensors] {
@@ -43,8 +35,8 @@ fn memory_follows_window_and_summaries_whatever_the_batch() {
 fn memory_follows_window_and_summaries_whatever_the_batch_in(storage: CacheStorage) {
     let model = model("[1, 1000]", 1);
     let (c, s, w, kv_row) = (4, 2, 1, 2 * 2 * 8 * 4); // K+V, 2 KV heads of 8, f32
-    let long = text(40, 1);
-    let short = text(9, 2);
+    let long = text_ids(40, 1);
+    let short = text_ids(9, 2);
     // Batched: two sequences, one long, one short, stepped together.
     let mut batched = KsaCache::with_storage(&model, 2, None, storage).unwrap();
     batched
@@ -99,7 +91,7 @@ fn fixed_capacity_never_reallocates_and_refuses_overflow() {
 
 fn fixed_capacity_never_reallocates_and_refuses_overflow_in(storage: CacheStorage) {
     let model = model("[1, 1000]", 2);
-    let t = text(21, 3);
+    let t = text_ids(21, 3);
     // Window store W*C + C = 8 rows and 10 summaries on layer 0; 20 text rows and 10 summaries on layer 1.
     let bytes = (8 + 10 + 20 + 10) * 2 * 2 * 8 * 4;
     let full = || {
@@ -142,7 +134,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
 
 fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: CacheStorage) {
     let model = model("[1, 2]", 4);
-    let t = text(11, 5);
+    let t = text_ids(11, 5);
     let started = || {
         let mut cache = KsaCache::with_storage(&model, 2, Some(12), storage).unwrap();
         cache
@@ -224,7 +216,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing_in(storage: CacheStorage) {
 /// and clones share their tensors until one writes.
 #[test]
 fn tensor_storage_bytes_dtype_and_clones() {
-    let t = text(12, 7);
+    let t = text_ids(12, 7);
     let f32_model = model("[1, 1000]", 3);
     let bf16_model = model_in("[1, 1000]", 3, DType::BF16);
     assert_eq!(

@@ -46,14 +46,6 @@ const F32_TOL: f64 = 2e-5;
 /// bf16/f16: one rounding of the attention output and of every activation.
 const HALF_TOL: f64 = 2e-2;
 
-fn text(n: usize, seed: u64) -> Vec<u32> {
-    token_ids(1, n, 50, seed)
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn forward(model: &Qwen3Ksa, tokens: &[u32]) -> Tensor {
     let ids = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu).unwrap();
     model.forward(&ids).unwrap().squeeze(0).unwrap()
@@ -97,7 +89,7 @@ fn run(dtype: DType, storage: CacheStorage, chunk: usize, pieces: &[usize], deco
     };
     let model = model(dtype);
     let n: usize = pieces.iter().sum::<usize>() + decode;
-    let tokens = text(n, chunk as u64);
+    let tokens = text_ids(n, chunk as u64);
     let want = forward(&model, &tokens);
     let mut cache = KsaCache::with_storage(&model, 1, None, storage)
         .unwrap()
@@ -148,7 +140,7 @@ fn chunked_prefill_equals_the_forward_on_tensor_storage_and_half_dtypes() {
 #[test]
 fn the_last_logits_of_a_chunked_prompt_are_the_forwards() {
     let model = model(DType::F32);
-    let tokens = text(90, 9);
+    let tokens = text_ids(90, 9);
     let want = forward(&model, &tokens);
     let mut cache = KsaCache::new(&model, 1)
         .unwrap()
@@ -167,7 +159,7 @@ fn a_ragged_batch_prefills_in_chunks() {
     // one token and sequence 3 nothing, in one append with chunk 7: rounds
     // feed the sequences that still have tokens.
     let model = model(DType::F32);
-    let texts: Vec<Vec<u32>> = (0..4).map(|b| text(120, 20 + b)).collect();
+    let texts: Vec<Vec<u32>> = (0..4).map(|b| text_ids(120, 20 + b)).collect();
     let want: Vec<Tensor> = texts.iter().map(|t| forward(&model, t)).collect();
     let mut cache = KsaCache::new(&model, 4)
         .unwrap()
@@ -209,7 +201,7 @@ fn a_ragged_batch_prefills_in_chunks() {
 #[test]
 fn bad_prefill_input_is_a_typed_error_and_leaves_the_cache_unchanged() {
     let model = model(DType::F32);
-    let tokens = text(100, 3);
+    let tokens = text_ids(100, 3);
     let cache = KsaCache::new(&model, 2).unwrap();
     assert_eq!(cache.prefill_chunk(), ksa::cache::DEFAULT_PREFILL_CHUNK);
     assert!(matches!(

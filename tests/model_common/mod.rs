@@ -212,6 +212,15 @@ pub fn token_ids(b: usize, n: usize, vocab: usize, seed: u64) -> Tensor {
     Tensor::from_vec(ids, (b, n), &Device::Cpu).unwrap()
 }
 
+/// One sequence of `n` ids of the tiny vocabulary (50), as `token_ids`.
+pub fn text_ids(n: usize, seed: u64) -> Vec<u32> {
+    token_ids(1, n, 50, seed)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Largest absolute difference between two tensors (compared in f64).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
