@@ -20,10 +20,11 @@ use std::process::Command;
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// A KSA config of `layers` layers of hidden 2048 (about 57M parameters per
-/// layer with the summary projections, 66M in the embeddings).
-fn config(layers: usize) -> AnyResult<Qwen3KsaConfig> {
-    let json = format!(
+/// The `config.json` of a KSA model of `layers` layers of hidden 2048 (about
+/// 57M parameters per layer with the summary projections, 66M in the
+/// embeddings).
+fn config_json(layers: usize) -> String {
+    format!(
         r#"{{
         "vocab_size": 32001, "hidden_size": 2048, "intermediate_size": 5632,
         "num_hidden_layers": {layers}, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -35,8 +36,7 @@ fn config(layers: usize) -> AnyResult<Qwen3KsaConfig> {
         "summary_independent_parameters": true,
         "summary_independent_attention_layernorm": false, "mix_coeff": 0.5
     }}"#
-    );
-    Ok(Qwen3KsaConfig::from_json_str(&json)?)
+    )
 }
 
 /// Writes `config.json` and a bf16 `model.safetensors` (small random-ish
@@ -46,27 +46,14 @@ fn make(dir: &Path, layers: usize) -> AnyResult<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
-    let cfg = config(layers)?;
+    let cfg = Qwen3KsaConfig::from_json_str(&config_json(layers))?;
     let mut tensors = HashMap::new();
     for (i, (name, dims)) in Qwen3Ksa::expected_tensors(&cfg)?.into_iter().enumerate() {
         let t = (Tensor::ones(dims, DType::BF16, &Device::Cpu)? * (1.0 / (i + 2) as f64))?;
         tensors.insert(name, t);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    let json = serde_json::json!({
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": true,
-        "truncate_predict_nums": 32000, "summary_token_begin": 32000,
-        "summary_chunk_size": 8, "summary_token_num": 1, "summary_sliding_chunk_num": 128,
-        "summary_chunk_position_ids_type": "origin",
-        "summary_token_position_ids_type": "last_chunk_slice_right",
-        "summary_independent_parameters": true,
-        "summary_independent_attention_layernorm": false, "mix_coeff": 0.5
-    });
-    std::fs::write(dir.join("config.json"), json.to_string())?;
+    std::fs::write(dir.join("config.json"), config_json(layers))?;
     Ok(())
 }
 
