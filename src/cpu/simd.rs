@@ -120,45 +120,89 @@ fn softmax_key_major_impl<A: Arith>(
     d: usize,
 ) {
     let rows = m.len();
-    let scaled = factor != 1.0;
     debug_assert!(stride >= rows.div_ceil(LANES) * LANES && s.len() >= keys * stride);
-    // Sixteen query rows (one vector of columns) at a time.
-    for r0 in (0..rows).step_by(LANES) {
-        let live = (rows - r0).min(LANES);
-        let (mut lo, mut hi) = ([0i32; LANES], [0i32; LANES]);
-        if !full {
-            for (i, &(a, b)) in bounds[r0..r0 + live].iter().enumerate() {
+    let tile = KeyMajorTile {
+        stride,
+        keys,
+        bounds,
+        factor,
+    };
+    // Columns in groups of four vectors: each pass over a group reads 256
+    // contiguous bytes of every key row (one vector of columns per pass
+    // walked 128 rows for 64 bytes each, a miss per row), and the group's
+    // maxima and sums stay in registers. The stride is padded to whole
+    // vectors, not groups: the last columns go one vector at a time.
+    let mut r0 = 0;
+    while r0 < rows {
+        let (out, args) = (&mut *s, (&mut *m, &mut *l, &mut *o, d));
+        r0 += match (rows - r0 >= 4 * LANES, full) {
+            (true, true) => tile.columns::<A, { 4 * LANES }, true>(out, r0, args),
+            (true, false) => tile.columns::<A, { 4 * LANES }, false>(out, r0, args),
+            (false, true) => tile.columns::<A, LANES, true>(out, r0, args),
+            (false, false) => tile.columns::<A, LANES, false>(out, r0, args),
+        };
+    }
+}
+
+/// The shared arguments of [`softmax_update_key_major`].
+struct KeyMajorTile<'a> {
+    stride: usize,
+    keys: usize,
+    bounds: &'a [(usize, usize)],
+    factor: f32,
+}
+
+impl KeyMajorTile<'_> {
+    /// The update of columns `r0..r0 + W` (those of them below `m.len()`
+    /// live), with every key visible when `FULL`; returns `W`. One pass
+    /// finds the maxima (scores scaled in registers, masked keys skipped),
+    /// the next writes the probabilities and sums them.
+    #[inline(always)]
+    fn columns<A: Arith, const W: usize, const FULL: bool>(
+        &self,
+        s: &mut [f32],
+        r0: usize,
+        (m, l, o, d): (&mut [f32], &mut [f32], &mut [f32], usize),
+    ) -> usize {
+        let (factor, stride) = (self.factor, self.stride);
+        let live = (m.len() - r0).min(W);
+        let (mut lo, mut hi) = ([0i32; W], [0i32; W]);
+        if !FULL {
+            for (i, &(a, b)) in self.bounds[r0..r0 + live].iter().enumerate() {
                 // Tile-relative, so at most the key tile size.
                 (lo[i], hi[i]) = (a as i32, b as i32);
             }
         }
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        for j in 0..keys {
-            let row = &mut s[j * stride + r0..j * stride + r0 + LANES];
-            let key = j as i32;
-            for i in 0..LANES {
-                if scaled {
-                    row[i] *= factor;
-                }
-                if !full {
-                    let visible = lo[i] <= key && key < hi[i];
-                    row[i] = if visible { row[i] } else { f32::NEG_INFINITY };
-                }
-                mx[i] = max_of(row[i], mx[i]);
+        let visible = |i: usize, key: i32| FULL || (lo[i] <= key && key < hi[i]);
+        let mut mx = [f32::NEG_INFINITY; W];
+        for j in 0..self.keys {
+            let row: &[f32; W] = s[j * stride + r0..][..W].try_into().expect("W floats");
+            for i in 0..W {
+                let x = if visible(i, j as i32) {
+                    row[i] * factor
+                } else {
+                    f32::NEG_INFINITY
+                };
+                mx[i] = max_of(x, mx[i]);
             }
         }
-        let (mut m_new, mut sum) = ([0f32; LANES], [0f32; LANES]);
-        let mut m_old = [f32::NEG_INFINITY; LANES];
+        let (mut m_new, mut neg, mut sum) = ([0f32; W], [0f32; W], [0f32; W]);
+        let mut m_old = [f32::NEG_INFINITY; W];
         m_old[..live].copy_from_slice(&m[r0..r0 + live]);
-        for i in 0..LANES {
+        for i in 0..W {
             m_new[i] = max_of(mx[i], m_old[i]);
+            neg[i] = -m_new[i];
         }
-        for j in 0..keys {
-            let row = &mut s[j * stride + r0..j * stride + r0 + LANES];
-            for i in 0..LANES {
+        for j in 0..self.keys {
+            let row: &mut [f32; W] = (&mut s[j * stride + r0..][..W])
+                .try_into()
+                .expect("W floats");
+            for i in 0..W {
                 // A column that sees nothing yet has m_new = -inf: the
-                // difference is NaN (or -inf), which exp2 clamps to 0.
-                row[i] = exp2_with::<A>(row[i] - m_new[i]);
+                // exponent is NaN (or +inf), and the select makes it 0; a
+                // masked key's score never reaches the row.
+                let p = exp2_with::<A>(A::mul_add(row[i], factor, neg[i]));
+                row[i] = if visible(i, j as i32) { p } else { 0.0 };
                 sum[i] += row[i];
             }
         }
@@ -174,6 +218,7 @@ fn softmax_key_major_impl<A: Arith>(
                 }
             }
         }
+        W
     }
 }
 
