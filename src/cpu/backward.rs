@@ -304,6 +304,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut sc.s,
             stride,
             &mut sc.pack,
+            matmul::Prefetch::NONE,
         );
         matmul::scores(
             isa,
@@ -315,6 +316,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut sc.dp,
             stride,
             &mut sc.pack,
+            matmul::Prefetch::NONE,
         );
         tile::tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_grad(
@@ -355,6 +357,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
                 stride,
                 &sc.dout,
                 &mut dv[span.clone()],
+                matmul::Prefetch::NONE,
             );
         } else {
             tile::accumulate_visible_transposed(
@@ -367,7 +370,17 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             );
         }
         if q_ok {
-            matmul::accumulate_transposed(isa, rows, keys, d, &sc.dp, stride, &sc.q, &mut dk[span]);
+            matmul::accumulate_transposed(
+                isa,
+                rows,
+                keys,
+                d,
+                &sc.dp,
+                stride,
+                &sc.q,
+                &mut dk[span],
+                matmul::Prefetch::NONE,
+            );
         } else {
             tile::accumulate_visible_transposed(&sc.dp, stride, bounds, &sc.q, d, &mut dk[span]);
         }
@@ -381,6 +394,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
                 k,
                 &mut sc.dq,
                 &mut sc.pack,
+                matmul::Prefetch::NONE,
             );
         } else {
             tile::accumulate_visible((&sc.dp, stride, 1), bounds, k, d, &mut sc.dq);

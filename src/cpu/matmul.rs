@@ -66,6 +66,70 @@ struct Panels<'a> {
     cols: usize,
 }
 
+/// Memory the tile loop reads next, fetched while a product runs: its cache
+/// lines are spread over the product's register blocks, a few after each,
+/// so their misses overlap with arithmetic instead of stalling the first
+/// pass of the next product over its operand. The forward fetches its value
+/// tile during the scores and the next key tile during the value product:
+/// K and V stream from L3, and the key-major products walk a tile's rows at
+/// a stride the hardware prefetchers do not run far enough ahead of (+13% on
+/// a loop of 128 x 256 tiles over L3-resident K/V, Zen 5). A hint: a
+/// prefetch never faults, and the portable variant issues none.
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch {
+    next: *const u8,
+    end: *const u8,
+    per_block: usize,
+}
+
+impl Prefetch {
+    /// Nothing to fetch.
+    pub(crate) const NONE: Prefetch = Prefetch {
+        next: std::ptr::null(),
+        end: std::ptr::null(),
+        per_block: 0,
+    };
+
+    /// The cache lines of `x`.
+    pub(crate) fn of<T>(x: &[T]) -> Self {
+        let next = x.as_ptr().cast::<u8>();
+        Prefetch {
+            next,
+            end: next.wrapping_add(std::mem::size_of_val(x)),
+            per_block: 0,
+        }
+    }
+
+    /// The same lines, spread evenly over `blocks` register blocks.
+    #[cfg(target_arch = "x86_64")]
+    fn over(self, blocks: usize) -> Self {
+        let lines = (self.end as usize - self.next as usize).div_ceil(LINE);
+        Prefetch {
+            per_block: lines.div_ceil(blocks.max(1)),
+            ..self
+        }
+    }
+
+    /// After a register block: fetches the next share of lines.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn step(&mut self) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for _ in 0..self.per_block {
+            if self.next >= self.end {
+                return;
+            }
+            // SAFETY: a prefetch is a hint; it reads nothing the program
+            // sees and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.cast()) };
+            self.next = self.next.wrapping_add(LINE);
+        }
+    }
+}
+
+/// Bytes per cache line (every x86-64 CPU this crate dispatches for).
+const LINE: usize = 64;
+
 /// Transposes key rows (`keys x d`) into panels of `width` keys, `d x width`
 /// each, zero-padded to whole panels. With AVX-512 (`isa`), whole 16 x 16
 /// blocks go through registers (the element-wise transpose cost about a
@@ -116,6 +180,7 @@ pub(crate) fn scores<T: Element>(
     s: &mut [f32],
     stride: usize,
     pack: &mut Pack,
+    prefetch: Prefetch,
 ) {
     assert!(k.len() >= keys * d);
     let Pack {
@@ -127,7 +192,7 @@ pub(crate) fn scores<T: Element>(
         Some(width) if d > 0 => pack_keys(isa, k, keys, d, width, pack),
         _ => pack.clear(),
     }
-    row_dots(isa, d, (q, rows), (k, pack, keys), s, stride);
+    row_dots(isa, d, (q, rows), (k, pack, keys), s, stride, prefetch);
 }
 
 /// `out[i * stride + j] = sum_c a[i * d + c] * r[j * d + c]` for `i < m`,
@@ -142,6 +207,7 @@ fn row_dots(
     (r, r_panels, n): (&[f32], &[f32], usize),
     out: &mut [f32],
     stride: usize,
+    prefetch: Prefetch,
 ) {
     assert!(a.len() >= m * d && r.len() >= n * d && stride >= score_stride(n));
     assert!(out.len() >= m * stride);
@@ -166,17 +232,20 @@ fn row_dots(
             // SAFETY: AVX-512F checked by the caller; every m x 32 block
             // is inside `out` because the stride is padded to whole panels
             // (asserted), offsets are debug-asserted.
-            unsafe { avx512::panels(m, d, a, panels, out, stride, false) };
+            unsafe { avx512::panels(m, d, a, panels, out, stride, false, prefetch) };
         } else {
+            let mut prefetch = prefetch.over(m.div_ceil(avx2::MR) * n.div_ceil(width));
             for p in 0..n.div_ceil(width) {
                 let panel = &r_panels[p * d * width..(p + 1) * d * width];
+                let out = &mut out[p * width..];
+                let args = (panel, width, out, stride, false, &mut prefetch);
                 // SAFETY: AVX2/FMA checked by the caller; as above.
-                unsafe { avx2::panel(m, d, a, panel, width, &mut out[p * width..], stride, false) };
+                unsafe { avx2::panel(m, d, a, args) };
             }
         }
         return;
     }
-    let _ = (isa, r_panels, a);
+    let _ = (isa, r_panels, a, prefetch);
     // SAFETY: OUT (m x n, row stride `stride`) and A (m x d) are inside
     // their buffers (asserted); R^T reads `r` with swapped strides.
     unsafe {
@@ -243,10 +312,11 @@ pub(crate) fn scores_key_major<T: Element>(
     s: &mut [f32],
     stride: usize,
     pack: &mut Pack,
+    prefetch: Prefetch,
 ) {
     assert!(k.len() >= keys * d);
     let k = T::row_f32(&k[..keys * d], &mut pack.rows);
-    row_dots(isa, d, (k, keys), (q, q_panels, rows), s, stride);
+    row_dots(isa, d, (k, keys), (q, q_panels, rows), s, stride, prefetch);
 }
 
 /// Whether [`scores_key_major_bf16`] runs for head dim `d` on `isa`: the
@@ -290,6 +360,7 @@ pub(crate) fn scores_key_major_bf16(
     q_panels: &[u32],
     s: &mut [f32],
     stride: usize,
+    prefetch: Prefetch,
 ) {
     assert!(
         bf16_scores(isa, d),
@@ -304,8 +375,9 @@ pub(crate) fn scores_key_major_bf16(
     // SAFETY: AVX-512F and AVX512_BF16 checked by the caller (`isa`);
     // sizes asserted above, offsets debug-asserted inside.
     unsafe {
-        avx512bf16::scores(keys, rows.div_ceil(32), d, k, q_panels, s, stride)
+        avx512bf16::scores(keys, rows.div_ceil(32), d, k, q_panels, s, stride, prefetch)
     };
+    let _ = prefetch;
 }
 
 /// `o[r * d + c] += sum_j p[r * rs + j * cs] * v[j * d + c]` for `r < rows`,
@@ -323,10 +395,11 @@ pub(crate) fn accumulate<T: Element>(
     v: &[T],
     o: &mut [f32],
     pack: &mut Pack,
+    prefetch: Prefetch,
 ) {
     assert!(v.len() >= keys * d);
     let v = T::row_f32(&v[..keys * d], &mut pack.rows);
-    product(isa, rows, keys, d, p, v, o);
+    product(isa, rows, keys, d, p, v, o, prefetch);
 }
 
 /// `o[j * d + c] += sum_r p[r * stride + j] * x[r * d + c]` for `j < keys`,
@@ -341,12 +414,14 @@ pub(crate) fn accumulate_transposed(
     stride: usize,
     x: &[f32],
     o: &mut [f32],
+    prefetch: Prefetch,
 ) {
-    product(isa, keys, rows, d, (p, 1, stride), x, o);
+    product(isa, keys, rows, d, (p, 1, stride), x, o, prefetch);
 }
 
 /// `o[r * d + c] += sum_i a[r * rs + i * cs] * b[i * d + c]` for `r < m`,
 /// `i < depth`, `c < d`; `a` is `(data, rs, cs)`.
+#[allow(clippy::too_many_arguments)]
 fn product(
     isa: CpuIsa,
     m: usize,
@@ -355,6 +430,7 @@ fn product(
     (a, rs, cs): (&[f32], usize, usize),
     b: &[f32],
     o: &mut [f32],
+    prefetch: Prefetch,
 ) {
     if m == 0 || depth == 0 || d == 0 {
         return;
@@ -375,20 +451,22 @@ fn product(
             // SAFETY: AVX-512F checked by the caller; the `d` columns of
             // every row are inside `b` and `o` (asserted sizes), the rest of
             // the last panel is masked off.
-            unsafe { avx512::panels(m, depth, strided, panels, o, d, true) };
+            unsafe { avx512::panels(m, depth, strided, panels, o, d, true, prefetch) };
             return;
         }
         CpuIsa::Avx2 if d % avx2::NR == 0 => {
+            let mut prefetch = prefetch.over(m.div_ceil(avx2::MR) * d / avx2::NR);
             for c in (0..d).step_by(avx2::NR) {
+                let args = (&b[c..], d, &mut o[c..], d, true, &mut prefetch);
                 // SAFETY: AVX2/FMA checked by the caller, d % 16 == 0 so
                 // columns c..c + 16 exist; sizes asserted above.
-                unsafe { avx2::panel(m, depth, strided, &b[c..], d, &mut o[c..], d, true) };
+                unsafe { avx2::panel(m, depth, strided, args) };
             }
             return;
         }
         _ => {}
     }
-    let _ = (isa, strided);
+    let _ = (isa, strided, prefetch);
     // SAFETY: O (m x d) += A (m x depth, strides rs, cs) * B (depth x d), all
     // inside their buffers (asserted).
     unsafe {
@@ -469,7 +547,7 @@ macro_rules! by_rows_unit {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Panels, Strided};
+    use super::{Panels, Prefetch, Strided};
     use std::arch::x86_64::*;
 
     /// Output columns per panel: two 16-lane zmm vectors.
@@ -532,6 +610,7 @@ mod avx512 {
     /// half the bytes from L2 that row-block-outer order did (which streamed
     /// all of `B` once per 14 rows).
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn panels(
         m: usize,
         depth: usize,
@@ -540,7 +619,9 @@ mod avx512 {
         out: &mut [f32],
         out_rs: usize,
         accumulate: bool,
+        prefetch: Prefetch,
     ) {
+        let mut prefetch = prefetch.over(m.div_ceil(MR) * panels.cols.div_ceil(NR));
         for (p, c) in (0..panels.cols).step_by(NR).enumerate() {
             let cols = (panels.cols - c).min(NR);
             let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
@@ -559,6 +640,7 @@ mod avx512 {
                 } else {
                     by_rows_unit!(a.rs == 1, rows, block, 1, (args));
                 }
+                prefetch.step();
                 r += rows;
             }
         }
@@ -623,6 +705,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
+    use super::Prefetch;
     use std::arch::x86_64::*;
 
     /// Key rows per register block, as [`super::avx512`]: 14 x 2
@@ -632,6 +715,7 @@ mod avx512bf16 {
     /// `s (keys x 32 * panels, row stride `stride`) = K Q^T` over `d / 2`
     /// dim pairs: blocks of up to 14 key rows by 32-column query panels.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn scores(
         keys: usize,
         panels: usize,
@@ -640,7 +724,9 @@ mod avx512bf16 {
         q: &[u32],
         s: &mut [f32],
         stride: usize,
+        prefetch: Prefetch,
     ) {
+        let mut prefetch = prefetch.over(keys.div_ceil(MR) * panels);
         let mut j = 0;
         while j < keys {
             let rows = super::block_rows(keys - j, MR);
@@ -653,6 +739,7 @@ mod avx512bf16 {
                     stride,
                 );
                 by_rows!(rows, block, 2, false, (args));
+                prefetch.step();
             }
             j += rows;
         }
@@ -697,30 +784,25 @@ mod avx512bf16 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Strided;
+    use super::{Prefetch, Strided};
     use std::arch::x86_64::*;
 
     /// Output columns per panel: two 8-lane ymm vectors.
     pub(super) const NR: usize = 16;
     /// Rows per block: 6 x 2 accumulators + 2 `B` vectors + 1 broadcast of
     /// the 16 ymm registers.
-    const MR: usize = 6;
+    pub(super) const MR: usize = 6;
 
     /// One 16-column panel of `out (+)= A B` over `m` rows: `B` rows at
     /// stride `b_rs`, `out` rows at stride `out_rs`, both starting at the
     /// panel's first column. Blocks of 6 rows, then one block for the
-    /// remainder.
+    /// remainder; `prefetch` steps after each.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn panel(
         m: usize,
         depth: usize,
         a: Strided<'_>,
-        b: &[f32],
-        b_rs: usize,
-        out: &mut [f32],
-        out_rs: usize,
-        accumulate: bool,
+        (b, b_rs, out, out_rs, accumulate, prefetch): PanelArgs<'_, '_>,
     ) {
         let mut r = 0;
         while r < m {
@@ -732,9 +814,19 @@ mod avx2 {
             let or = &mut out[r * out_rs..];
             let args = (ar, b, b_rs, depth, or, out_rs, accumulate);
             by_rows_unit!(a.rs == 1, rows, block, 2, (args));
+            prefetch.step();
             r += rows;
         }
     }
+
+    type PanelArgs<'a, 'b> = (
+        &'a [f32],
+        usize,
+        &'b mut [f32],
+        usize,
+        bool,
+        &'b mut Prefetch,
+    );
 
     type BlockArgs<'a, 'b> = (
         Strided<'a>,
@@ -841,7 +933,17 @@ mod tests {
                     let stride = key_major_stride(rows);
                     let (mut s, mut panels) = (vec![f32::NAN; keys * stride], Vec::new());
                     pack_queries_bf16(&q, rows, d, &mut panels);
-                    scores_key_major_bf16(isa, keys, rows, d, &k, &panels, &mut s, stride);
+                    scores_key_major_bf16(
+                        isa,
+                        keys,
+                        rows,
+                        d,
+                        &k,
+                        &panels,
+                        &mut s,
+                        stride,
+                        Prefetch::NONE,
+                    );
                     let f = |x: u16| half::bf16::from_bits(x).to_f64();
                     for j in 0..keys {
                         for r in 0..rows {
@@ -863,12 +965,33 @@ mod tests {
         let (q, k) = (data(rows * d, 1), data(keys * d, 2));
         let mut s = vec![0.0; rows * stride];
         let mut pack = Pack::default();
-        scores(isa, rows, keys, d, &q, &k, &mut s, stride, &mut pack);
+        scores(
+            isa,
+            rows,
+            keys,
+            d,
+            &q,
+            &k,
+            &mut s,
+            stride,
+            &mut pack,
+            Prefetch::of(&k),
+        );
         let p = data(rows * stride, 3);
         let (mut o, mut ot) = (data(rows * d, 4), data(keys * d, 5));
         let (o0, ot0) = (o.clone(), ot.clone());
-        accumulate(isa, rows, keys, d, (&p, stride, 1), &k, &mut o, &mut pack);
-        accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot);
+        accumulate(
+            isa,
+            rows,
+            keys,
+            d,
+            (&p, stride, 1),
+            &k,
+            &mut o,
+            &mut pack,
+            Prefetch::of(&q),
+        );
+        accumulate_transposed(isa, rows, keys, d, &p, stride, &q, &mut ot, Prefetch::NONE);
         let tag = format!("{isa} d={d} rows={rows} keys={keys}");
         // Key-major: S^T from packed query panels, then O += P V with P
         // key-major (the transpose of the row-major `p`).
@@ -885,6 +1008,7 @@ mod tests {
             &mut st,
             km,
             &mut pack,
+            Prefetch::of(&q),
         );
         let mut pt = vec![0.0; keys * km];
         for r in 0..rows {
@@ -893,7 +1017,17 @@ mod tests {
             }
         }
         let mut okm = o0.clone();
-        accumulate(isa, rows, keys, d, (&pt, 1, km), &k, &mut okm, &mut pack);
+        accumulate(
+            isa,
+            rows,
+            keys,
+            d,
+            (&pt, 1, km),
+            &k,
+            &mut okm,
+            &mut pack,
+            Prefetch::NONE,
+        );
         for r in 0..rows {
             for j in 0..keys {
                 assert!(

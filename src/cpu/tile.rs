@@ -164,10 +164,19 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
     schedule.key_tiles(tile, &mut sc.tiles);
-    for kt in &sc.tiles {
+    for (t, kt) in sc.tiles.iter().enumerate() {
         let keys = kt.len();
         let base = schedule.gathered_row(kt.space, kt.start) * d;
         let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
+        // The value tile is fetched during the scores, the next key tile
+        // during the value product ([`matmul::Prefetch`]).
+        let next_keys = match sc.tiles.get(t + 1) {
+            Some(next) => {
+                let at = schedule.gathered_row(next.space, next.start) * d;
+                matmul::Prefetch::of(&ctx.k[at..at + next.len() * d])
+            }
+            None => matmul::Prefetch::NONE,
+        };
         match bf16_keys {
             Some(bits) => matmul::scores_key_major_bf16(
                 ctx.isa,
@@ -178,6 +187,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 &sc.q_panels_bf16,
                 &mut sc.s,
                 stride,
+                matmul::Prefetch::of(v),
             ),
             None => matmul::scores_key_major(
                 ctx.isa,
@@ -189,6 +199,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 &mut sc.s,
                 stride,
                 &mut sc.pack,
+                matmul::Prefetch::of(v),
             ),
         }
         if !kt.full {
@@ -219,6 +230,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 v,
                 &mut sc.o,
                 &mut sc.pack,
+                next_keys,
             );
         } else {
             accumulate_visible((&sc.s, 1, stride), &sc.bounds[..rows], v, d, &mut sc.o);
