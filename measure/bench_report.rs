@@ -1,7 +1,9 @@
 //! One-run benchmark report: KSA (C = 8, S = 1) against the crate's full
 //! causal attention on the same inputs, with allowed-pair ratios, useful
 //! GFLOP/s, and the machine's f32 speed for scale: candle's matmul and the
-//! FMA peak of one core (a register-only FMA loop per instruction set).
+//! FMA peak of one core (a register-only FMA loop per instruction set; the
+//! side-by-side table's percentage uses the loop run again right after each
+//! size's full causal runs).
 //!
 //! `cargo run --profile bench --example bench_report -- [--sizes 1024,4096,...]
 //! [--window 128] [--reps 3] [--bf16] [--peers FILE] [--plot docs/bench_time.svg]`
@@ -199,6 +201,9 @@ struct Row {
     ratio: f64,
     ksa_gflop: f64,
     full_gflop: f64,
+    /// The FMA peak of one core (the variant in use's loop), measured right
+    /// after the full causal runs.
+    peak: Option<f64>,
 }
 
 /// PyTorch's SDPA causal times of one size (`benches/peers_cpu.py --tsv`):
@@ -290,11 +295,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("f32 FMA peak of one core, {i} register-only loop: {p:.1} GFLOP per CPU second");
     }
     // The peak the path in use can reach: its own loop's, else the widest.
-    let peak = peaks
+    // Measured again right after each size's full causal runs, for the
+    // percentage: this host's state drifts within a run (docs/benchmarks.md).
+    let peak_isa = peaks
         .iter()
         .find(|(i, _)| *i == isa || (isa.avx512() && i.avx512()))
         .or(peaks.first())
-        .map(|&(_, p)| p);
+        .map(|&(i, _)| i);
     println!();
     println!(
         "| n | KSA (s) | full causal (s) | speedup | allowed-pair ratio | KSA GFLOP/s | full GFLOP/s \
@@ -320,6 +327,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (full, full_cpu) = best_of(reps, || {
             ksa::causal_attention(&qt, &kt, &vt).expect("causal");
         });
+        let peak = peak_isa.and_then(fma_peak);
         let ksa_bf16 = if args.bf16 {
             let half = |x: &Tensor| x.to_dtype(candle_core::DType::BF16);
             let (qh, kh, vh) = (half(&q)?, half(&k)?, half(&v)?);
@@ -341,6 +349,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ratio: full_pairs as f64 / pairs as f64,
             ksa_gflop: gflop(pairs),
             full_gflop: gflop(full_pairs),
+            peak,
         };
         println!(
             "| {} | {:.4} | {:.4} | {:.2}x | {:.2}x | {:.1} | {:.1} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1} |",
@@ -360,7 +369,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rows.push(row);
     }
     if let Some((notes, peer_rows)) = &peers {
-        print_comparison(&rows, notes, peer_rows, peak);
+        print_comparison(&rows, notes, peer_rows);
     }
     print_tile_counts(args.window)?;
     if let Some(path) = &args.plot {
@@ -372,11 +381,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The side-by-side table against PyTorch's SDPA causal (ratios above 1:
 /// the crate is faster), wall time and CPU time.
-fn print_comparison(rows: &[Row], notes: &[String], peers: &[(usize, Peer)], peak: Option<f64>) {
+fn print_comparison(rows: &[Row], notes: &[String], peers: &[(usize, Peer)]) {
     println!("\nagainst PyTorch CPU SDPA causal (is_causal=True, GQA), same shapes, same session:");
     for note in notes {
         println!("peer: {note}");
     }
+    println!(
+        "% of core peak: against the register-only FMA loop of the variant in use, \
+         measured right after that size's full causal runs (GFLOP per CPU second in brackets)"
+    );
     println!(
         "\n| n | SDPA f32 (s) | SDPA bf16 (s) | crate full (s) | crate KSA (s) | crate KSA bf16 (s) \
          | full vs SDPA f32 | KSA vs SDPA f32 | allowed-pair ratio | SDPA f32 GFLOP/s | full GFLOP/s \
@@ -389,8 +402,9 @@ fn print_comparison(rows: &[Row], notes: &[String], peers: &[(usize, Peer)], pea
             continue;
         };
         let full_rate = row.full_gflop / row.full_cpu;
-        let of_peak = peak
-            .map(|p| format!("{full_rate:.1}, {:.0}%", 100.0 * full_rate / p))
+        let of_peak = row
+            .peak
+            .map(|p| format!("{full_rate:.1}, {:.0}% ({p:.1})", 100.0 * full_rate / p))
             .unwrap_or_else(|| format!("{full_rate:.1}"));
         let bf16 = row
             .ksa_bf16
