@@ -18,7 +18,7 @@
 set -euo pipefail
 
 SIZES=1024,2048,4096,8192,16384,32768
-REPS=2
+REPS=3
 THREADS=2
 while [[ $# -gt 0 ]]; do
   case "$1" in
