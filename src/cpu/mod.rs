@@ -12,7 +12,9 @@
 //! portable variant). Scores are key-major (`S^T = K Q^T`: the query tile is
 //! packed once, key tiles are read in place), the softmax is online
 //! (streaming) in f32 and runs down the score columns, and only edge tiles
-//! are masked, per row, by a select. Summary queries (`C + j + 1` keys each)
+//! are masked, per row, by a select. While one tile product runs, the
+//! operand of the next is prefetched (`matmul::Prefetch`: K and V stream
+//! from L3). Summary queries (`C + j + 1` keys each)
 //! take a separate, direct pass. Work is spread over rayon's pool by query
 //! tile. Memory beyond inputs and outputs: the gathered K/V of one head in
 //! the input dtype (KSA only: causal attention reads K/V in place) plus
