@@ -289,11 +289,22 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
     // Whether the tile's query and dO rows are all finite, once needed.
     let mut rows_finite = None;
     schedule.key_tiles(tile, &mut sc.tiles);
-    for kt in &sc.tiles {
+    for (t, kt) in sc.tiles.iter().enumerate() {
         let keys = kt.len();
         let span = schedule.gathered_row(kt.space, kt.start) * d
             ..schedule.gathered_row(kt.space, kt.end) * d;
         let (k, v) = (&ctx.k[span.clone()], &ctx.v[span.clone()]);
+        // Each product fetches the operand of the one after it
+        // ([`matmul::Prefetch`]): V, this tile's dV and dK partials, then
+        // the next tile's K and V.
+        let next = sc.tiles.get(t + 1).map(|next| {
+            schedule.gathered_row(next.space, next.start) * d
+                ..schedule.gathered_row(next.space, next.end) * d
+        });
+        let fetch = |x: &[f32]| match &next {
+            Some(span) => matmul::Prefetch::of(&x[span.clone()]),
+            None => matmul::Prefetch::NONE,
+        };
         matmul::scores(
             isa,
             rows,
@@ -304,7 +315,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut sc.s,
             stride,
             &mut sc.pack,
-            matmul::Prefetch::NONE,
+            matmul::Prefetch::of(v),
         );
         matmul::scores(
             isa,
@@ -316,7 +327,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             &mut sc.dp,
             stride,
             &mut sc.pack,
-            matmul::Prefetch::NONE,
+            matmul::Prefetch::of(&dv[span.clone()]),
         );
         tile::tile_bounds(schedule, tokens.clone(), kt, ctx.group, &mut sc.bounds);
         simd::softmax_grad(
@@ -357,7 +368,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
                 stride,
                 &sc.dout,
                 &mut dv[span.clone()],
-                matmul::Prefetch::NONE,
+                matmul::Prefetch::of(&dk[span.clone()]),
             );
         } else {
             tile::accumulate_visible_transposed(
@@ -379,7 +390,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
                 stride,
                 &sc.q,
                 &mut dk[span],
-                matmul::Prefetch::NONE,
+                fetch(ctx.k),
             );
         } else {
             tile::accumulate_visible_transposed(&sc.dp, stride, bounds, &sc.q, d, &mut dk[span]);
@@ -394,7 +405,7 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
                 k,
                 &mut sc.dq,
                 &mut sc.pack,
-                matmul::Prefetch::NONE,
+                fetch(ctx.v),
             );
         } else {
             tile::accumulate_visible((&sc.dp, stride, 1), bounds, k, d, &mut sc.dq);

@@ -377,6 +377,7 @@ pub(crate) fn scores_key_major_bf16(
     unsafe {
         avx512bf16::scores(keys, rows.div_ceil(32), d, k, q_panels, s, stride, prefetch)
     };
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = prefetch;
 }
 
