@@ -193,6 +193,12 @@ pub trait Element: candle_core::WithDType + Copy + Send + Sync {
             *y = x.to_f32();
         }
     }
+    /// Whether every element is finite (no NaN, no infinity), scanned
+    /// without an early exit so that it vectorizes (the forward's edge tiles
+    /// check their values with it).
+    fn all_finite(x: &[Self]) -> bool {
+        x.iter().all(|v| v.to_f32().is_finite())
+    }
     /// `src` as f32: itself for f32, else converted into `buf` (resized).
     #[inline(always)]
     fn row_f32<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
@@ -220,6 +226,9 @@ impl Element for f32 {
     fn as_f32(x: &[Self]) -> Option<&[f32]> {
         Some(x)
     }
+    fn all_finite(x: &[Self]) -> bool {
+        simd::all_finite(x)
+    }
 }
 
 impl Element for f64 {
@@ -242,6 +251,10 @@ impl Element for f16 {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
     }
+    fn all_finite(x: &[Self]) -> bool {
+        use half::slice::HalfFloatSliceExt;
+        simd::all_finite_bits(x.reinterpret_cast(), 0x7c00)
+    }
 }
 
 impl Element for bf16 {
@@ -257,6 +270,10 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn all_finite(x: &[Self]) -> bool {
+        use half::slice::HalfFloatSliceExt;
+        simd::all_finite_bits(x.reinterpret_cast(), 0x7f80)
     }
     #[inline(always)]
     fn convert(src: &[Self], dst: &mut [f32]) {
@@ -542,6 +559,27 @@ fn forward<T: Element>(
 mod tests {
     use super::Element;
     use half::{bf16, f16};
+
+    /// The finiteness scans of the half types agree with `is_finite` on
+    /// every bit pattern, alone and after finite elements.
+    #[test]
+    fn all_finite_matches_is_finite_for_every_half_value() {
+        for bits in 0..=u16::MAX {
+            let (h, b) = (f16::from_bits(bits), bf16::from_bits(bits));
+            assert_eq!(Element::all_finite(&[h]), h.is_finite(), "f16 {bits:#06x}");
+            assert_eq!(Element::all_finite(&[b]), b.is_finite(), "bf16 {bits:#06x}");
+            let ones = [f16::ONE; 19];
+            let mut run = ones.to_vec();
+            run.push(h);
+            assert_eq!(
+                Element::all_finite(&run[..]),
+                h.is_finite(),
+                "f16 run {bits:#06x}"
+            );
+        }
+        assert!(Element::all_finite(&[bf16::MAX, bf16::MIN, bf16::ZERO]));
+        assert!(!Element::all_finite(&[f32::NAN]));
+    }
 
     /// The widenings equal `half`'s on every bit pattern (NaNs stay NaN).
     #[test]

@@ -307,6 +307,16 @@ pub(crate) fn all_finite(x: &[f32]) -> bool {
     carry & 0x8000_0000 == 0
 }
 
+/// [`all_finite`] for 16-bit floats given as bit patterns, with `exponent`
+/// the mask of their exponent field (f16 `0x7c00`, bf16 `0x7f80`).
+pub(crate) fn all_finite_bits(x: &[u16], exponent: u16) -> bool {
+    let one = exponent & exponent.wrapping_neg();
+    let carry = x
+        .iter()
+        .fold(0u16, |acc, b| acc | (b & exponent).wrapping_add(one));
+    carry & 0x8000 == 0
+}
+
 /// `2^x` for `x <= 0` (relative error about 2e-7; 0 below `2^-126`), in
 /// branch-free arithmetic the compiler vectorizes.
 #[inline(always)]

@@ -220,7 +220,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
         );
         // A masked key's probability is 0, but 0 * inf is NaN: an edge
         // tile whose values are not all finite sums each row's own keys.
-        if kt.full || v.iter().all(|x| x.to_f32().is_finite()) {
+        if kt.full || T::all_finite(v) {
             matmul::accumulate(
                 ctx.isa,
                 rows,
