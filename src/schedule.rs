@@ -272,6 +272,12 @@ impl Schedule {
         }
     }
 
+    /// The gathered rows of key tile `tile` (its keys are adjacent there).
+    pub(crate) fn gathered_rows(&self, tile: &KeyTile) -> Range<usize> {
+        let start = self.gathered_row(tile.space, tile.start);
+        start..start + tile.len()
+    }
+
     /// The exact keys of text query `query` (a text index below
     /// [`Schedule::text_queries`]), in gathered coordinates.
     pub fn row_keys(&self, query: usize) -> KeyRanges {

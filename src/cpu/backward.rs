@@ -275,15 +275,9 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
     let bq = tokens.len();
     let rows = ctx.group * bq;
     let stride = matmul::score_stride(schedule.tile_sizes().key);
-    for hh in 0..ctx.group {
-        for (i, token) in tokens.clone().enumerate() {
-            ctx.load(
-                ctx.first_head + hh,
-                schedule.text_slot(token),
-                hh * bq + i,
-                sc,
-            );
-        }
+    let heads = ctx.first_head..ctx.first_head + ctx.group;
+    for (r, head, slot) in tile::tile_rows(schedule, tokens.clone(), heads.clone()) {
+        ctx.load(head, slot, r, sc);
     }
     sc.dq[..rows * d].fill(0.0);
     // Whether the tile's query and dO rows are all finite, once needed.
@@ -291,15 +285,15 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
     schedule.key_tiles(tile, &mut sc.tiles);
     for (t, kt) in sc.tiles.iter().enumerate() {
         let keys = kt.len();
-        let span = schedule.gathered_row(kt.space, kt.start) * d
-            ..schedule.gathered_row(kt.space, kt.end) * d;
+        let span = schedule.gathered_rows(kt);
+        let span = span.start * d..span.end * d;
         let (k, v) = (&ctx.k[span.clone()], &ctx.v[span.clone()]);
         // Each product fetches the operand of the one after it
         // ([`matmul::Prefetch`]): V, this tile's dV and dK partials, then
         // the next tile's K and V.
         let next = sc.tiles.get(t + 1).map(|next| {
-            schedule.gathered_row(next.space, next.start) * d
-                ..schedule.gathered_row(next.space, next.end) * d
+            let rows = schedule.gathered_rows(next);
+            rows.start * d..rows.end * d
         });
         let fetch = |x: &[f32]| match &next {
             Some(span) => matmul::Prefetch::of(&x[span.clone()]),
@@ -411,15 +405,8 @@ fn text_tile(ctx: &Context<'_>, sc: &mut Scratch, tile: usize, dk: &mut [f32], d
             tile::accumulate_visible((&sc.dp, stride, 1), bounds, k, d, &mut sc.dq);
         }
     }
-    for hh in 0..ctx.group {
-        for (i, token) in tokens.clone().enumerate() {
-            let r = hh * bq + i;
-            ctx.store(
-                ctx.first_head + hh,
-                schedule.text_slot(token),
-                &sc.dq[r * d..(r + 1) * d],
-            );
-        }
+    for (r, head, slot) in tile::tile_rows(schedule, tokens, heads) {
+        ctx.store(head, slot, &sc.dq[r * d..(r + 1) * d]);
     }
 }
 

@@ -30,6 +30,11 @@ pub(crate) struct Context<'a, T> {
 }
 
 impl<T: Element> Context<'_, T> {
+    /// The query heads of the group.
+    fn heads(&self) -> Range<usize> {
+        self.first_head..self.first_head + self.group
+    }
+
     /// Offset of the row of query head `head` at `slot` in `[b, hq, N, *]`.
     fn row(&self, head: usize, slot: usize) -> usize {
         (self.batch * self.q_heads + head) * self.len + slot
@@ -135,26 +140,17 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     let factor = match bf16_keys {
         Some(_) => {
             sc.q_bf16.clear();
-            for hh in 0..ctx.group {
-                for token in tokens.clone() {
-                    let row = ctx.row(ctx.first_head + hh, schedule.text_slot(token)) * d;
-                    let bits = T::as_bf16_bits(&ctx.q[row..row + d]).expect("bf16 queries");
-                    sc.q_bf16.extend_from_slice(bits);
-                }
+            for (_, head, slot) in tile_rows(schedule, tokens.clone(), ctx.heads()) {
+                let row = ctx.row(head, slot) * d;
+                let bits = T::as_bf16_bits(&ctx.q[row..row + d]).expect("bf16 queries");
+                sc.q_bf16.extend_from_slice(bits);
             }
             matmul::pack_queries_bf16(&sc.q_bf16, rows, d, &mut sc.q_panels_bf16);
             ctx.scale * LOG2_E
         }
         None => {
-            for hh in 0..ctx.group {
-                for (i, token) in tokens.clone().enumerate() {
-                    let r = hh * bq + i;
-                    ctx.load_query(
-                        ctx.first_head + hh,
-                        schedule.text_slot(token),
-                        &mut sc.q[r * d..(r + 1) * d],
-                    );
-                }
+            for (r, head, slot) in tile_rows(schedule, tokens.clone(), ctx.heads()) {
+                ctx.load_query(head, slot, &mut sc.q[r * d..(r + 1) * d]);
             }
             matmul::pack_queries(ctx.isa, &sc.q, rows, d, &mut sc.q_panels);
             1.0
@@ -166,15 +162,13 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
     schedule.key_tiles(tile, &mut sc.tiles);
     for (t, kt) in sc.tiles.iter().enumerate() {
         let keys = kt.len();
-        let base = schedule.gathered_row(kt.space, kt.start) * d;
-        let (k, v) = (&ctx.k[base..base + keys * d], &ctx.v[base..base + keys * d]);
+        let span = schedule.gathered_rows(kt);
+        let span = span.start * d..span.end * d;
+        let (k, v) = (&ctx.k[span.clone()], &ctx.v[span.clone()]);
         // The value tile is fetched during the scores, the next key tile
         // during the value product ([`matmul::Prefetch`]).
-        let next_keys = match sc.tiles.get(t + 1) {
-            Some(next) => {
-                let at = schedule.gathered_row(next.space, next.start) * d;
-                matmul::Prefetch::of(&ctx.k[at..at + next.len() * d])
-            }
+        let next_keys = match sc.tiles.get(t + 1).map(|next| schedule.gathered_rows(next)) {
+            Some(next) => matmul::Prefetch::of(&ctx.k[next.start * d..next.end * d]),
             None => matmul::Prefetch::NONE,
         };
         match bf16_keys {
@@ -183,7 +177,7 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
                 keys,
                 rows,
                 d,
-                &bits[base..base + keys * d],
+                &bits[span.clone()],
                 &sc.q_panels_bf16,
                 &mut sc.s,
                 stride,
@@ -236,18 +230,26 @@ pub(crate) fn text_tile<T: Element>(ctx: &Context<'_, T>, sc: &mut Scratch, tile
             accumulate_visible((&sc.s, 1, stride), &sc.bounds[..rows], v, d, &mut sc.o);
         }
     }
-    for hh in 0..ctx.group {
-        for (i, token) in tokens.clone().enumerate() {
-            let r = hh * bq + i;
-            ctx.store(
-                ctx.first_head + hh,
-                schedule.text_slot(token),
-                &sc.o[r * d..(r + 1) * d],
-                sc.m[r],
-                sc.l[r],
-            );
-        }
+    for (r, head, slot) in tile_rows(schedule, tokens, ctx.heads()) {
+        ctx.store(head, slot, &sc.o[r * d..(r + 1) * d], sc.m[r], sc.l[r]);
     }
+}
+
+/// The rows of a query tile over `tokens` for the query heads `heads`, in
+/// the order the tile kernels keep them (head, then token): `(row, head,
+/// slot)`.
+pub(crate) fn tile_rows(
+    schedule: &Schedule,
+    tokens: Range<usize>,
+    heads: Range<usize>,
+) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let bq = tokens.len();
+    heads.enumerate().flat_map(move |(hh, head)| {
+        tokens
+            .clone()
+            .enumerate()
+            .map(move |(i, token)| (hh * bq + i, head, schedule.text_slot(token)))
+    })
 }
 
 /// `o[r] += sum_{j in bounds[r]} p[r * rs + j * cs] * v[j]`: the value
